@@ -1,0 +1,61 @@
+// pybind11 module unimm._C: build facts and the host entry points of every kernel family.
+// Reached from Python only through unimm/_ext.py.
+#include <pybind11/pybind11.h>
+
+#include <cuda_runtime.h>
+
+#include "common.h"
+#include "ops.h"
+
+namespace py = pybind11;
+
+namespace {
+
+#ifndef UNIMM_CUDA_ARCHS
+#define UNIMM_CUDA_ARCHS "unknown"
+#endif
+#ifndef UNIMM_NVCC_VERSION
+#define UNIMM_NVCC_VERSION "unknown"
+#endif
+
+py::dict build_info() {
+  py::dict info;
+  info["cuda_archs"] = UNIMM_CUDA_ARCHS;    // CMake CUDA_ARCHITECTURES, comma-separated
+  info["nvcc_version"] = UNIMM_NVCC_VERSION;
+  info["cudart_version"] = CUDART_VERSION;  // the statically linked runtime, e.g. 13000
+  return info;
+}
+
+// Number of GPUs the CUDA runtime sees; 0 (not an error) without a driver or device.
+int device_count() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // clear the non-sticky error so later calls start clean
+    return 0;
+  }
+  return count;
+}
+
+// Installed driver's CUDA version (e.g. 13000), 0 when no driver is installed.
+int driver_version() {
+  int version = 0;
+  if (cudaDriverGetVersion(&version) != cudaSuccess) return 0;
+  return version;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "unimm CUDA kernels (raw-pointer bindings; use unimm.kernels instead)";
+  m.def("build_info", &build_info, "Facts fixed when unimm._C was compiled.");
+  m.def("device_count", &device_count);
+  m.def("driver_version", &driver_version);
+
+  m.attr("VQ_SMALL_MAX_DIM") = unimm::kVqSmallMaxDim;
+  m.attr("VQ_SMALL_TILE_CODES") = unimm::kVqSmallTileCodes;
+  m.def("vq_small_d_rows_per_block", &unimm::vq_small_d_rows_per_block, py::arg("d"));
+  m.def("vq_argmin_small_d", &unimm::vq_argmin_small_d, py::arg("z"), py::arg("z_row_stride"), py::arg("codebook"),
+        py::arg("codebook_row_stride"), py::arg("n"), py::arg("k"), py::arg("d"), py::arg("codes_per_split"),
+        py::arg("splits"), py::arg("part_dist"), py::arg("part_idx"), py::arg("dtype"), py::arg("device"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+}
