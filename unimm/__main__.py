@@ -1,0 +1,5 @@
+import sys
+
+from unimm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,69 @@
+"""The ``unimm`` command."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def info_lines() -> list[str]:
+    """What ``unimm info`` prints: versions, GPU, the compiled extension, live backends."""
+    import torch
+
+    import unimm
+    from unimm import _ext
+    from unimm.kernels import dispatch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+
+    lines = [
+        f"unimm    {unimm.__version__}",
+        f"python   {platform.python_version()} ({platform.machine()})",
+        f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        f"triton   {triton_version}",
+    ]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            lines.append(f"GPU {index}    {props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
+                         f"{props.total_memory / 2**30:.0f} GiB)")
+    else:
+        lines.append("GPU      none")
+
+    build = _ext.build_info()
+    if build is None:
+        lines.append(f"_C       not built ({_ext.load_error})")
+    else:
+        runtime = build["cudart_version"]
+        driver = _ext.lib().driver_version()
+        lines.append(f"_C       built with nvcc {build['nvcc_version']} for {', '.join(_ext.compiled_archs())}; "
+                     f"CUDA runtime {runtime // 1000}.{runtime % 1000 // 10} (static), "
+                     f"driver {'none' if not driver else f'{driver // 1000}.{driver % 1000 // 10}'}")
+
+    forced = dispatch.forced_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    lines.append(f"backends for {device} tensors (UNIMM_BACKEND={forced or 'unset'}, "
+                 f"TRITON_INTERPRET={int(dispatch.TRITON_INTERPRET)}):")
+    for backend, reason in dispatch.live_backends(device).items():
+        lines.append(f"  {backend:<9} {'live' if reason is None else 'not live: ' + reason}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="unimm", description="unimm: kernels for unified multimodal models")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, GPU, compiled extension and live backends")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print("\n".join(info_lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""unimm's public kernels: drop-in functions over torch tensors.
+
+Each call checks its arguments, then runs on the backend ``unimm.kernels.dispatch`` chooses
+(CUDA, Triton, or the plain-PyTorch reference in ``unimm.kernels.reference``).
+"""
+
+from unimm.kernels.dispatch import BackendUnavailable
+from unimm.kernels.vq import vq_lookup, vq_quantize
+
+__all__ = ["BackendUnavailable", "vq_lookup", "vq_quantize"]

@@ -1,0 +1,8 @@
+"""Plain-PyTorch meaning of every unimm kernel, one module per family.
+
+Tests compare kernels against these; dispatch uses them as the CPU fallback.
+"""
+
+from unimm.kernels.reference import vq
+
+__all__ = ["vq"]
