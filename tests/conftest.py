@@ -1,0 +1,58 @@
+"""Shared test setup.
+
+Without a GPU, Triton kernels are tested on the CPU through triton's interpreter, which must be
+switched on before unimm defines its kernels: this file runs before any test module imports
+unimm. Tests marked ``gpu`` are skipped when no CUDA device is present.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from unimm.kernels import dispatch  # noqa: E402  (after TRITON_INTERPRET)
+
+DEVICE = torch.device("cuda") if HAS_GPU else torch.device("cpu")
+
+
+def available_backends() -> list[str]:
+    """The backends that can run kernels on DEVICE in this process."""
+    return [b for b, reason in dispatch.live_backends(DEVICE).items() if reason is None]
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
+
+
+@pytest.fixture(params=["reference", "triton", "cuda"])
+def backend(request, monkeypatch) -> str:
+    """Runs the test once per backend live here, forced through UNIMM_BACKEND."""
+    if request.param not in available_backends():
+        pytest.skip(f"{request.param} backend not live here: {dispatch.live_backends(DEVICE)[request.param]}")
+    monkeypatch.setenv("UNIMM_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _no_forced_backend(monkeypatch):
+    """Tests start with automatic dispatch unless they force a backend themselves."""
+    monkeypatch.delenv("UNIMM_BACKEND", raising=False)
+    yield
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

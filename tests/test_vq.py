@@ -1,0 +1,248 @@
+"""vq_quantize / vq_lookup against the reference, on every backend live here."""
+
+import pytest
+import torch
+
+from conftest import DEVICE, HAS_GPU, available_backends, seeded
+from unimm import _ext
+from unimm.kernels import BackendUnavailable, vq, vq_lookup, vq_quantize
+from unimm.kernels.reference import vq as reference
+
+# Interpreter paths run in fp32/fp16 (tl.dot on bf16 is unreliable in triton's interpreter).
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
+
+
+def random(shape, seed, dtype=torch.float32, scale=1.0):
+    return (torch.randn(shape, generator=seeded(seed)) * scale).to(DEVICE, dtype)
+
+
+def assert_nearest(z, codebook, got, metric, rel_tol=1e-5, min_exact=0.99):
+    """Every pick is a true nearest code up to fp32 rounding, and nearly all equal the reference."""
+    want = reference.vq_quantize(z, codebook, metric)
+    assert got.shape == z.shape[:-1] and got.dtype == torch.int64 and got.device == z.device
+    got, want = got.reshape(-1).cpu(), want.reshape(-1).cpu()
+    assert got.min() >= 0 and got.max() < codebook.shape[0]
+    dist = reference.vq_distances(z.cpu(), codebook.cpu(), metric)
+    got_dist = dist.gather(1, got[:, None])[:, 0]
+    want_dist = dist.gather(1, want[:, None])[:, 0]
+    # rounding of the kernel's arithmetic is relative to the squared norms involved
+    scale = 4.0 if metric == "cosine" else (z.double().square().sum(-1).reshape(-1).cpu()
+                                            + codebook.double().square().sum(-1).max().cpu())
+    gap = (got_dist - want_dist) / scale
+    assert (gap <= rel_tol).all(), f"picked codes farther than the nearest by {gap.max().item():.3g} (relative)"
+    assert (got == want).float().mean() >= min_exact
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, k, d", [(1, 1, 1), (37, 129, 3), (300, 1000, 4), (45, 301, 8), (70, 77, 17),
+                                     (33, 250, 40), (20, 70, 70)])
+def test_matches_reference(backend, metric, dtype, n, k, d):
+    seed = n * 1000 + k + d
+    z = random((n, d), seed, dtype)
+    codebook = random((k, d), seed + 1, dtype)
+    assert_nearest(z, codebook, vq_quantize(z, codebook, metric=metric), metric)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_ties_go_to_lowest_index(backend, metric):
+    # Small integers: every distance is exact in fp16/fp32, so ties are real ties.
+    gen = seeded(7)
+    base = torch.randint(-2, 3, (40, 6), generator=gen).float()
+    codebook = torch.cat([base, base, base[:13]])  # every code appears at least twice
+    z = torch.randint(-2, 3, (257, 6), generator=gen).float()
+    for dtype in (torch.float32, torch.float16):
+        got = vq_quantize(z.to(DEVICE, dtype), codebook.to(DEVICE, dtype), metric=metric).cpu()
+        assert torch.equal(got, reference.vq_quantize(z, codebook, metric))
+        assert got.max() < 40  # the first copy always wins
+
+
+def test_batch_dims_and_empty(backend):
+    codebook = random((50, 12), 1)
+    z = random((2, 3, 5, 12), 2)
+    got = vq_quantize(z, codebook)
+    assert got.shape == (2, 3, 5)
+    assert torch.equal(got.reshape(-1), vq_quantize(z.reshape(-1, 12), codebook))
+    assert_nearest(z, codebook, got, "l2")
+    for shape in [(0, 12), (2, 0, 12)]:
+        empty = vq_quantize(torch.empty(shape, device=DEVICE), codebook)
+        assert empty.shape == shape[:-1] and empty.dtype == torch.int64
+    assert vq_quantize(random((12,), 3), codebook).shape == ()
+
+
+def test_non_contiguous_inputs(backend):
+    codebook = random((10, 33), 5).T  # [33, 10], column-major
+    strided_d = random((64, 20), 4)[:, ::2]  # stride 2 along d
+    column_major = random((10, 31), 6).T
+    broadcast = random((1, 10), 8).expand(5, 10)  # row stride 0
+    for z in (strided_d, column_major, broadcast):
+        assert_nearest(z, codebook, vq_quantize(z, codebook), "l2", min_exact=1.0)
+
+
+@pytest.mark.parametrize("scale", [1e-15, 1e4])
+def test_extreme_magnitudes(backend, scale):
+    z = random((60, 9), 9, scale=scale)
+    codebook = random((200, 9), 10, scale=scale)
+    for metric in ("l2", "cosine"):
+        assert_nearest(z, codebook, vq_quantize(z, codebook, metric=metric), metric)
+
+
+def test_cosine_zero_vectors(backend):
+    codebook = random((20, 5), 11)
+    codebook[3] = 0
+    z = random((30, 5), 12)
+    z[:4] = 0
+    got = vq_quantize(z, codebook, metric="cosine")
+    assert torch.equal(got.cpu(), reference.vq_quantize(z, codebook, "cosine").cpu())
+
+
+def test_many_splits_and_tiles(backend):
+    # Few rows and many codes: the codebook is split across programs and reduced afterwards.
+    z = random((5, 6), 13)
+    codebook = random((5000, 6), 14)
+    codebook[4321] = z[2]  # an exact hit far into the codebook
+    codebook[4999] = z[4]  # in the last, partial tile
+    got = vq_quantize(z, codebook)
+    assert got[2] == 4321 and got[4] == 4999
+    assert_nearest(z, codebook, got, "l2")
+
+
+def test_triton_writes_every_output():
+    """Launches the Triton kernel into poisoned per-split buffers: every slot must be written."""
+    if "triton" not in available_backends():
+        pytest.skip("triton backend not live here")
+    z = random((45, 19), 15)
+    codebook = random((700, 19), 16)
+    config = vq._triton_config(19, z.dtype, not HAS_GPU)
+    splits, codes_per_split = vq._split_codes(vq._cdiv(45, config["BLOCK_N"]), 700, config["BLOCK_K"], DEVICE)
+    assert splits > 1
+    part_dist = torch.full((splits, 45), float("nan"), device=DEVICE)
+    part_idx = torch.full((splits, 45), -1, dtype=torch.int64, device=DEVICE)
+    bias = codebook.float().square().sum(-1)
+    vq._launch_triton_argmin(z, codebook, bias, bias, bias, part_dist, part_idx, codes_per_split, False, config)
+    assert not part_dist.isnan().any() and (part_idx >= 0).all()
+    for s in range(splits):  # each split's winner lies in its own code range
+        assert (part_idx[s] >= s * codes_per_split).all() and (part_idx[s] < (s + 1) * codes_per_split).all()
+    assert torch.equal(vq._combine_splits(part_dist, part_idx), reference.vq_quantize(z, codebook, "l2"))
+
+
+# ---- lookup -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_lookup_and_gradient(index_dtype):
+    codebook = random((17, 6), 20).requires_grad_(True)
+    indices = torch.randint(0, 17, (4, 9), generator=seeded(21)).to(DEVICE, index_dtype)
+    out = vq_lookup(indices, codebook)
+    assert out.shape == (4, 9, 6)
+    assert torch.equal(out, codebook[indices.long()])
+    upstream = random((4, 9, 6), 22)
+    (out * upstream).sum().backward()
+    expected = torch.zeros(17, 6, device=DEVICE).index_add_(0, indices.reshape(-1).long(), upstream.reshape(-1, 6))
+    torch.testing.assert_close(codebook.grad, expected)
+    assert vq_lookup(indices[:0], codebook).shape == (0, 9, 6)
+
+
+def test_lookup_out_of_range():
+    codebook = random((17, 6), 23)
+    for bad in (-1, 17, 1000):
+        indices = torch.tensor([0, 5, bad], device=DEVICE)
+        with pytest.raises(ValueError, match=rf"\[0, 17\).*{bad}"):
+            vq_lookup(indices, codebook)
+
+
+def test_lookup_bad_arguments():
+    codebook = random((17, 6), 24)
+    with pytest.raises(TypeError, match="indices must be an integer tensor"):
+        vq_lookup(torch.zeros(3, device=DEVICE), codebook)
+    with pytest.raises(TypeError, match="codebook must be a floating tensor"):
+        vq_lookup(torch.zeros(3, dtype=torch.long, device=DEVICE), codebook.long())
+    with pytest.raises(ValueError, match="codebook must be 2-D"):
+        vq_lookup(torch.zeros(3, dtype=torch.long, device=DEVICE), codebook[0])
+    with pytest.raises(TypeError, match="indices must be a torch.Tensor"):
+        vq_lookup([0, 1], codebook)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda z, c: (z[:, :5], c), ValueError, "code-dim mismatch"),
+    (lambda z, c: (z, c[:0]), ValueError, "codebook is empty"),
+    (lambda z, c: (z, c[0]), ValueError, "codebook must be 2-D"),
+    (lambda z, c: (z[:, :0], c[:, :0]), ValueError, "code_dim 0"),
+    (lambda z, c: (z.long(), c), TypeError, "z must be a floating tensor"),
+    (lambda z, c: (z, c.int()), TypeError, "codebook must be a floating tensor"),
+    (lambda z, c: (z.half(), c), TypeError, "same dtype"),
+    (lambda z, c: (z.tolist(), c), TypeError, "z must be a torch.Tensor"),
+    (lambda z, c: (z.to("meta"), c), ValueError, "same device"),
+    (lambda z, c: (z.index_fill(0, torch.tensor([3], device=z.device), float("nan")), c), ValueError, "z contains non-finite"),
+    (lambda z, c: (z, c.index_fill(1, torch.tensor([2], device=c.device), float("inf"))), ValueError,
+     "codebook contains non-finite"),
+])
+def test_bad_input(make, error, match):
+    z, codebook = make(random((10, 8), 30), random((20, 8), 31))
+    with pytest.raises(error, match=match):
+        vq_quantize(z, codebook)
+
+
+def test_bad_metric():
+    with pytest.raises(ValueError, match="metric must be one of"):
+        vq_quantize(random((10, 8), 30), random((20, 8), 31), metric="dot")
+
+
+def test_float64_is_served_by_reference(monkeypatch):
+    z, codebook = random((10, 8), 32, torch.float64), random((20, 8), 33, torch.float64)
+    assert torch.equal(vq_quantize(z, codebook), reference.vq_quantize(z, codebook, "l2"))
+    if "triton" in available_backends():
+        monkeypatch.setenv("UNIMM_BACKEND", "triton")
+        with pytest.raises(BackendUnavailable, match="float64"):
+            vq_quantize(z, codebook)
+
+
+def test_compile_sees_one_op():
+    z, codebook = random((10, 8), 34), random((20, 8), 35)
+    out = torch.library.opcheck(torch.ops.unimm.vq_quantize.default, (z, codebook, "l2"))
+    assert all(v == "SUCCESS" for v in out.values())
+    idx = vq_quantize(z, codebook)
+    out = torch.library.opcheck(torch.ops.unimm.vq_lookup.default, (idx, codebook.requires_grad_(True)))
+    assert all(v == "SUCCESS" for v in out.values())
+
+
+# ---- GPU ----------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, k, d", [(4099, 16384, 8), (8100, 32768, 4), (1000, 8192, 256), (257, 262144, 256),
+                                     (3001, 5003, 31), (2000, 3000, 33), (999, 777, 100)])
+def test_gpu_real_sizes(backend, metric, dtype, n, k, d):
+    z = random((n, d), n + d, dtype)
+    codebook = random((k, d), k + d, dtype)
+    assert_nearest(z, codebook, vq_quantize(z, codebook, metric=metric), metric, min_exact=0.98)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [1, 4, 5, 8, 16, 31, 32])
+def test_gpu_cuda_writes_every_output(d):
+    if not _ext.has("vq_argmin_small_d") or _ext.serves_device(DEVICE) is not None:
+        pytest.skip("CUDA backend not live")
+    C = _ext.lib()
+    n, k = 3001, 5003
+    z, codebook = random((n, d), 40), random((k, d), 41)
+    splits, codes_per_split = vq._split_codes(vq._cdiv(n, C.vq_small_d_rows_per_block(d)), k,
+                                              C.VQ_SMALL_TILE_CODES, DEVICE)
+    part_dist = torch.full((splits, n), float("nan"), device=DEVICE)
+    part_idx = torch.full((splits, n), -1, dtype=torch.int64, device=DEVICE)
+    C.vq_argmin_small_d(z.data_ptr(), z.stride(0), codebook.data_ptr(), codebook.stride(0), n, k, d, codes_per_split,
+                        splits, part_dist.data_ptr(), part_idx.data_ptr(), 0, DEVICE.index or 0,
+                        torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    assert not part_dist.isnan().any() and (part_idx >= 0).all()
+    assert_nearest(z, codebook, vq._combine_splits(part_dist, part_idx), "l2")
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_rejects_bad_launch():
+    if not _ext.has("vq_argmin_small_d"):
+        pytest.skip("unimm._C not built")
+    with pytest.raises(ValueError, match="d must be in"):
+        _ext.lib().vq_argmin_small_d(0, 64, 0, 64, 10, 10, 64, 256, 1, 0, 0, 0, 0, 0)

@@ -1,0 +1,90 @@
+"""Compiles unimm's Triton kernels ahead of time for sm_90a and sm_80, without a GPU.
+
+Run by tests/test_triton_compile.py in a subprocess (the test session runs triton's
+interpreter, which replaces kernels with interpreted functions). For every case it reports what
+would make a launch fail or crawl on the real chip: shared memory against the chip's limit,
+register spills, whether the loads were software-pipelined (cp.async) and whether the dot went
+to wgmma on Hopper. Prints one JSON object per line.
+
+Alignment matters: at launch triton specialises pointers and integers divisible by 16, which is
+what lets it vectorise and pipeline loads, so each case names the arguments that are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+# Largest dynamic shared memory one block may use.
+SHARED_LIMIT = {90: 232448, 80: 166912}
+TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def compile_report(kernel, signature: dict, constexprs: dict, aligned: set[str], arch: int,
+                   num_warps: int, num_stages: int) -> dict:
+    names = list(signature)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    full_signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=full_signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    report = dict(arch=arch, shared=compiled.metadata.shared, shared_limit=SHARED_LIMIT[arch],
+                  pipelined="async_copy" in compiled.asm["ttgir"],
+                  wgmma="warp_group_dot" in compiled.asm["ttgir"])
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin.name],
+                               capture_output=True, text=True).stdout
+    registers, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    report.update(registers=int(registers.group(1)) if registers else None,
+                  stack_bytes=int(stack.group(1)) if stack else None)
+    return report
+
+
+def vq_cases():
+    from unimm.kernels import vq
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for code_dim, cosine in ((4, False), (8, True), (100, False), (256, False), (256, True)):
+            config = vq._triton_config(code_dim, dtype, interpret=False)
+            launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+            t = TRITON_TYPES[dtype]
+            signature = dict(z_ptr=f"*{t}", codebook_ptr=f"*{t}", code_bias_ptr="*fp32", code_scale_ptr="*fp32",
+                             row_scale_ptr="*fp32", part_dist_ptr="*fp32", part_idx_ptr="*i64", n_rows="i32",
+                             n_codes="i32", code_dim="i32", stride_z="i32", stride_codebook="i32",
+                             codes_per_split="i32")
+            aligned = {name for name, kind in signature.items() if kind.startswith("*")} | {"codes_per_split"}
+            if code_dim % 16 == 0:
+                aligned |= {"code_dim", "stride_z", "stride_codebook"}
+            constexprs = dict(COSINE=cosine, PRECISION=vq._dot_precision(dtype), **config)
+            name = f"vq_argmin {t} d={code_dim}{' cosine' if cosine else ''}"
+            yield name, vq._vq_argmin_kernel, signature, constexprs, aligned, launch, code_dim % 16 == 0
+
+
+FAMILIES = {"vq": vq_cases}
+
+
+def main(families: list[str]) -> None:
+    for family in families:
+        for name, kernel, signature, constexprs, aligned, launch, expect_pipelined in FAMILIES[family]():
+            for arch in (90, 80):
+                report = compile_report(kernel, signature, constexprs, aligned, arch, **launch)
+                print(json.dumps(dict(family=family, case=name, expect_pipelined=expect_pipelined, **report)),
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or list(FAMILIES))

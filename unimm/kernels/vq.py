@@ -1,0 +1,396 @@
+"""VQ codebook quantize / lookup: the nearest code of every vector, and codes back to vectors.
+
+Public: ``vq_quantize(z, codebook, *, metric="l2")`` and ``vq_lookup(indices, codebook)``; their
+meaning is ``unimm.kernels.reference.vq``.
+
+Backends for ``vq_quantize`` (see ``dispatch``):
+  * cuda: ``csrc/vq.cu``, code dims d <= 32 (Emu3 d=4, LlamaGen d=8): exact ``sum((z - e)^2)``
+    in fp32 registers, codebook tiles in shared memory.
+  * triton: any d. A program owns BLOCK_N rows of z and streams codebook tiles of BLOCK_K codes:
+    the tile product ``z @ e.T`` on tensor cores (fp32 accumulation), then
+    ``dist = |e|^2 - 2 z.e`` (``|z|^2`` is the same for every code of a row) and a running
+    (min, argmin) per row. For ``metric="cosine"`` the same product is scaled by precomputed
+    inverse norms, so no normalised copy of z or the codebook is made.
+  Both split the codebook over a second grid axis when there are too few row blocks to fill
+  the GPU, and reduce the per-split winners with two small torch ops.
+
+Memory beyond inputs and output: per-code fp32 norms ``[K]`` (and ``[N]`` row norms for cosine
+on Triton) and per-split winners ``[splits, N]`` (fp32 + int64), splits <= 4 x SMs / row blocks;
+the CUDA cosine path normalises copies of z and the codebook in fp32 (``O((N + K) d)``). The
+N x K distance matrix is never formed.
+
+fp32 inputs follow ``torch.get_float32_matmul_precision()`` as torch's own matmuls do:
+"highest" (torch's default) uses 3xTF32 (about fp32 accuracy), "high"/"medium" plain TF32.
+Squared distances must be finite in fp32 (|values| below ~1e18).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from unimm import _ext
+from unimm.kernels import dispatch
+from unimm.kernels.reference import vq as reference
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the Triton backend is then not live (dispatch says why)
+    triton = None
+
+METRICS = reference.METRICS
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_CODES = 2**31 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+def vq_quantize(z: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2") -> torch.Tensor:
+    """Index of the nearest code for every vector of ``z``.
+
+    Args:
+        z: ``[..., d]`` float16, bfloat16, float32 or float64 vectors.
+        codebook: ``[K, d]`` codes, same dtype and device as ``z``.
+        metric: ``"l2"`` (squared Euclidean) or ``"cosine"`` (Euclidean after L2-normalising
+            both sides, as LlamaGen's tokenizer).
+
+    Returns:
+        int64 indices of shape ``z.shape[:-1]``; ties go to the lowest index.
+
+    Raises:
+        TypeError: non-tensor, integer or mismatched dtypes.
+        ValueError: code-dim mismatch, empty codebook, different devices, unknown metric,
+            NaN or Inf in ``z`` or ``codebook``.
+    """
+    _check_quantize_args(z, codebook, metric)
+    if z.numel() == 0:
+        return torch.empty(z.shape[:-1], dtype=torch.int64, device=z.device)
+    return torch.ops.unimm.vq_quantize(z, codebook, metric)
+
+
+def vq_lookup(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """``codebook[indices]``: ``[...] -> [..., d]``, differentiable with respect to ``codebook``.
+
+    Raises:
+        TypeError: ``indices`` not an integer tensor, ``codebook`` not a floating tensor.
+        ValueError: ``codebook`` not 2-D, devices differ, an index outside ``[0, K)``.
+    """
+    for name, value in (("indices", indices), ("codebook", codebook)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+    if codebook.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"codebook must be a floating tensor (float16, bfloat16, float32, float64), got {codebook.dtype}")
+    if codebook.dim() != 2:
+        raise ValueError(f"codebook must be 2-D [num_codes, code_dim], got shape {tuple(codebook.shape)}")
+    if indices.device != codebook.device:
+        raise ValueError(f"indices and codebook must be on the same device, got {indices.device} and {codebook.device}")
+    return torch.ops.unimm.vq_lookup(indices, codebook)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+
+def _check_quantize_args(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> None:
+    for name, value in (("z", z), ("codebook", codebook)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {value.dtype}")
+    if z.dtype != codebook.dtype:
+        raise TypeError(f"z and codebook must have the same dtype, got z {z.dtype} and codebook {codebook.dtype}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if codebook.dim() != 2:
+        raise ValueError(f"codebook must be 2-D [num_codes, code_dim], got shape {tuple(codebook.shape)}")
+    num_codes, code_dim = codebook.shape
+    if num_codes == 0:
+        raise ValueError("codebook is empty: it has 0 codes")
+    if num_codes > _MAX_CODES:
+        raise ValueError(f"codebook has {num_codes} codes; at most {_MAX_CODES} are supported")
+    if code_dim == 0:
+        raise ValueError("codebook has code_dim 0")
+    if z.dim() == 0 or z.shape[-1] != code_dim:
+        raise ValueError(f"code-dim mismatch: z must be [..., {code_dim}] to match codebook [{num_codes}, {code_dim}], "
+                         f"got z of shape {tuple(z.shape)}")
+    if z.device != codebook.device:
+        raise ValueError(f"z and codebook must be on the same device, got z on {z.device} and codebook on {codebook.device}")
+
+
+def _check_finite(**tensors: torch.Tensor) -> None:
+    """One device sync for all tensors; names the first that holds NaN or Inf."""
+    flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
+    for name, finite in zip(tensors, flags):
+        if not finite:
+            raise ValueError(f"{name} contains non-finite values (NaN or Inf)")
+
+
+def _check_index_range(indices: torch.Tensor, num_codes: int) -> None:
+    if indices.numel() == 0:
+        return
+    low, high = torch.stack([indices.min(), indices.max()]).tolist()
+    if low < 0 or high >= num_codes:
+        bad = low if low < 0 else high
+        raise ValueError(f"indices must lie in [0, {num_codes}) for a codebook of {num_codes} codes, found {bad}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops (opaque to torch.compile and CUDA graphs)
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("unimm::vq_quantize", mutates_args=())
+def _vq_quantize_op(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
+    _check_finite(z=z, codebook=codebook)
+    z_rows = _as_rows(z)
+    codebook = _as_rows(codebook)
+    backend = dispatch.select(
+        "vq_quantize", z.device, implemented=("cuda", "triton"),
+        unsupported={
+            "cuda": _cuda_unsupported(z_rows),
+            "triton": None if z.dtype in _KERNEL_DTYPES else f"dtype {z.dtype} is served by the reference only",
+        },
+    )
+    if backend == "cuda":
+        indices = _quantize_cuda(z_rows, codebook, metric)
+    elif backend == "triton":
+        indices = _quantize_triton(z_rows, codebook, metric)
+    else:
+        indices = reference.vq_quantize(z_rows, codebook, metric)
+    return indices.reshape(z.shape[:-1])
+
+
+@_vq_quantize_op.register_fake
+def _(z, codebook, metric):
+    return z.new_empty(z.shape[:-1], dtype=torch.int64)
+
+
+@torch.library.custom_op("unimm::vq_lookup", mutates_args=())
+def _vq_lookup_op(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    _check_index_range(indices, codebook.shape[0])
+    # A gather moves each output byte once; torch's embedding kernel already runs at bandwidth.
+    return F.embedding(indices.long(), codebook)
+
+
+@_vq_lookup_op.register_fake
+def _(indices, codebook):
+    return codebook.new_empty((*indices.shape, codebook.shape[1]))
+
+
+def _lookup_setup_context(ctx, inputs, output):
+    indices, codebook = inputs
+    ctx.save_for_backward(indices)
+    ctx.codebook_shape = codebook.shape
+    ctx.codebook_dtype = codebook.dtype
+
+
+def _lookup_backward(ctx, grad_output):
+    (indices,) = ctx.saved_tensors
+    num_codes, code_dim = ctx.codebook_shape
+    grad = torch.zeros(num_codes, code_dim, dtype=torch.float32, device=grad_output.device)
+    grad.index_add_(0, indices.reshape(-1).long(), grad_output.reshape(-1, code_dim).float())
+    return None, grad.to(ctx.codebook_dtype)
+
+
+_vq_lookup_op.register_autograd(_lookup_backward, setup_context=_lookup_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared launch helpers
+# ---------------------------------------------------------------------------------------------
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[..., d] -> [N, d]`` with unit stride along d and a real row stride (no broadcasting)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < rows.shape[1]):
+        rows = rows.contiguous()
+    return rows
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # CPU (interpreter): a few programs, so tests exercise the split reduction
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_codes(row_blocks: int, num_codes: int, tile_codes: int, device: torch.device) -> tuple[int, int]:
+    """(splits, codes_per_split): enough programs for ~4 waves per SM, each split a whole number
+    of tiles and non-empty."""
+    tiles = _cdiv(num_codes, tile_codes)
+    wanted = max(1, _cdiv(4 * _multiprocessor_count(device), row_blocks))
+    tiles_per_split = _cdiv(tiles, min(tiles, wanted, 65535))
+    return _cdiv(tiles, tiles_per_split), tiles_per_split * tile_codes
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _combine_splits(part_dist: torch.Tensor, part_idx: torch.Tensor) -> torch.Tensor:
+    """Per-split winners ``[splits, N]`` -> int64 ``[N]``. Splits hold increasing code ranges and
+    argmin returns the first minimum, so equal distances keep the lowest index."""
+    if part_idx.shape[0] == 1:
+        return part_idx[0]
+    best_split = part_dist.argmin(0, keepdim=True)
+    return part_idx.gather(0, best_split)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA backend (csrc/vq.cu)
+# ---------------------------------------------------------------------------------------------
+
+def _cuda_unsupported(z_rows: torch.Tensor) -> str | None:
+    if not _ext.has("vq_argmin_small_d"):
+        return "unimm._C has no vq_argmin_small_d"
+    if z_rows.shape[1] > _ext.lib().VQ_SMALL_MAX_DIM:
+        return f"its CUDA kernel serves code_dim <= {_ext.lib().VQ_SMALL_MAX_DIM} only (got {z_rows.shape[1]})"
+    if z_rows.dtype not in _ext.DTYPE_CODES:
+        return f"its CUDA kernel does not serve {z_rows.dtype}"
+    return None
+
+
+def _quantize_cuda(z_rows: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
+    C = _ext.lib()
+    if metric == "cosine":
+        z_rows = F.normalize(z_rows.float(), dim=-1, eps=reference.NORMALIZE_EPS)
+        codebook = F.normalize(codebook.float(), dim=-1, eps=reference.NORMALIZE_EPS)
+    n, d = z_rows.shape
+    k = codebook.shape[0]
+    device = z_rows.device
+    row_blocks = _cdiv(n, C.vq_small_d_rows_per_block(d))
+    splits, codes_per_split = _split_codes(row_blocks, k, C.VQ_SMALL_TILE_CODES, device)
+    part_dist = torch.empty(splits, n, dtype=torch.float32, device=device)
+    part_idx = torch.empty(splits, n, dtype=torch.int64, device=device)
+    C.vq_argmin_small_d(
+        z_rows.data_ptr(), z_rows.stride(0), codebook.data_ptr(), codebook.stride(0), n, k, d, codes_per_split,
+        splits, part_dist.data_ptr(), part_idx.data_ptr(), _ext.DTYPE_CODES[z_rows.dtype], device.index,
+        _ext.stream_handle(device),
+    )
+    return _combine_splits(part_dist, part_idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton backend
+# ---------------------------------------------------------------------------------------------
+
+def _triton_config(code_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
+    """Tile sizes and launch options. Not autotuned: the split count depends on the tiles.
+
+    Chosen from sm_90a / sm_80 compiles (tests/test_triton_compile.py checks them): no spills,
+    shared memory within both chips' limits, pipelined loads.
+    """
+    padded = max(16, triton.next_power_of_2(code_dim))
+    if interpret:  # small tiles: cheap on the CPU interpreter, and tests cross every boundary
+        return dict(BLOCK_N=16, BLOCK_K=32, BLOCK_D=min(padded, 32), num_warps=1, num_stages=1)
+    if dtype == torch.float32:  # 3xTF32 splits each operand in two: smaller d chunks
+        return dict(BLOCK_N=128, BLOCK_K=64, BLOCK_D=min(padded, 32), num_warps=8, num_stages=3)
+    # Row strides not divisible by 16 defeat vectorised loads and cost registers: narrower tiles.
+    block_k = 128 if code_dim % 16 == 0 or padded <= 64 else 64
+    return dict(BLOCK_N=128, BLOCK_K=block_k, BLOCK_D=min(padded, 64), num_warps=8, num_stages=3)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype != torch.float32:
+        return "ieee"  # ignored by tl.dot for 16-bit operands
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _quantize_triton(z_rows: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
+    n, d = z_rows.shape
+    k = codebook.shape[0]
+    device = z_rows.device
+    config = _triton_config(d, z_rows.dtype, dispatch.TRITON_INTERPRET)
+    codes32 = codebook.float()
+    if metric == "cosine":
+        # dist(z_n, e_n) = |e_n|^2 - 2 (z.e) / (max(|z|, eps) max(|e|, eps)) + const, where
+        # |e_n|^2 is exactly 1 except for codes shorter than eps (F.normalize's definition).
+        code_norm = codes32.norm(dim=-1)
+        code_scale = 1.0 / code_norm.clamp_min(reference.NORMALIZE_EPS)
+        code_bias = reference.unit_norm_squared(code_norm)
+        row_scale = 1.0 / z_rows.float().norm(dim=-1).clamp_min(reference.NORMALIZE_EPS)
+    else:
+        code_bias = codes32.square().sum(-1)
+        code_scale = row_scale = code_bias  # unused (COSINE=False)
+    row_blocks = _cdiv(n, config["BLOCK_N"])
+    splits, codes_per_split = _split_codes(row_blocks, k, config["BLOCK_K"], device)
+    part_dist = torch.empty(splits, n, dtype=torch.float32, device=device)
+    part_idx = torch.empty(splits, n, dtype=torch.int64, device=device)
+    _launch_triton_argmin(z_rows, codebook, code_bias, code_scale, row_scale, part_dist, part_idx,
+                          codes_per_split, metric == "cosine", config)
+    return _combine_splits(part_dist, part_idx)
+
+
+def _launch_triton_argmin(z_rows, codebook, code_bias, code_scale, row_scale, part_dist, part_idx,
+                          codes_per_split, cosine, config):
+    """Writes per-split winners into ``part_dist`` / ``part_idx`` ``[splits, N]``."""
+    n, d = z_rows.shape
+    grid = (_cdiv(n, config["BLOCK_N"]), part_idx.shape[0])
+    with torch.cuda.device(z_rows.device) if z_rows.is_cuda else contextlib.nullcontext():
+        _vq_argmin_kernel[grid](
+            z_rows, codebook, code_bias, code_scale, row_scale, part_dist, part_idx,
+            n, codebook.shape[0], d, z_rows.stride(0), codebook.stride(0), codes_per_split,
+            COSINE=cosine, PRECISION=_dot_precision(z_rows.dtype), **config,
+        )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _vq_argmin_kernel(
+        z_ptr, codebook_ptr, code_bias_ptr, code_scale_ptr, row_scale_ptr, part_dist_ptr, part_idx_ptr,
+        n_rows, n_codes, code_dim, stride_z, stride_codebook, codes_per_split,
+        COSINE: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        split = tl.program_id(1)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n_rows
+        dims = tl.arange(0, BLOCK_D)
+        code_begin = split.to(tl.int64) * codes_per_split
+        code_end = tl.minimum(code_begin + codes_per_split, n_codes)
+        if COSINE:
+            row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
+
+        # One flat loop over (code tile, d chunk) steps, the d chunk fastest, so the software
+        # pipeline runs across tile boundaries; the row argmin is the epilogue of a tile's last chunk.
+        d_chunks = tl.cdiv(code_dim, BLOCK_D)
+        steps = tl.cdiv(code_end - code_begin, BLOCK_K) * d_chunks
+        dot = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        best = tl.full([BLOCK_N], float("inf"), tl.float32)
+        best_idx = tl.zeros([BLOCK_N], tl.int64) + code_begin
+        for step in range(0, steps):
+            tile_begin = code_begin + (step // d_chunks) * BLOCK_K
+            d0 = (step % d_chunks) * BLOCK_D
+            codes = tile_begin + tl.arange(0, BLOCK_K)
+            code_ok = codes < code_end
+            dim_ok = (d0 + dims) < code_dim
+            z_chunk = tl.load(z_ptr + rows[:, None] * stride_z + (d0 + dims)[None, :],
+                              mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+            # the codebook chunk is loaded transposed, [BLOCK_D, BLOCK_K], as the right operand
+            code_chunk = tl.load(codebook_ptr + codes[None, :] * stride_codebook + (d0 + dims)[:, None],
+                                 mask=dim_ok[:, None] & code_ok[None, :], other=0.0)
+            dot = tl.dot(z_chunk, code_chunk, dot, input_precision=PRECISION)
+            if d0 + BLOCK_D >= code_dim:
+                if COSINE:
+                    code_scale = tl.load(code_scale_ptr + codes, mask=code_ok, other=0.0)
+                    dot = dot * (row_scale[:, None] * code_scale[None, :])
+                code_bias = tl.load(code_bias_ptr + codes, mask=code_ok, other=float("inf"))
+                dist = code_bias[None, :] - 2.0 * dot
+                tile_best, tile_arg = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                better = tile_best < best  # strict: earlier tiles keep ties
+                best = tl.where(better, tile_best, best)
+                best_idx = tl.where(better, tile_begin + tile_arg.to(tl.int64), best_idx)
+                dot = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+
+        out = split.to(tl.int64) * n_rows + rows
+        tl.store(part_dist_ptr + out, best, mask=row_ok)
+        tl.store(part_idx_ptr + out, best_idx, mask=row_ok)
