@@ -1,0 +1,5 @@
+"""unimm's thin model layer: modules built on ``unimm.kernels``."""
+
+from unimm.models.quantizer import QuantizerOutput, VectorQuantizer
+
+__all__ = ["QuantizerOutput", "VectorQuantizer"]
