@@ -1,0 +1,169 @@
+"""Shared pieces of every ``benchmarks/bench_<family>.py``: timers, peak memory, the device's
+measured peaks, the environment record, the results file and the markdown table.
+
+Scripts run as ``python benchmarks/bench_<family>.py``, so they import this module as ``_common``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import pathlib
+import platform
+import re
+import subprocess
+import time
+
+import torch
+
+import unimm
+
+BENCHMARKS_DIR = pathlib.Path(__file__).resolve().parent
+RESULTS_DIR = BENCHMARKS_DIR / "results"
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+def _calls(fn, rotate):
+    """The zero-argument calls to cycle through: ``fn`` itself, or ``fn(*args)`` per rotation entry."""
+    if rotate is None:
+        return [fn]
+    return [functools.partial(fn, *args) for args in rotate]
+
+
+def _summary(times_ms: list[float]) -> dict:
+    p20, median, p80 = torch.tensor(times_ms).quantile(torch.tensor([0.2, 0.5, 0.8])).tolist()
+    return dict(median_ms=median, p20_ms=p20, p80_ms=p80)
+
+
+def time_cuda(fn, *, warmup: int = 10, repeat: int = 50, rotate=None) -> dict:
+    """Milliseconds per call of ``fn`` on the current stream: median and 20th / 80th percentiles.
+
+    Each call sits between its own pair of CUDA events, so one slow call (a clock dip, another
+    process) moves a percentile, not the median. ``rotate``: argument tuples cycled through, one
+    per call, so that inputs small enough to stay in L2 are cold again by their next turn.
+    """
+    calls = _calls(fn, rotate)
+    for i in range(warmup):  # compilation, autotuning, allocator growth, clocks ramping up
+        calls[i % len(calls)]()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
+    for i in range(repeat):
+        starts[i].record()
+        calls[i % len(calls)]()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return _summary([start.elapsed_time(end) for start, end in zip(starts, ends)])
+
+
+def time_cpu(fn, *, warmup: int = 10, repeat: int = 50, rotate=None) -> dict:
+    """``time_cuda`` with a wall clock, for CPU tensors: what ``--smoke`` runs use."""
+    calls = _calls(fn, rotate)
+    for i in range(warmup):
+        calls[i % len(calls)]()
+    times_ms = []
+    for i in range(repeat):
+        start = time.perf_counter()
+        calls[i % len(calls)]()
+        times_ms.append((time.perf_counter() - start) * 1e3)
+    return _summary(times_ms)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory and device peaks
+# ---------------------------------------------------------------------------------------------
+
+def peak_memory(fn) -> int:
+    """Bytes of CUDA memory allocated beyond what was live before one call of ``fn``, at its peak.
+
+    Counts the output too while it is alive. Call after the timing warm-up, so one-off
+    allocations (compilation, autotuning) do not count.
+    """
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return max(0, torch.cuda.max_memory_allocated() - before)
+
+
+def measure_device_peaks() -> dict:
+    """What this GPU reaches in practice: a large bf16 matmul (TFLOP/s) and a large device copy
+    (GB/s, bytes read + written), timed like the kernels so ratios to them are fair."""
+    n = 8192
+    # random data, not zeros: tensor cores draw less power (and clock higher) on zeros
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+    matmul_ms = time_cuda(lambda: torch.matmul(a, b, out=c))["median_ms"]
+    del a, b, c
+
+    src = torch.randn(1 << 28, device="cuda")  # 1 GiB: far beyond any L2
+    dst = torch.empty_like(src)
+    copy_ms = time_cuda(lambda: dst.copy_(src))["median_ms"]
+    moved_bytes = 2 * src.numel() * src.element_size()
+    del src, dst
+
+    return dict(bf16_matmul_tflops=2 * n**3 / (matmul_ms * 1e-3) / 1e12,
+                copy_gbps=moved_bytes / (copy_ms * 1e-3) / 1e9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment and results
+# ---------------------------------------------------------------------------------------------
+
+def _git_sha() -> str:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=BENCHMARKS_DIR.parent,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def environment(device: torch.device | str = "cuda") -> dict:
+    """What a result depends on: device, software versions, commit and date (no hostname)."""
+    device = torch.device(device)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = dict(device="cpu", compute_capability=None, sm_count=None)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env = dict(device=props.name, compute_capability=f"{props.major}.{props.minor}",
+                   sm_count=props.multi_processor_count)
+    return dict(
+        **env,
+        machine=platform.machine(),
+        torch=torch.__version__,
+        triton=triton_version,
+        cuda=torch.version.cuda,
+        unimm=unimm.__version__,
+        git_sha=_git_sha(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def write_results(family: str, payload: dict, out_dir: pathlib.Path | str | None = None) -> pathlib.Path:
+    """Writes ``payload`` (which holds ``environment``) to ``<out_dir>/<family>-<device>-<date>.json``;
+    a later run on the same device and day replaces the file."""
+    out_dir = pathlib.Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = payload["environment"]
+    device_slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    path = out_dir / f"{family}-{device_slug}-{env['date'][:10]}.json"
+    path.write_text(json.dumps({"family": family, **payload}, indent=2) + "\n")
+    return path
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """A GitHub markdown table: one line per row, ``columns`` are both the headers and the keys."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(column, "")) for column in columns) + " |" for row in rows]
+    return "\n".join(lines)

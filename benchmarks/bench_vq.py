@@ -1,0 +1,250 @@
+"""VQ nearest-code search: unimm.kernels.vq_quantize against the code tokenizers ship with.
+
+Anchors, run in this process on the same inputs:
+  * einsum+argmin: taming-transformers' VectorQuantizer, kept by LlamaGen; forms the whole
+    N x K distance matrix ``|z|^2 + |e|^2 - 2 z.e`` and takes its argmin (LlamaGen normalises
+    both sides first for its cosine codebook).
+  * cdist+argmin: ``torch.cdist(z, e).argmin(1)``.
+unimm runs with auto dispatch and with each backend forced through UNIMM_BACKEND; a backend
+that cannot serve a shape (the CUDA kernel takes code_dim <= 32 only) shows as n/a.
+
+Target (issue): >= 5x faster than einsum+argmin at every shape on H100.
+
+    python benchmarks/bench_vq.py [--dtype fp32] [--shapes llamagen,emu3] [--out DIR]
+    python benchmarks/bench_vq.py --smoke --out DIR   # tiny shapes on the CPU: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from _common import environment, markdown_table, measure_device_peaks, peak_memory, time_cpu, time_cuda, write_results
+from unimm.kernels import BackendUnavailable, vq_quantize
+
+TARGET = ">= 5x faster than einsum+argmin at every shape on H100"
+TARGET_SPEEDUP = 5.0
+REPEAT = 50
+
+# name: (batch, tokens per image, num_codes K, code_dim d, metric)
+SHAPES = {
+    "llamagen": (32, 576, 16384, 8, "cosine"),
+    "emu3": (4, 8100, 32768, 4, "l2"),
+    "chameleon": (16, 1024, 8192, 256, "l2"),
+    "ibq": (16, 256, 262144, 256, "l2"),
+}
+# --smoke: small enough for a CPU; d=4 is in the CUDA kernel's range, d=40 is not
+SMOKE_SHAPES = {
+    "tiny-d4": (1, 64, 100, 4, "cosine"),
+    "tiny-d40": (1, 64, 100, 40, "l2"),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Largest distance gap between two picks that rounding explains (DESIGN.md, Numerics).
+GAP_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def einsum_argmin(z, codebook, metric):
+    if metric == "cosine":
+        z, codebook = F.normalize(z, dim=-1), F.normalize(codebook, dim=-1)
+    d = z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * torch.einsum("bd,dn->bn", z, codebook.t())
+    return d.argmin(1)
+
+
+def cdist_argmin(z, codebook, metric):
+    if metric == "cosine":
+        z, codebook = F.normalize(z, dim=-1), F.normalize(codebook, dim=-1)
+    return torch.cdist(z, codebook).argmin(1)
+
+
+def unimm_quantize(z, codebook, metric):
+    return vq_quantize(z, codebook, metric=metric)
+
+
+ANCHORS = ("einsum+argmin", "cdist+argmin")
+# (name, function, UNIMM_BACKEND while it runs; None = auto dispatch)
+IMPLEMENTATIONS = [
+    ("einsum+argmin", einsum_argmin, None),
+    ("cdist+argmin", cdist_argmin, None),
+    ("unimm", unimm_quantize, None),
+    ("unimm[triton]", unimm_quantize, "triton"),
+    ("unimm[cuda]", unimm_quantize, "cuda"),
+]
+
+
+def set_backend(backend: str | None) -> None:
+    """unimm reads UNIMM_BACKEND on every call, so one process can time every backend."""
+    if backend is None:
+        os.environ.pop("UNIMM_BACKEND", None)
+    else:
+        os.environ["UNIMM_BACKEND"] = backend
+
+
+def rotation(z, codebook):
+    """Copies of the inputs that together span twice the L2 cache, so every timed call reads
+    cold inputs, as a tokenizer does after the encoder has run. Inputs larger than that: no copies."""
+    if not z.is_cuda:
+        return [(z, codebook)]
+    l2_bytes = torch.cuda.get_device_properties(z.device).L2_cache_size
+    input_bytes = (z.numel() + codebook.numel()) * z.element_size()
+    copies = min(REPEAT, -(-2 * l2_bytes // input_bytes))
+    return [(z, codebook)] + [(z.clone(), codebook.clone()) for _ in range(copies - 1)]
+
+
+def compare(indices, expected, z, codebook, metric):
+    """(fraction of rows where ``indices`` equals ``expected``, largest gap between the fp64
+    distances of the two picks over the disagreeing rows). The gap is relative to |z|^2 + |e|^2:
+    the terms the expanded form ``|z|^2 + |e|^2 - 2 z.e`` cancels set its rounding error."""
+    differ = (indices != expected).nonzero().squeeze(1)
+    match = 1.0 - differ.numel() / indices.numel()
+    if differ.numel() == 0:
+        return match, 0.0
+    rows, picked, best = z[differ].double(), codebook[indices[differ]].double(), codebook[expected[differ]].double()
+    if metric == "cosine":
+        rows, picked, best = (F.normalize(x, dim=-1) for x in (rows, picked, best))
+    gap = ((rows - picked).square().sum(-1) - (rows - best).square().sum(-1)).abs()
+    scale = rows.square().sum(-1) + best.square().sum(-1)
+    return match, (gap / scale).max().item()
+
+
+def bench_shape(name, spec, dtype, device, timer, peaks):
+    """One result dict per implementation, all on the same random inputs."""
+    batch, tokens, num_codes, code_dim, metric = spec
+    n = batch * tokens
+    z = torch.randn(n, code_dim, device=device, dtype=dtype)
+    codebook = torch.randn(num_codes, code_dim, device=device, dtype=dtype)
+    rotate = rotation(z, codebook)
+    flops = 2 * n * num_codes * code_dim
+    input_bytes = (n + num_codes) * code_dim * z.element_size()
+
+    results, expected = [], None
+    for impl, fn, backend in IMPLEMENTATIONS:
+        set_backend(backend)
+        call = functools.partial(fn, metric=metric)
+        result = dict(shape=name, impl=impl)
+        results.append(result)
+        try:
+            indices = call(z, codebook)
+        except BackendUnavailable as error:
+            result.update(available=False, reason=str(error))
+            print(f"{name:>10} {impl:>14}  n/a: {error}")
+            continue
+        timing = timer(call, repeat=REPEAT, rotate=rotate)
+        tflops = flops / (timing["median_ms"] * 1e-3) / 1e12
+        result.update(available=True, **timing, tflops=tflops)
+        if peaks is not None:
+            result["pct_bf16_peak"] = 100 * tflops / peaks["bf16_matmul_tflops"]
+        if device.type == "cuda":
+            extra = peak_memory(lambda: call(z, codebook))
+            result.update(extra_peak_bytes=extra, extra_peak_vs_inputs=extra / input_bytes)
+        if impl == "einsum+argmin":
+            expected = indices
+        else:
+            result["match_fraction"], result["max_rel_gap"] = compare(indices, expected, z, codebook, metric)
+            result["within_tolerance"] = result["max_rel_gap"] <= GAP_TOLERANCE[dtype]
+        print(f"{name:>10} {impl:>14}  {timing['median_ms']:9.3f} ms  {tflops:7.2f} TFLOP/s")
+    set_backend(None)
+
+    anchor_ms = {r["impl"]: r["median_ms"] for r in results if r["impl"] in ANCHORS}
+    for result in results:
+        if result["available"]:
+            result["speedup"] = {anchor: ms / result["median_ms"] for anchor, ms in anchor_ms.items()}
+    return results
+
+
+def table_row(result, shapes):
+    """The printed form of one result: short numbers, '-' where a column does not apply."""
+    batch, tokens, num_codes, code_dim, metric = shapes[result["shape"]]
+
+    def show(key, spec, scale=1.0):
+        value = result.get(key)
+        return "-" if value is None else format(value * scale, spec)
+
+    speedup = result.get("speedup", {})
+    row = {
+        "shape": f"{result['shape']} N={batch * tokens} K={num_codes} d={code_dim} {metric}",
+        "impl": result["impl"],
+        "median ms": show("median_ms", ".3f") if result["available"] else "n/a",
+        "TFLOP/s": show("tflops", ".2f"),
+        "% bf16 peak": show("pct_bf16_peak", ".1f"),
+        "extra MiB": show("extra_peak_bytes", ".1f", 2**-20),
+        "extra / inputs": show("extra_peak_vs_inputs", ".2f"),
+        "match": show("match_fraction", ".4f"),
+        "max rel gap": show("max_rel_gap", ".1e"),
+    }
+    for anchor in ANCHORS:
+        row[f"speedup vs {anchor}"] = "-" if anchor not in speedup else f"{speedup[anchor]:.2f}"
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="input dtype (default fp32: tokenizers run in fp32)")
+    parser.add_argument("--shapes", help=f"comma-separated subset of {','.join(SHAPES)} "
+                                         f"(with --smoke: of {','.join(SMOKE_SHAPES)}); default all")
+    parser.add_argument("--out", help="directory for the JSON results (default benchmarks/results; required with --smoke)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on the CPU with a wall clock: checks that the script runs, measures nothing")
+    args = parser.parse_args()
+    if args.smoke and args.out is None:
+        parser.error("--smoke needs --out DIR: smoke numbers do not belong in benchmarks/results")
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("bench_vq.py times CUDA kernels and no CUDA device is visible; "
+                 "run `python benchmarks/bench_vq.py --smoke --out DIR` to check the script on the CPU")
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    names = args.shapes.split(",") if args.shapes else list(shapes)
+    unknown = [name for name in names if name not in shapes]
+    if unknown:
+        parser.error(f"unknown shapes {unknown}; choose from {','.join(shapes)}")
+
+    dtype = DTYPES[args.dtype]
+    device = torch.device("cpu" if args.smoke else "cuda")
+    timer = time_cpu if args.smoke else time_cuda
+    env = environment(device)
+    print(f"device: {env['device']}  dtype: {args.dtype}  torch {env['torch']}  triton {env['triton']}")
+    peaks = None if args.smoke else measure_device_peaks()
+    if peaks is not None:
+        print(f"measured peaks: bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s, copy {peaks['copy_gbps']:.0f} GB/s")
+
+    results = []
+    for name in names:
+        torch.manual_seed(0)
+        results += bench_shape(name, shapes[name], dtype, device, timer, peaks)
+
+    unimm_speedups = [r["speedup"]["einsum+argmin"] for r in results if r["impl"] == "unimm"]
+    target_met = all(s >= TARGET_SPEEDUP for s in unimm_speedups)
+    payload = dict(
+        target=TARGET,
+        target_met=target_met,
+        smoke=args.smoke,
+        environment=env,
+        peaks=peaks,
+        dtype=args.dtype,
+        float32_matmul_precision=torch.get_float32_matmul_precision(),
+        timing=dict(timer=timer.__name__, repeat=REPEAT),
+        shapes={name: dict(zip(("batch", "tokens", "num_codes", "code_dim", "metric"), shapes[name])) for name in names},
+        results=results,
+    )
+    path = write_results("vq", payload, args.out)
+
+    print(f"\nwrote {path}")
+    print(f"target (issue): {TARGET}")
+    if args.smoke:
+        print("smoke run: tiny shapes on the CPU, the times say nothing about the target")
+    else:
+        print(f"this run on {env['device']}: unimm is {min(unimm_speedups):.2f}x einsum+argmin at its slowest shape, "
+              f"target {'met' if target_met else 'NOT met'}")
+    off = [f"{r['shape']}/{r['impl']}" for r in results if r.get("within_tolerance") is False]
+    print(f"picks vs einsum+argmin (tolerance {GAP_TOLERANCE[dtype]:g} of |z|^2 + |e|^2): "
+          + (f"distance gap above tolerance for {', '.join(off)}" if off else "every differing pick within tolerance"))
+    print("speedup vs X = X's median time / this row's median time\n")
+    rows = [table_row(result, shapes) for result in results]
+    print(markdown_table(rows, list(rows[0])))
+
+
+if __name__ == "__main__":
+    main()
