@@ -246,3 +246,16 @@ def test_gpu_cuda_rejects_bad_launch():
         pytest.skip("unimm._C not built")
     with pytest.raises(ValueError, match="d must be in"):
         _ext.lib().vq_argmin_small_d(0, 64, 0, 64, 10, 10, 64, 256, 1, 0, 0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_reference_chunking_keeps_ties(monkeypatch, metric):
+    # The reference's running minimum over row and code chunks must equal the one-shot argmin.
+    gen = seeded(50)
+    base = torch.randint(-2, 3, (9, 5), generator=gen).double()
+    codebook = torch.cat([base, base, base])
+    z = torch.randint(-2, 3, (31, 5), generator=gen).double()
+    whole = reference.vq_distances(z, codebook, metric).argmin(-1)
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 20)  # 4 codes x 1 row per chunk
+    assert torch.equal(reference.vq_quantize(z, codebook, metric), whole)
+    assert whole.max() < 9
