@@ -20,15 +20,13 @@ def assert_nearest(z, codebook, got, metric, rel_tol=1e-5, min_exact=0.99):
     """Every pick is a true nearest code up to fp32 rounding, and nearly all equal the reference."""
     want = reference.vq_quantize(z, codebook, metric)
     assert got.shape == z.shape[:-1] and got.dtype == torch.int64 and got.device == z.device
-    got, want = got.reshape(-1).cpu(), want.reshape(-1).cpu()
+    got, want = got.reshape(-1), want.reshape(-1)
     assert got.min() >= 0 and got.max() < codebook.shape[0]
-    dist = reference.vq_distances(z.cpu(), codebook.cpu(), metric)
-    got_dist = dist.gather(1, got[:, None])[:, 0]
-    want_dist = dist.gather(1, want[:, None])[:, 0]
+    rows, codes = z.reshape(-1, z.shape[-1]).double(), codebook.double()
+    gap = reference.pair_distances(rows, codes[got], metric) - reference.pair_distances(rows, codes[want], metric)
     # rounding of the kernel's arithmetic is relative to the squared norms involved
-    scale = 4.0 if metric == "cosine" else (z.double().square().sum(-1).reshape(-1).cpu()
-                                            + codebook.double().square().sum(-1).max().cpu())
-    gap = (got_dist - want_dist) / scale
+    scale = 4.0 if metric == "cosine" else rows.square().sum(-1) + codes.square().sum(-1).max()
+    gap = gap / scale
     assert (gap <= rel_tol).all(), f"picked codes farther than the nearest by {gap.max().item():.3g} (relative)"
     assert (got == want).float().mean() >= min_exact
 

@@ -293,9 +293,10 @@ def _triton_config(code_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
         return dict(BLOCK_N=16, BLOCK_K=32, BLOCK_D=min(padded, 32), num_warps=1, num_stages=1)
     if dtype == torch.float32:  # 3xTF32 splits each operand in two: smaller d chunks
         return dict(BLOCK_N=128, BLOCK_K=64, BLOCK_D=min(padded, 32), num_warps=8, num_stages=3)
-    # Row strides not divisible by 16 defeat vectorised loads and cost registers: narrower tiles.
-    block_k = 128 if code_dim % 16 == 0 or padded <= 64 else 64
-    return dict(BLOCK_N=128, BLOCK_K=block_k, BLOCK_D=min(padded, 64), num_warps=8, num_stages=3)
+    if code_dim % 16 and padded > 64:
+        # Row strides not divisible by 16 defeat vectorised loads, which costs registers.
+        return dict(BLOCK_N=128, BLOCK_K=64, BLOCK_D=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_N=128, BLOCK_K=128, BLOCK_D=min(padded, 64), num_warps=8, num_stages=3)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

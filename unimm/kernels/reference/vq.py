@@ -26,14 +26,18 @@ def unit_norm_squared(norm: torch.Tensor) -> torch.Tensor:
     return torch.where(norm >= NORMALIZE_EPS, torch.ones_like(norm), (norm / NORMALIZE_EPS).square())
 
 
+def pair_distances(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
+    """Distance between broadcastable fp64 vectors ``a [..., d]`` and ``b [..., d]`` -> ``[...]``."""
+    if metric == "l2":
+        return (a - b).square().sum(-1)
+    a_norm, b_norm = a.norm(dim=-1), b.norm(dim=-1)
+    cos = (a * b).sum(-1) / (a_norm.clamp_min(NORMALIZE_EPS) * b_norm.clamp_min(NORMALIZE_EPS))
+    return unit_norm_squared(a_norm) + unit_norm_squared(b_norm) - 2.0 * cos
+
+
 def _distances(z: torch.Tensor, codes: torch.Tensor, metric: str) -> torch.Tensor:
     """fp64 ``[n, k]`` distances of z rows ``[n, d]`` to ``codes [k, d]``, both fp64."""
-    if metric == "l2":
-        return (z[:, None, :] - codes[None, :, :]).square().sum(-1)
-    z_norm, code_norm = z.norm(dim=-1), codes.norm(dim=-1)
-    dot = (z[:, None, :] * codes[None, :, :]).sum(-1)
-    cos = dot / (z_norm.clamp_min(NORMALIZE_EPS)[:, None] * code_norm.clamp_min(NORMALIZE_EPS)[None, :])
-    return unit_norm_squared(z_norm)[:, None] + unit_norm_squared(code_norm)[None, :] - 2.0 * cos
+    return pair_distances(z[:, None, :], codes[None, :, :], metric)
 
 
 def vq_distances(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2") -> torch.Tensor:
