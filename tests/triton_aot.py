@@ -34,9 +34,10 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 
 def compile_report(kernel, signature: dict, constexprs: dict, aligned: set[str], arch: int,
                    num_warps: int, num_stages: int) -> dict:
-    names = list(signature)
+    # argument order is the kernel's; constexprs may name any of its parameters
+    names = list(kernel.arg_names)
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    full_signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    full_signature = {name: signature.get(name, "constexpr") for name in names}
     compiled = triton.compile(ASTSource(fn=kernel, signature=full_signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
@@ -56,6 +57,7 @@ def compile_report(kernel, signature: dict, constexprs: dict, aligned: set[str],
 
 def vq_cases():
     from unimm.kernels import vq
+    from unimm.kernels._triton_common import dot_precision
 
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for code_dim, cosine in ((4, False), (8, True), (100, False), (256, False), (256, True)):
@@ -69,21 +71,54 @@ def vq_cases():
             aligned = {name for name, kind in signature.items() if kind.startswith("*")} | {"codes_per_split"}
             if code_dim % 16 == 0:
                 aligned |= {"code_dim", "stride_z", "stride_codebook"}
-            constexprs = dict(COSINE=cosine, PRECISION=vq._dot_precision(dtype), **config)
+            constexprs = dict(COSINE=cosine, PRECISION=dot_precision(dtype), **config)
             name = f"vq_argmin {t} d={code_dim}{' cosine' if cosine else ''}"
-            yield name, vq._vq_argmin_kernel, signature, constexprs, aligned, launch, code_dim % 16 == 0
+            expect = dict(pipelined=code_dim % 16 == 0, wgmma=True)
+            yield name, vq._vq_argmin_kernel, signature, constexprs, aligned, launch, expect
 
 
-FAMILIES = {"vq": vq_cases}
+def cross_entropy_cases():
+    from unimm.kernels import cross_entropy as ce
+    from unimm.kernels._triton_common import dot_precision
+
+    ints = dict(M="i32", N="i32", K="i32", stride_am="i32", stride_ak="i32", stride_bk="i32", stride_bn="i32",
+                stride_cm="i32", stride_cn="i32", softcap="fp32")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        t = TRITON_TYPES[dtype]
+        config = ce._matmul_config(dtype, interpret=False)
+        launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+        # (name, a, b, c element types, epilogue, unit-stride arguments left out of `aligned`)
+        for name, c_type, epilogue, unit in (("logits h @ W.T", "fp32", ce.EPILOGUE_LOGITS, {"stride_ak", "stride_bk"}),
+                                             ("dH = dx @ W", t, ce.EPILOGUE_STORE, {"stride_ak", "stride_bn"}),
+                                             ("dW += dx.T @ h", "fp32", ce.EPILOGUE_ACCUMULATE, {"stride_am", "stride_bn"})):
+            # triton turns integer arguments equal to 1 into constants: so do unit strides here
+            signature = dict(a_ptr=f"*{t}", b_ptr=f"*{t}", c_ptr=f"*{c_type}", bias_ptr=f"*{t}",
+                             **{k: v for k, v in ints.items() if k not in unit | {"stride_cn"}})
+            aligned = {"a_ptr", "b_ptr", "c_ptr", "bias_ptr", "M", "N", "K", "stride_am", "stride_ak", "stride_bk",
+                       "stride_bn", "stride_cm"} - unit
+            constexprs = dict(**{k: 1 for k in unit | {"stride_cn"}}, EPILOGUE=epilogue, HAS_BIAS=True,
+                              HAS_SOFTCAP=True, PRECISION=dot_precision(dtype), **config)
+            expect = dict(pipelined=True, wgmma=True)
+            yield f"matmul {t} {name}", ce._matmul_kernel, signature, constexprs, aligned, launch, expect
+        signature = dict(logits_ptr="*fp32", stride_logits="i32", column_ptr="*i32", weight_ptr="*fp32",
+                         scale_ptr="*fp32", dx_ptr=f"*{t}", stride_dx="i32", lse_ptr="*fp32",
+                         target_logit_ptr="*fp32", logit_sum_ptr="*fp32", vocab="i32", label_smoothing="fp32",
+                         z_loss="fp32", softcap="fp32", stride_scale="i32")
+        aligned = {"logits_ptr", "stride_logits", "dx_ptr", "stride_dx", "vocab"}
+        constexprs = dict(HAS_SOFTCAP=True, COMPUTE_GRAD=True, BLOCK_V=2048)
+        expect = dict(pipelined=False, wgmma=False)  # a row-wise pass: no dot, nothing to pipeline
+        yield f"ce_rows {t}", ce._ce_rows_kernel, signature, constexprs, aligned, dict(num_warps=8, num_stages=1), expect
+
+
+FAMILIES = {"vq": vq_cases, "cross_entropy": cross_entropy_cases}
 
 
 def main(families: list[str]) -> None:
     for family in families:
-        for name, kernel, signature, constexprs, aligned, launch, expect_pipelined in FAMILIES[family]():
+        for name, kernel, signature, constexprs, aligned, launch, expect in FAMILIES[family]():
             for arch in (90, 80):
                 report = compile_report(kernel, signature, constexprs, aligned, arch, **launch)
-                print(json.dumps(dict(family=family, case=name, expect_pipelined=expect_pipelined, **report)),
-                      flush=True)
+                print(json.dumps(dict(family=family, case=name, expect=expect, **report)), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,7 @@ on Triton) and per-split winners ``[splits, N]`` (fp32 + int64), splits <= 4 x S
 the CUDA cosine path normalises copies of z and the codebook in fp32 (``O((N + K) d)``). The
 N x K distance matrix is never formed.
 
-fp32 inputs follow ``torch.get_float32_matmul_precision()`` as torch's own matmuls do:
-"highest" (torch's default) uses 3xTF32 (about fp32 accuracy), "high"/"medium" plain TF32.
+fp32 inputs follow ``torch.get_float32_matmul_precision()`` (see ``_triton_common``).
 Squared distances must be finite in fp32 (|values| below ~1e18).
 """
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 
 from unimm import _ext
 from unimm.kernels import dispatch
+from unimm.kernels._triton_common import cdiv, dot_precision
 from unimm.kernels.reference import vq as reference
 
 try:
@@ -225,14 +225,10 @@ def _multiprocessor_count(device: torch.device) -> int:
 def _split_codes(row_blocks: int, num_codes: int, tile_codes: int, device: torch.device) -> tuple[int, int]:
     """(splits, codes_per_split): enough programs for ~4 waves per SM, each split a whole number
     of tiles and non-empty."""
-    tiles = _cdiv(num_codes, tile_codes)
-    wanted = max(1, _cdiv(4 * _multiprocessor_count(device), row_blocks))
-    tiles_per_split = _cdiv(tiles, min(tiles, wanted, 65535))
-    return _cdiv(tiles, tiles_per_split), tiles_per_split * tile_codes
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    tiles = cdiv(num_codes, tile_codes)
+    wanted = max(1, cdiv(4 * _multiprocessor_count(device), row_blocks))
+    tiles_per_split = cdiv(tiles, min(tiles, wanted, 65535))
+    return cdiv(tiles, tiles_per_split), tiles_per_split * tile_codes
 
 
 def _combine_splits(part_dist: torch.Tensor, part_idx: torch.Tensor) -> torch.Tensor:
@@ -266,7 +262,7 @@ def _quantize_cuda(z_rows: torch.Tensor, codebook: torch.Tensor, metric: str) ->
     n, d = z_rows.shape
     k = codebook.shape[0]
     device = z_rows.device
-    row_blocks = _cdiv(n, C.vq_small_d_rows_per_block(d))
+    row_blocks = cdiv(n, C.vq_small_d_rows_per_block(d))
     splits, codes_per_split = _split_codes(row_blocks, k, C.VQ_SMALL_TILE_CODES, device)
     part_dist = torch.empty(splits, n, dtype=torch.float32, device=device)
     part_idx = torch.empty(splits, n, dtype=torch.int64, device=device)
@@ -299,12 +295,6 @@ def _triton_config(code_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
     return dict(BLOCK_N=128, BLOCK_K=128, BLOCK_D=min(padded, 64), num_warps=8, num_stages=3)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype != torch.float32:
-        return "ieee"  # ignored by tl.dot for 16-bit operands
-    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
 def _quantize_triton(z_rows: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
     n, d = z_rows.shape
     k = codebook.shape[0]
@@ -321,7 +311,7 @@ def _quantize_triton(z_rows: torch.Tensor, codebook: torch.Tensor, metric: str) 
     else:
         code_bias = codes32.square().sum(-1)
         code_scale = row_scale = code_bias  # unused (COSINE=False)
-    row_blocks = _cdiv(n, config["BLOCK_N"])
+    row_blocks = cdiv(n, config["BLOCK_N"])
     splits, codes_per_split = _split_codes(row_blocks, k, config["BLOCK_K"], device)
     part_dist = torch.empty(splits, n, dtype=torch.float32, device=device)
     part_idx = torch.empty(splits, n, dtype=torch.int64, device=device)
@@ -334,12 +324,12 @@ def _launch_triton_argmin(z_rows, codebook, code_bias, code_scale, row_scale, pa
                           codes_per_split, cosine, config):
     """Writes per-split winners into ``part_dist`` / ``part_idx`` ``[splits, N]``."""
     n, d = z_rows.shape
-    grid = (_cdiv(n, config["BLOCK_N"]), part_idx.shape[0])
+    grid = (cdiv(n, config["BLOCK_N"]), part_idx.shape[0])
     with torch.cuda.device(z_rows.device) if z_rows.is_cuda else contextlib.nullcontext():
         _vq_argmin_kernel[grid](
             z_rows, codebook, code_bias, code_scale, row_scale, part_dist, part_idx,
             n, codebook.shape[0], d, z_rows.stride(0), codebook.stride(0), codes_per_split,
-            COSINE=cosine, PRECISION=_dot_precision(z_rows.dtype), **config,
+            COSINE=cosine, PRECISION=dot_precision(z_rows.dtype), **config,
         )
 
 

@@ -3,6 +3,6 @@
 Tests compare kernels against these; dispatch uses them as the CPU fallback.
 """
 
-from unimm.kernels.reference import vq
+from unimm.kernels.reference import cross_entropy, vq
 
-__all__ = ["vq"]
+__all__ = ["cross_entropy", "vq"]

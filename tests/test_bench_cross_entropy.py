@@ -1,0 +1,60 @@
+"""benchmarks/bench_cross_entropy.py --smoke runs end to end on the CPU and writes what later runs compare."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import unimm.kernels
+
+BENCH_CE = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cross_entropy.py"
+ANCHORS = ("cut-cross-entropy", "liger", "torch.compile", "torch materialised")
+
+pytestmark = pytest.mark.skipif(not hasattr(unimm.kernels, "linear_cross_entropy"),
+                                reason="unimm.kernels.linear_cross_entropy does not exist yet: nothing to benchmark")
+
+
+def test_bench_cross_entropy_smoke(tmp_path):
+    # No Triton interpreter (slow) and no forced backend: the script times automatic dispatch.
+    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "UNIMM_BACKEND")}
+    run = subprocess.run([sys.executable, str(BENCH_CE), "--smoke", "--out", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+
+    [path] = tmp_path.glob("cross_entropy-*.json")
+    payload = json.loads(path.read_text())
+    assert {"family", "target", "target_met", "target_parts", "environment", "peaks", "shapes", "results"} <= payload.keys()
+    assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()
+    assert payload["family"] == "cross_entropy" and payload["smoke"] and payload["dtype"] == "fp32"
+    assert payload["peaks"] is None
+
+    expected = {(shape, impl) for shape in payload["shapes"] for impl in ("unimm",) + ANCHORS}
+    expected |= {(shape, "unimm[vocab_range]") for shape, spec in payload["shapes"].items() if spec["vocab_range"]}
+    assert {(result["shape"], result["impl"]) for result in payload["results"]} == expected
+    assert any(spec["softcap"] for spec in payload["shapes"].values())
+    assert any(spec["vocab_range"] for spec in payload["shapes"].values())
+    for result in payload["results"]:
+        if not result["available"]:
+            assert result["reason"]
+            assert result["impl"] in ("cut-cross-entropy", "liger")  # GPU-only, or not installed here
+            continue
+        assert result["median_ms"] > 0 and result["tflops"] > 0
+        assert "extra_peak_bytes" not in result  # no memory numbers on the CPU
+        if result["impl"].startswith("unimm"):
+            # the unimm rows match the fp32 materialised loss and gradients
+            assert result["within_tolerance"], result
+        if result["impl"] == "unimm":
+            assert set(result["speedup"]) == {"torch.compile", "torch materialised"}
+        if result["impl"] == "unimm[vocab_range]":
+            assert set(result["speedup"]) == {"unimm"}
+            assert result["vocab_range"] == payload["shapes"][result["shape"]]["vocab_range"]
+        if result["impl"] == "torch.compile":
+            assert result["compile_s"] > 0
+
+    # the markdown table comes last: header, separator, one line per result
+    table = run.stdout.rstrip().splitlines()[-(len(payload["results"]) + 2):]
+    assert all(line.startswith("|") and line.endswith("|") for line in table)
+    assert "median ms" in table[0] and set(table[1]) <= set("|-")

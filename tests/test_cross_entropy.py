@@ -1,0 +1,275 @@
+"""linear_cross_entropy against the fp64 reference (materialised logits), values and gradients."""
+
+import pytest
+import torch
+
+from conftest import DEVICE, HAS_GPU, seeded
+from unimm.kernels import BackendUnavailable, cross_entropy, linear_cross_entropy
+from unimm.kernels.reference import cross_entropy as reference
+
+# Relative-norm tolerance by input dtype (DESIGN.md, Numerics); dx is rounded to the input dtype.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
+
+
+def make_inputs(n, d, v, seed, dtype=torch.float32, scale=1.0, bias=False, ignore=0.0):
+    gen = seeded(seed)
+    hidden = torch.randn(n, d, generator=gen)
+    weight = torch.randn(v, d, generator=gen) * scale / d**0.5
+    targets = torch.randint(0, v, (n,), generator=gen)
+    if ignore:
+        targets[torch.rand(n, generator=gen) < ignore] = -100
+    b = torch.randn(v, generator=gen) if bias else None
+    cast = lambda t: t.to(DEVICE, dtype) if t is not None else None  # noqa: E731
+    return cast(hidden), cast(weight), targets.to(DEVICE), cast(b)
+
+
+def relative_error(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+
+
+def check(hidden, weight, targets, bias=None, *, tol=None, grads=True, grad_seed=None, **options):
+    """Kernel vs fp64 reference: loss, lse, and the gradients of every input that has one."""
+    tol = tol or TOLERANCE[hidden.dtype]
+    leaves = [hidden, weight] + ([bias] if bias is not None else [])
+    ours = [t.detach().clone().requires_grad_(grads) for t in leaves]
+    refs = [t.detach().double().requires_grad_(grads) for t in leaves]
+    o_hidden, o_weight, o_bias = ours + [None] * (3 - len(ours))
+    r_hidden, r_weight, r_bias = refs + [None] * (3 - len(refs))
+
+    loss, lse = linear_cross_entropy(o_hidden, o_weight, targets, bias=o_bias, return_lse=True, **options)
+    ref_loss, ref_lse = reference.linear_cross_entropy(r_hidden, r_weight, targets, bias=r_bias, return_lse=True,
+                                                       compute_dtype=torch.float64, **options)
+    assert loss.shape == ref_loss.shape and lse.shape == targets.shape and lse.dtype == torch.float32
+    assert torch.isfinite(loss).all()
+    scale = ref_loss.abs().max().item() + 1e-6
+    assert (loss.double() - ref_loss).abs().max().item() <= tol * max(1.0, scale), (loss, ref_loss)
+    assert relative_error(lse, ref_lse) <= tol
+    if not grads:
+        return
+    upstream = (torch.randn(ref_loss.shape, generator=seeded(grad_seed or 99)).to(DEVICE)
+                if ref_loss.dim() else torch.tensor(1.7, device=DEVICE))
+    (loss * upstream.to(loss.dtype)).sum().backward()
+    (ref_loss * upstream.double()).sum().backward()
+    for name, mine, theirs in zip(("hidden", "weight", "bias"), ours, refs):
+        assert mine.grad is not None and mine.grad.dtype == mine.dtype, name
+        if theirs.grad.abs().max() == 0:
+            assert mine.grad.abs().max() == 0, name
+        else:
+            err = relative_error(mine.grad, theirs.grad)
+            assert err <= tol, f"grad of {name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, d, v", [(1, 1, 1), (37, 24, 301), (50, 33, 97), (5, 70, 1000)])
+def test_matches_reference(backend, dtype, n, d, v):
+    check(*make_inputs(n, d, v, seed=n + d + v, dtype=dtype, ignore=0.2))
+
+
+@pytest.mark.parametrize("options", [
+    dict(label_smoothing=0.1),
+    dict(z_loss=1e-3),
+    dict(softcap=3.0),
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(vocab_range=(40, 200)),
+    dict(ignore_index=7),
+    dict(label_smoothing=0.2, z_loss=1e-2, softcap=2.0, reduction="none", vocab_range=(11, 290), ignore_index=-1),
+    dict(label_smoothing=1.0, reduction="sum"),
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_options(backend, options):
+    hidden, weight, targets, _ = make_inputs(41, 19, 301, seed=5, scale=3.0, ignore=0.1)
+    if "vocab_range" in options:
+        lo, hi = options["vocab_range"]
+        keep = targets >= 0
+        targets[keep] = lo + targets[keep] % (hi - lo)
+    if options.get("ignore_index") is not None:
+        targets[targets < 0] = options["ignore_index"]
+        targets[0] = options["ignore_index"]
+    check(hidden, weight, targets, **options)
+
+
+def test_bias_and_token_weights(backend):
+    hidden, weight, targets, bias = make_inputs(29, 17, 151, seed=6, bias=True, ignore=0.2)
+    token_weights = torch.rand(29, generator=seeded(7)).to(DEVICE) * 2
+    check(hidden, weight, targets, bias, token_weights=token_weights)
+    check(hidden, weight, targets, bias, token_weights=token_weights, reduction="none", softcap=5.0,
+          vocab_range=(0, 151))
+
+
+def test_all_ignored_and_empty(backend):
+    hidden, weight, targets, bias = make_inputs(13, 8, 50, seed=8, bias=True)
+    targets[:] = -100
+    for reduction in ("mean", "sum"):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        loss = linear_cross_entropy(*leaves[:2], targets, bias=leaves[2], reduction=reduction)
+        assert loss.item() == 0.0
+        loss.backward()
+        assert all(t.grad.abs().max() == 0 for t in leaves)
+    empty = torch.empty(0, 8, device=DEVICE, requires_grad=True)
+    w = weight.clone().requires_grad_(True)
+    loss, lse = linear_cross_entropy(empty, w, targets[:0], return_lse=True)
+    assert loss.item() == 0.0 and lse.shape == (0,)
+    loss.backward()
+    assert w.grad.abs().max() == 0 and empty.grad.shape == (0, 8)
+    assert linear_cross_entropy(empty, weight, targets[:0], reduction="none").shape == (0,)
+
+
+def test_large_logits(backend):
+    hidden, weight, targets, _ = make_inputs(23, 16, 211, seed=9, scale=1.0)
+    weight = weight * 2e3  # |x| ~ 1e4 without softcap
+    # fp32 logits of size 1e4 carry ~1e-3 absolute rounding, which moves softmax by ~1e-3 relative
+    check(hidden, weight, targets, tol=2e-3)
+
+
+def test_many_chunks(backend, monkeypatch):
+    # A small workspace forces several row chunks: dW accumulates across them, dH is per chunk.
+    monkeypatch.setattr(cross_entropy, "WORKSPACE_BYTES", 301 * 8 * 20)
+    hidden, weight, targets, bias = make_inputs(70, 12, 301, seed=10, bias=True, ignore=0.1)
+    check(hidden, weight, targets, bias)
+    check(hidden, weight, targets, bias, reduction="none", label_smoothing=0.1)
+
+
+def test_batch_dims_slices_and_frozen(backend):
+    hidden, weight, targets, _ = make_inputs(24, 10, 77, seed=11)
+    h3 = hidden.reshape(2, 12, 10)
+    loss = linear_cross_entropy(h3, weight, targets.reshape(2, 12), reduction="none")
+    assert loss.shape == (2, 12)
+    # a weight that is a slice of a bigger (tied) matrix, and a frozen weight
+    table = torch.randn(100, 10, generator=seeded(12)).to(DEVICE).requires_grad_(True)
+    h = hidden.clone().requires_grad_(True)
+    linear_cross_entropy(h, table[10:87], targets).backward()
+    assert table.grad[:10].abs().max() == 0 and table.grad[87:].abs().max() == 0
+    assert table.grad[10:87].abs().max() > 0
+    frozen = weight.clone()
+    h.grad = None
+    linear_cross_entropy(h, frozen, targets).backward()
+    assert h.grad is not None and frozen.grad is None
+    with torch.no_grad():
+        assert linear_cross_entropy(hidden, weight, targets).requires_grad is False
+
+
+def test_vocab_range_cuts_work(backend, monkeypatch):
+    """Only the vocab_range columns are ever multiplied: the logits workspace is (hi - lo) wide."""
+    hidden, weight, targets, _ = make_inputs(9, 8, 500, seed=13)
+    targets = 450 + targets % 50
+    widths = []
+    original = cross_entropy._matmul
+
+    def spy(a, b, out, epilogue, config, **kwargs):
+        if epilogue == cross_entropy.EPILOGUE_LOGITS:
+            widths.append(out.shape[1])
+        return original(a, b, out, epilogue, config, **kwargs)
+
+    monkeypatch.setattr(cross_entropy, "_matmul", spy)
+    check(hidden, weight, targets, vocab_range=(450, 500))
+    if backend == "triton":
+        assert widths and set(widths) == {50}
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda h, w, t: dict(hidden=h, weight=w[:, :5], targets=t), ValueError, "same D"),
+    (lambda h, w, t: dict(hidden=h, weight=w.half(), targets=t), TypeError, "weight must have the dtype"),
+    (lambda h, w, t: dict(hidden=h.long(), weight=w, targets=t), TypeError, "hidden must be a floating"),
+    (lambda h, w, t: dict(hidden=h, weight=w, targets=t.float()), TypeError, "targets must be an integer"),
+    (lambda h, w, t: dict(hidden=h, weight=w, targets=t[:3]), ValueError, "targets must have shape"),
+    (lambda h, w, t: dict(hidden=h, weight=w, targets=t.index_fill(0, t.new_tensor([2]), 50)), ValueError,
+     r"\[0, 50\).*found 50"),
+    (lambda h, w, t: dict(hidden=h, weight=w, targets=t.index_fill(0, t.new_tensor([2]), -5)), ValueError,
+     "found -5"),
+    (lambda h, w, t: dict(hidden=h, weight=w, targets=t, vocab_range=(10, 20)), ValueError, r"\[10, 20\)"),
+    (lambda h, w, t: dict(hidden=h, weight=w, targets=t, vocab_range=(20, 20)), ValueError, "vocab_range must be"),
+    (lambda h, w, t: dict(hidden=h, weight=w, targets=t, vocab_range=(0, 51)), ValueError, "vocab_range must be"),
+    (lambda h, w, t: dict(hidden=h, weight=w, targets=t, label_smoothing=-0.1), ValueError, "label_smoothing"),
+    (lambda h, w, t: dict(hidden=h, weight=w, targets=t, softcap=0.0), ValueError, "softcap must be > 0"),
+    (lambda h, w, t: dict(hidden=h, weight=w, targets=t, z_loss=-1.0), ValueError, "z_loss"),
+    (lambda h, w, t: dict(hidden=h, weight=w, targets=t, reduction="avg"), ValueError, "reduction must be"),
+    (lambda h, w, t: dict(hidden=h, weight=w, targets=t, bias=w[:, 0].half()), TypeError, "bias must have the dtype"),
+    (lambda h, w, t: dict(hidden=h, weight=w, targets=t, bias=w[:3, 0]), ValueError, r"bias must be \[V\]"),
+    (lambda h, w, t: dict(hidden=h, weight=w, targets=t, token_weights=t), TypeError, "token_weights must be a floating"),
+    (lambda h, w, t: dict(hidden=h, weight=w, targets=t, token_weights=h[:2, 0]), ValueError, "one weight per target"),
+    (lambda h, w, t: dict(hidden=h, weight=w.to("meta"), targets=t), ValueError, "weight is on meta"),
+    (lambda h, w, t: dict(hidden=h.tolist(), weight=w, targets=t), TypeError, "hidden must be a torch.Tensor"),
+])
+def test_bad_input(make, error, match):
+    hidden, weight, targets, _ = make_inputs(10, 6, 50, seed=14)
+    kwargs = make(hidden, weight, targets)
+    with pytest.raises(error, match=match):
+        linear_cross_entropy(kwargs.pop("hidden"), kwargs.pop("weight"), kwargs.pop("targets"), **kwargs)
+
+
+def test_float64_served_by_reference(monkeypatch):
+    hidden, weight, targets, _ = make_inputs(10, 6, 50, seed=15, dtype=torch.float64)
+    check(hidden, weight, targets, tol=1e-10)
+    monkeypatch.setenv("UNIMM_BACKEND", "triton")
+    with pytest.raises(BackendUnavailable):
+        linear_cross_entropy(hidden, weight, targets)
+
+
+def test_triton_writes_every_row():
+    """_ce_rows into poisoned outputs: every statistic and every dx element is written."""
+    from conftest import available_backends
+
+    if "triton" not in available_backends():
+        pytest.skip("triton backend not live here")
+    logits = torch.randn(7, 150, generator=seeded(16)).to(DEVICE)
+    column = torch.tensor([0, 149, -1, 5, 77, 3, 120], dtype=torch.int32, device=DEVICE)
+    weights = torch.tensor([1, 1, 0, 2, 1, 1, 1], dtype=torch.float32, device=DEVICE)
+    stats = [torch.full((7,), float("nan"), device=DEVICE) for _ in range(3)]
+    dx = torch.full((7, 150), float("nan"), device=DEVICE)
+    cross_entropy._ce_rows(logits, column, weights, torch.ones(7, device=DEVICE), dx, *stats, 0.0, 0.0, None)
+    assert not any(s.isnan().any() for s in stats) and not dx.isnan().any()
+    torch.testing.assert_close(stats[0], torch.logsumexp(logits, -1))
+    expected = torch.softmax(logits, -1) * weights[:, None]
+    expected[torch.arange(7), column.long().clamp_min(0)] -= torch.where(column >= 0, weights, 0.0)
+    torch.testing.assert_close(dx, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n, d, v, options", [
+    (1000, 512, 32000, {}),
+    (777, 2304, 50000, dict(softcap=30.0, label_smoothing=0.1)),
+    (513, 1024, 128256 + 32768, dict(vocab_range=(128256, 128256 + 32768), z_loss=1e-4)),
+    (300, 640, 256000, dict(reduction="none")),
+])
+def test_gpu_real_sizes(backend, dtype, n, d, v, options):
+    hidden, weight, targets, _ = make_inputs(n, d, v, seed=n, dtype=dtype, ignore=0.1)
+    if "vocab_range" in options:
+        lo, hi = options["vocab_range"]
+        keep = targets >= 0
+        targets[keep] = lo + targets[keep] % (hi - lo)
+    check(hidden, weight, targets, **options)
+
+
+@pytest.mark.parametrize("grads_now", [[False, False, False], [True, True, True]])
+def test_registered_ops(grads_now):
+    hidden, weight, targets, bias = make_inputs(9, 5, 31, seed=17, bias=True, ignore=0.2)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    args = (hidden, weight, bias, targets, None, 3, 31, -100, "mean", 0.1, 1e-3, 5.0, grads_now)
+    targets[targets >= 0] = 3 + targets[targets >= 0] % 28
+    out = torch.library.opcheck(torch.ops.unimm.linear_cross_entropy.default, args)
+    assert all(v == "SUCCESS" for v in out.values()), out
+    for reduction, grad_loss in (("none", torch.randn(9)), ("mean", torch.tensor(0.7))):
+        args = (grad_loss.to(DEVICE), hidden.detach(), weight.detach(), bias, targets, None, 3, 31, -100, reduction,
+                0.1, 1e-3, 5.0, [True, True, False])
+        out = torch.library.opcheck(torch.ops.unimm.linear_cross_entropy_backward.default, args)
+        assert all(v == "SUCCESS" for v in out.values()), out
+
+
+def test_backward_recompute_matches_saved_gradients(backend):
+    """A scalar loss whose gradients were not computed with it (the op called directly) must get
+    the same gradients from the recomputing backward."""
+    if backend == "reference":
+        pytest.skip("the reference has no separate backward")
+    hidden, weight, targets, bias = make_inputs(33, 7, 45, seed=18, bias=True, ignore=0.3)
+    results = []
+    for grads_now in ([True, True, True], [False, False, False]):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        loss = torch.ops.unimm.linear_cross_entropy(*leaves, targets, None, 0, 45, -100, "mean", 0.1, 1e-3, 4.0,
+                                                    grads_now)[0]
+        (loss * 1.3).backward()
+        results.append([t.grad for t in leaves])
+    for saved, recomputed in zip(*results):
+        torch.testing.assert_close(saved, recomputed)

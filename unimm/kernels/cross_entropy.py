@@ -1,0 +1,467 @@
+"""Fused linear + cross-entropy over large (expanded) vocabularies, forward and backward.
+
+Public: ``linear_cross_entropy(hidden, weight, targets, *, bias, ignore_index, reduction,
+label_smoothing, z_loss, softcap, token_weights, vocab_range, return_lse)``; its meaning is
+``unimm.kernels.reference.cross_entropy``.
+
+Triton design. Rows are taken in chunks of ``chunk_rows`` (below); per chunk:
+  1. ``_matmul_kernel`` (logits epilogue): ``x = h_c @ W[lo:hi].T (+ bias)``, soft-capped, into an
+     fp32 workspace ``[chunk_rows, hi - lo]``;
+  2. ``_ce_rows_kernel``: per row, an online log-sum-exp pass, then (when gradients are wanted)
+     ``dx = c * (p (1 + 2 z lse) - (1 - eps) 1[v = t] - eps / V)``, times ``1 - (x / softcap)^2``,
+     written in the input dtype; it also returns lse, the target logit and the row sum of x,
+     from which the loss is a few O(N) torch ops;
+  3. ``_matmul_kernel``: ``dH_c = dx @ W[lo:hi]`` (stored), ``dW[lo:hi] += dx.T @ h_c`` (fp32
+     accumulator read and written once per chunk; chunks are large, so this traffic stays far
+     below the chunk's ``6 chunk_rows (hi - lo) D`` flops), ``dbias += colsum(dx)``.
+With ``reduction`` "mean" or "sum" and gradients required, all of this runs in the forward pass
+with a unit upstream gradient (6 N D V flops in all, no recompute) and backward only scales the
+saved gradients by the incoming scalar. With ``reduction="none"`` the upstream gradient differs
+per row, so backward runs the chunks again with it.
+
+Memory beyond inputs and outputs: the workspace, ``chunk_rows x (hi - lo)`` fp32 logits plus the
+same in the input dtype for dx, at most ``WORKSPACE_BYTES`` (1 GiB; ``UNIMM_CE_WORKSPACE_MB``)
+unless one 128-row chunk needs more; an fp32 ``[hi - lo, D]`` accumulator for dW (and ``[hi - lo]``
+for dbias); O(N) per-row statistics. No N x V tensor. ``vocab_range`` shrinks every term to
+``hi - lo`` columns. No host synchronisation inside the op; argument checks read one flag (is
+every target valid) back from the device before it starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from unimm.kernels import dispatch
+from unimm.kernels._triton_common import cdiv, dot_precision
+from unimm.kernels.reference import cross_entropy as reference
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the Triton backend is then not live (dispatch says why)
+    triton = None
+
+REDUCTIONS = reference.REDUCTIONS
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+WORKSPACE_BYTES = int(os.environ.get("UNIMM_CE_WORKSPACE_MB", "1024")) << 20
+_ROW_GRANULE = 128  # chunk_rows is a multiple of this (a matmul tile)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
+                         token_weights: torch.Tensor | None = None, vocab_range: tuple[int, int] | None = None,
+                         return_lse: bool = False):
+    """Cross-entropy of ``hidden @ weight.T`` (+ bias) against ``targets``, never forming N x V.
+
+    Args:
+        hidden: ``[N, D]`` or ``[..., D]`` (flattened) float16, bfloat16 or float32.
+        weight: ``[V, D]`` output head (a slice or a tied embedding is fine), dtype of hidden.
+        targets: integer ``[N]`` (or ``hidden.shape[:-1]``) in ``[lo, hi)`` or ``ignore_index``.
+        bias: optional ``[V]``, dtype of weight.
+        reduction: "mean" (over kept tokens, weighted; 0 when none is kept), "sum" or "none".
+        label_smoothing: eps in [0, 1]; z_loss: coefficient of lse^2 (PaLM), >= 0.
+        softcap: Gemma-2 final-logit soft-capping ``c tanh(x / c)``, c > 0, or None.
+        token_weights: optional float ``[N]`` per-token loss weights.
+        vocab_range: ``(lo, hi)``: the softmax runs over these columns only (e.g. image codes).
+        return_lse: also return fp32 ``lse [N]`` of every row.
+
+    Returns:
+        The loss (scalar, or ``targets.shape`` for "none"), and lse if ``return_lse``. Gradients
+        flow to hidden, weight and bias in their own dtypes, accumulated in fp32.
+    """
+    lo, hi = _check_args(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss,
+                         softcap, token_weights, vocab_range)
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    flat_weights = token_weights.reshape(-1) if token_weights is not None else None
+    backend = dispatch.select(
+        "linear_cross_entropy", hidden.device, implemented=("triton",),
+        unsupported={"triton": None if hidden.dtype in _KERNEL_DTYPES else f"dtype {hidden.dtype} is served by the reference only"},
+    )
+    if backend == "reference":
+        loss, lse = reference.linear_cross_entropy(
+            rows, weight, flat_targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, token_weights=flat_weights,
+            vocab_range=(lo, hi), return_lse=True, compute_dtype=torch.promote_types(hidden.dtype, torch.float32))
+    else:
+        wants = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (rows, weight, bias)]
+        grads_now = wants if reduction != "none" else [False, False, False]
+        loss, lse, *_ = _forward_op(rows, weight, bias, flat_targets, flat_weights, lo, hi, ignore_index, reduction,
+                                    float(label_smoothing), float(z_loss),
+                                    float(softcap) if softcap is not None else None, grads_now)
+    if reduction == "none":
+        loss = loss.reshape(targets.shape)
+    if return_lse:
+        return loss, lse.reshape(targets.shape)
+    return loss
+
+
+def _check_args(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                token_weights, vocab_range) -> tuple[int, int]:
+    tensors = {"hidden": hidden, "weight": weight, "targets": targets}
+    tensors.update({name: t for name, t in (("bias", bias), ("token_weights", token_weights)) if t is not None})
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.device != hidden.device:
+            raise ValueError(f"{name} is on {value.device} but hidden is on {hidden.device}")
+    for name in ("hidden", "weight"):
+        if not tensors[name].is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {tensors[name].dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"hidden must be [..., D] and weight [V, D] with the same D, got hidden {tuple(hidden.shape)} "
+                         f"and weight {tuple(weight.shape)}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if targets.shape != hidden.shape[:-1] and tuple(targets.shape) != (hidden.numel() // max(1, hidden.shape[-1]),):
+        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's rows), got {tuple(targets.shape)}")
+    vocab = weight.shape[0]
+    if bias is not None:
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}")
+        if tuple(bias.shape) != (vocab,):
+            raise ValueError(f"bias must be [V] = [{vocab}], got {tuple(bias.shape)}")
+    if token_weights is not None:
+        if not token_weights.is_floating_point():
+            raise TypeError(f"token_weights must be a floating tensor, got {token_weights.dtype}")
+        if token_weights.numel() != targets.numel() or token_weights.dim() not in (1, targets.dim()):
+            raise ValueError(f"token_weights must have one weight per target ({tuple(targets.shape)}), "
+                             f"got {tuple(token_weights.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 (or None), got {softcap}")
+    lo, hi = (0, vocab) if vocab_range is None else vocab_range
+    if not (isinstance(lo, int) and isinstance(hi, int)) or not 0 <= lo < hi <= vocab:
+        raise ValueError(f"vocab_range must be (lo, hi) with 0 <= lo < hi <= V = {vocab}, got {vocab_range}")
+    if targets.numel():
+        outside = (targets != ignore_index) & ((targets < lo) | (targets >= hi))
+        if outside.any():  # the one device read of the call
+            bad = targets[outside][0].item()
+            raise ValueError(f"targets must lie in vocab_range [{lo}, {hi}) or equal ignore_index ({ignore_index}), "
+                             f"found {bad}")
+    return lo, hi
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops (opaque to torch.compile) and autograd
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("unimm::linear_cross_entropy", mutates_args=())
+def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                token_weights: torch.Tensor | None, lo: int, hi: int, ignore_index: int, reduction: str,
+                label_smoothing: float, z_loss: float, softcap: float | None,
+                grads_now: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, dh, dw, db). With ``grads_now`` (only for a scalar loss) the gradients of a unit
+    upstream gradient are computed in the same pass, no recompute, and backward scales them;
+    gradients not computed come back empty."""
+    column, weights, total_weight = _row_terms(targets, token_weights, lo, ignore_index)
+    row_scale = None
+    if any(grads_now):
+        row_scale = (1.0 / total_weight if reduction == "mean" else torch.ones_like(total_weight)).reshape(1)
+        row_scale = row_scale.expand(hidden.shape[0])
+    (lse, target_logit, logit_sum), grads = _run_chunks(
+        hidden, weight[lo:hi], bias[lo:hi] if bias is not None else None, column, weights, row_scale,
+        label_smoothing, z_loss, softcap, tuple(grads_now))
+    ce = (1.0 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - logit_sum / (hi - lo))
+    loss = torch.where(column >= 0, weights * (ce + z_loss * lse.square()), 0.0)
+    if reduction == "mean":
+        loss = loss.sum() / total_weight
+    elif reduction == "sum":
+        loss = loss.sum()
+    return (loss, lse, *(g if g is not None else hidden.new_empty(0) for g in grads))
+
+
+@_forward_op.register_fake
+def _(hidden, weight, bias, targets, token_weights, lo, hi, ignore_index, reduction, label_smoothing, z_loss,
+      softcap, grads_now):
+    n, d = hidden.shape
+    f32 = dict(dtype=torch.float32)
+    loss = hidden.new_empty((n,) if reduction == "none" else (), **f32)
+    shapes = ((n, d), (hi - lo, d), (hi - lo,))
+    dtypes = (hidden.dtype, torch.float32, torch.float32)
+    grads = [hidden.new_empty(shape if now else (0,), dtype=dtype) for shape, dtype, now in zip(shapes, dtypes, grads_now)]
+    return (loss, hidden.new_empty((n,), **f32), *grads)
+
+
+@torch.library.custom_op("unimm::linear_cross_entropy_backward", mutates_args=())
+def _backward_op(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 targets: torch.Tensor, token_weights: torch.Tensor | None, lo: int, hi: int, ignore_index: int,
+                 reduction: str, label_smoothing: float, z_loss: float, softcap: float | None,
+                 wants: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, dw, db) when the gradients were not computed with the loss (reduction "none"): the
+    chunks run again with each row's upstream gradient."""
+    column, weights, total_weight = _row_terms(targets, token_weights, lo, ignore_index)
+    row_scale = grad_loss.float().reshape(-1)
+    if reduction != "none":
+        row_scale = (row_scale / total_weight if reduction == "mean" else row_scale).expand(hidden.shape[0])
+    _, grads = _run_chunks(hidden, weight[lo:hi], bias[lo:hi] if bias is not None else None, column, weights,
+                           row_scale, label_smoothing, z_loss, softcap, tuple(wants))
+    return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
+
+
+@_backward_op.register_fake
+def _(grad_loss, hidden, weight, bias, targets, token_weights, lo, hi, ignore_index, reduction, label_smoothing,
+      z_loss, softcap, wants):
+    shapes = (tuple(hidden.shape), (hi - lo, hidden.shape[1]), (hi - lo,))
+    dtypes = (hidden.dtype, torch.float32, torch.float32)
+    return tuple(hidden.new_empty(shape if want else (0,), dtype=dtype) for shape, dtype, want in zip(shapes, dtypes, wants))
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, bias, targets, token_weights, lo, hi, ignore_index, reduction, label_smoothing, z_loss,
+     softcap, grads_now) = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.grads_now = any(grads_now)
+    ctx.vocab = (lo, hi, weight.shape[0])
+    ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+    if ctx.grads_now:
+        ctx.save_for_backward(*output[2:])
+    else:
+        ctx.save_for_backward(hidden, weight, bias, targets, token_weights)
+
+
+def _backward(ctx, grad_loss, *unused):
+    lo, hi, vocab = ctx.vocab
+    wants = [bool(w) for w in ctx.needs_input_grad[:3]]
+    if ctx.grads_now:
+        grads = [g * grad_loss.to(g.dtype) if want else None for g, want in zip(ctx.saved_tensors, wants)]
+    else:
+        # The kernels' gradients are not differentiable again: the op sees detached tensors.
+        hidden, weight, bias, targets, token_weights = (t.detach() if t is not None else None
+                                                        for t in ctx.saved_tensors)
+        grads = _backward_op(grad_loss.detach(), hidden, weight, bias, targets, token_weights, lo, hi, *ctx.options,
+                             wants)
+        grads = [g if want else None for g, want in zip(grads, wants)]
+    dh, dw, db = grads
+    hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
+    dh = dh.to(hidden_dtype) if dh is not None else None
+    dw = _full_rows(dw, lo, vocab).to(weight_dtype) if dw is not None else None
+    db = _full_rows(db, lo, vocab).to(bias_dtype) if db is not None else None
+    return dh, dw, db, None, None, None, None, None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _row_terms(targets, token_weights, lo, ignore_index):
+    """Each row's target column (-1 when ignored, int32), its weight (0 when ignored, fp32), and
+    the total weight (1 in place of 0, so "mean" gives 0 rather than NaN when nothing is kept)."""
+    kept = targets != ignore_index
+    column = torch.where(kept, targets - lo, -1).to(torch.int32)
+    weights = torch.where(kept, token_weights.float() if token_weights is not None else 1.0, 0.0)
+    total = weights.sum()
+    return column, weights, torch.where(total != 0, total, 1.0)
+
+
+def _full_rows(block: torch.Tensor, lo: int, vocab: int) -> torch.Tensor:
+    """The gradient of a whole ``[V, ...]`` parameter from that of its rows ``[lo, lo + len)``."""
+    if block.shape[0] == vocab:
+        return block
+    full = block.new_zeros((vocab, *block.shape[1:]))
+    full[lo:lo + block.shape[0]] = block
+    return full
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunk loop
+# ---------------------------------------------------------------------------------------------
+
+def _run_chunks(hidden, head, head_bias, column, weights, row_scale, label_smoothing, z_loss, softcap, wants):
+    """Per-row statistics ``(lse, target_logit, logit_sum)`` (fp32 ``[N]``) and, for the gradients
+    flagged in ``wants`` (hidden, head, bias), ``(dh, dw, db)``: dh ``[N, D]`` in hidden's dtype,
+    dw ``[hi - lo, D]`` and db ``[hi - lo]`` in fp32; None where not wanted. ``row_scale [N]``
+    multiplies each row's loss gradient (the upstream gradient, 1 / sum(w) for "mean")."""
+    n, d = hidden.shape
+    vocab = head.shape[0]
+    device = hidden.device
+    want_dh, want_dw, want_db = wants
+    compute_grad = want_dh or want_dw or want_db
+    matmul_config = _matmul_config(hidden.dtype, dispatch.TRITON_INTERPRET)
+    chunk = _chunk_rows(n, vocab, hidden.element_size() if compute_grad else 0, matmul_config["BLOCK_M"])
+
+    logits = torch.empty(min(chunk, n), vocab, dtype=torch.float32, device=device)
+    dx = torch.empty(min(chunk, n), vocab, dtype=hidden.dtype, device=device) if compute_grad else logits
+    lse, target_logit, logit_sum = (torch.empty(n, dtype=torch.float32, device=device) for _ in range(3))
+    dh = torch.empty(n, d, dtype=hidden.dtype, device=device) if want_dh else None
+    dw = torch.zeros(vocab, d, dtype=torch.float32, device=device) if want_dw else None
+    db = torch.zeros(vocab, dtype=torch.float32, device=device) if want_db else None
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for start in range(0, n, chunk):
+            rows = slice(start, min(n, start + chunk))
+            count = rows.stop - start
+            h = hidden[rows]
+            _matmul(h, head.T, logits[:count], EPILOGUE_LOGITS, matmul_config, bias=head_bias, softcap=softcap)
+            _ce_rows(logits[:count], column[rows], weights[rows], row_scale[rows] if compute_grad else None,
+                     dx[:count], lse[rows], target_logit[rows], logit_sum[rows], label_smoothing, z_loss, softcap)
+            if want_dh:
+                _matmul(dx[:count], head, dh[rows], EPILOGUE_STORE, matmul_config)
+            if want_dw:
+                _matmul(dx[:count].T, h, dw, EPILOGUE_ACCUMULATE, matmul_config)
+            if want_db:
+                db += dx[:count].sum(0, dtype=torch.float32)
+    return (lse, target_logit, logit_sum), (dh, dw, db)
+
+
+def _chunk_rows(n: int, vocab: int, grad_bytes: int, granule: int) -> int:
+    """Rows per chunk: as many as the workspace holds (fp32 logits + dx per row), whole tiles."""
+    per_row = vocab * (4 + grad_bytes)
+    rows = max(granule, WORKSPACE_BYTES // per_row // granule * granule)
+    return max(1, min(rows, n))
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton launches
+# ---------------------------------------------------------------------------------------------
+
+EPILOGUE_STORE, EPILOGUE_ACCUMULATE, EPILOGUE_LOGITS = 0, 1, 2
+
+
+def _matmul_config(dtype: torch.dtype, interpret: bool) -> dict:
+    """Tiles for ``_matmul_kernel``; tests/triton_aot.py checks them against sm_90a and sm_80."""
+    if interpret:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
+    if dtype == torch.float32:  # 3xTF32 holds each operand twice
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+
+
+def _matmul(a, b, out, epilogue, config, *, bias=None, softcap=None):
+    """``out (=|+=) a @ b`` with fp32 accumulation; strides are honoured, so transposes are free."""
+    m, k = a.shape
+    n = b.shape[1]
+    grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]),)
+    _matmul_kernel[grid](
+        a, b, out, bias if bias is not None else out, m, n, k,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        float(softcap) if softcap is not None else 1.0,
+        EPILOGUE=epilogue, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        PRECISION=dot_precision(a.dtype), **config,
+    )
+
+
+def _ce_rows(logits, column, weights, row_scale, dx, lse, target_logit, logit_sum, label_smoothing, z_loss,
+             softcap):
+    rows, vocab = logits.shape
+    if rows == 0:
+        return
+    block_v = 64 if dispatch.TRITON_INTERPRET else 2048
+    compute_grad = row_scale is not None
+    _ce_rows_kernel[(rows,)](
+        logits, logits.stride(0), column, weights, row_scale if compute_grad else weights, dx, dx.stride(0),
+        lse, target_logit, logit_sum, vocab, label_smoothing, z_loss, float(softcap) if softcap is not None else 1.0,
+        row_scale.stride(0) if compute_grad else 0,
+        HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v,
+        num_warps=1 if dispatch.TRITON_INTERPRET else 8,
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh(x):
+        # 1 - 2 / (exp(2x) + 1): exact limits at +-inf, no overflow
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
+    def _matmul_kernel(
+        a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
+        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, softcap,
+        EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        # Grouped tile order: GROUP_M row tiles sweep the columns together, so B tiles are reused
+        # from L2 instead of re-read from memory.
+        pid = tl.program_id(0)
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * tiles_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_rows
+        pid_n = (pid % per_group) // group_rows
+
+        rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
+        b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptrs, mask=(rm < M)[:, None] & (k0 + rk < K)[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=(k0 + rk < K)[:, None] & (rn < N)[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+
+        c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+        c_mask = (rm < M)[:, None] & (rn < N)[None, :]
+        if EPILOGUE == 2:  # logits: + bias, soft-cap
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            if HAS_SOFTCAP:
+                acc = softcap * _tanh(acc / softcap)
+        if EPILOGUE == 1:  # accumulate into an fp32 output
+            acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+    @triton.jit
+    def _ce_rows_kernel(
+        logits_ptr, stride_logits, column_ptr, weight_ptr, scale_ptr, dx_ptr, stride_dx,
+        lse_ptr, target_logit_ptr, logit_sum_ptr, vocab, label_smoothing, z_loss, softcap, stride_scale,
+        HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = logits_ptr + row * stride_logits
+        target = tl.load(column_ptr + row)  # column in [0, vocab), or -1 for an ignored row
+        cols = tl.arange(0, BLOCK_V)
+
+        # Pass 1: online log-sum-exp, the target logit and the row sum (label smoothing).
+        row_max = tl.full([], float("-inf"), tl.float32)
+        exp_sum = tl.full([], 0.0, tl.float32)
+        logit_sum = tl.full([], 0.0, tl.float32)
+        target_logit = tl.full([], 0.0, tl.float32)
+        for v0 in range(0, vocab, BLOCK_V):
+            v = v0 + cols
+            in_row = v < vocab
+            x = tl.load(x_row + v, mask=in_row, other=float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(x, 0))
+            exp_sum = exp_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
+            row_max = new_max
+            logit_sum += tl.sum(tl.where(in_row, x, 0.0), 0)
+            target_logit += tl.sum(tl.where(v == target, x, 0.0), 0)
+        lse = row_max + tl.log(exp_sum)
+        tl.store(lse_ptr + row, lse)
+        tl.store(target_logit_ptr + row, target_logit)
+        tl.store(logit_sum_ptr + row, logit_sum)
+
+        if COMPUTE_GRAD:
+            # d loss / d x_v = c (p_v (1 + 2 z lse) - (1 - eps) [v = t] - eps / V), c = upstream * w;
+            # through the soft-cap, times 1 - (x / cap)^2.
+            coef = tl.load(scale_ptr + row * stride_scale) * tl.load(weight_ptr + row)
+            p_scale = 1.0 + 2.0 * z_loss * lse
+            smooth = label_smoothing / vocab
+            dx_row = dx_ptr + row * stride_dx
+            for v0 in range(0, vocab, BLOCK_V):
+                v = v0 + cols
+                in_row = v < vocab
+                x = tl.load(x_row + v, mask=in_row, other=0.0)
+                grad = tl.exp(x - lse) * p_scale - smooth - tl.where(v == target, 1.0 - label_smoothing, 0.0)
+                if HAS_SOFTCAP:
+                    grad = grad * (1.0 - (x / softcap) * (x / softcap))
+                tl.store(dx_row + v, (coef * grad).to(dx_ptr.dtype.element_ty), mask=in_row)
