@@ -5,6 +5,7 @@ import torch
 
 from conftest import DEVICE, HAS_GPU, seeded
 from unimm.kernels import BackendUnavailable, cross_entropy, linear_cross_entropy
+from unimm.kernels._triton_common import cdiv
 from unimm.kernels.reference import cross_entropy as reference
 
 # Relative-norm tolerance by input dtype (DESIGN.md, Numerics); dx is rounded to the input dtype.
@@ -123,11 +124,12 @@ def test_large_logits(backend):
 
 
 def test_many_chunks(backend, monkeypatch):
-    # A small workspace forces several row chunks: dW accumulates across them, dH is per chunk.
-    monkeypatch.setattr(cross_entropy, "WORKSPACE_BYTES", 301 * 8 * 20)
+    # A small dx workspace forces several column chunks: dH accumulates across them, dW and
+    # dbias are written chunk by chunk.
+    monkeypatch.setattr(cross_entropy, "WORKSPACE_BYTES", 70 * 4 * 64)
     hidden, weight, targets, bias = make_inputs(70, 12, 301, seed=10, bias=True, ignore=0.1)
     check(hidden, weight, targets, bias)
-    check(hidden, weight, targets, bias, reduction="none", label_smoothing=0.1)
+    check(hidden, weight, targets, bias, reduction="none", label_smoothing=0.1, softcap=2.0)
 
 
 def test_batch_dims_slices_and_frozen(backend):
@@ -150,21 +152,26 @@ def test_batch_dims_slices_and_frozen(backend):
 
 
 def test_vocab_range_cuts_work(backend, monkeypatch):
-    """Only the vocab_range columns are ever multiplied: the logits workspace is (hi - lo) wide."""
+    """Only the vocab_range columns are ever multiplied, forward and backward."""
     hidden, weight, targets, _ = make_inputs(9, 8, 500, seed=13)
     targets = 450 + targets % 50
-    widths = []
-    original = cross_entropy._matmul
+    widths = {"lse": [], "grad": []}
+    lse_stats, matmul = cross_entropy._lse_stats, cross_entropy._matmul
 
-    def spy(a, b, out, epilogue, config, **kwargs):
-        if epilogue == cross_entropy.EPILOGUE_LOGITS:
-            widths.append(out.shape[1])
-        return original(a, b, out, epilogue, config, **kwargs)
+    def spy_lse(hidden, head, *args):
+        widths["lse"].append(head.shape[0])
+        return lse_stats(hidden, head, *args)
 
-    monkeypatch.setattr(cross_entropy, "_matmul", spy)
+    def spy_matmul(a, b, out, epilogue, config, **kwargs):
+        if epilogue == cross_entropy.EPILOGUE_LOSS_GRAD:
+            widths["grad"].append(out.shape[1])
+        return matmul(a, b, out, epilogue, config, **kwargs)
+
+    monkeypatch.setattr(cross_entropy, "_lse_stats", spy_lse)
+    monkeypatch.setattr(cross_entropy, "_matmul", spy_matmul)
     check(hidden, weight, targets, vocab_range=(450, 500))
     if backend == "triton":
-        assert widths and set(widths) == {50}
+        assert widths["lse"] == [50] and sum(widths["grad"]) == 50
 
 
 @pytest.mark.parametrize("make, error, match", [
@@ -206,23 +213,38 @@ def test_float64_served_by_reference(monkeypatch):
         linear_cross_entropy(hidden, weight, targets)
 
 
-def test_triton_writes_every_row():
-    """_ce_rows into poisoned outputs: every statistic and every dx element is written."""
+def test_triton_writes_every_output():
+    """The kernels into poisoned outputs: every split statistic and every dx element is written."""
     from conftest import available_backends
 
     if "triton" not in available_backends():
         pytest.skip("triton backend not live here")
-    logits = torch.randn(7, 150, generator=seeded(16)).to(DEVICE)
-    column = torch.tensor([0, 149, -1, 5, 77, 3, 120], dtype=torch.int32, device=DEVICE)
-    weights = torch.tensor([1, 1, 0, 2, 1, 1, 1], dtype=torch.float32, device=DEVICE)
-    stats = [torch.full((7,), float("nan"), device=DEVICE) for _ in range(3)]
-    dx = torch.full((7, 150), float("nan"), device=DEVICE)
-    cross_entropy._ce_rows(logits, column, weights, torch.ones(7, device=DEVICE), dx, *stats, 0.0, 0.0, None)
-    assert not any(s.isnan().any() for s in stats) and not dx.isnan().any()
-    torch.testing.assert_close(stats[0], torch.logsumexp(logits, -1))
-    expected = torch.softmax(logits, -1) * weights[:, None]
-    expected[torch.arange(7), column.long().clamp_min(0)] -= torch.where(column >= 0, weights, 0.0)
-    torch.testing.assert_close(dx, expected)
+    hidden, head, _, _ = make_inputs(37, 20, 150, seed=16, scale=4.0)
+    column = torch.tensor([0, 149, -1, 5] * 9 + [77], dtype=torch.int32, device=DEVICE)
+    config = cross_entropy._lse_config(hidden.dtype, not HAS_GPU)
+    splits, cols_per_split = cross_entropy.split_columns(cdiv(37, config["BLOCK_N"]), 150, config["BLOCK_V"], DEVICE)
+    assert splits > 1
+    parts = torch.full((4, splits, 37), float("nan"), device=DEVICE)
+    cross_entropy._lse_kernel[(cdiv(37, config["BLOCK_N"]), splits)](
+        hidden, head, head, column, parts, 37, 150, 20, 20, 1, 20, 1, cols_per_split, 1.0,
+        HAS_BIAS=False, HAS_SOFTCAP=False, PRECISION="ieee", **config)
+    assert not parts.isnan().any()
+    logits = hidden.double() @ head.double().T
+    lse, target_logit, logit_sum = cross_entropy._lse_stats(hidden, head, None, column, None)
+    close = dict(rtol=1e-5, atol=1e-5)  # fp32 kernels against fp64
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits, -1), **close)
+    torch.testing.assert_close(logit_sum.double(), logits.sum(-1), **close)
+    picked = logits.gather(1, column.long().clamp_min(0)[:, None])[:, 0]
+    torch.testing.assert_close(target_logit.double(), torch.where(column >= 0, picked, 0.0), **close)
+
+    coef = torch.rand(37, generator=seeded(17)).to(DEVICE)
+    dx = torch.full((37, 90), float("nan"), device=DEVICE)
+    matmul_config = cross_entropy._matmul_config(hidden.dtype, not HAS_GPU)
+    cross_entropy._matmul(hidden, head[40:130].T, dx, cross_entropy.EPILOGUE_LOSS_GRAD, matmul_config,
+                          loss_terms=(lse, column, coef, 40, 150, 0.0, 0.0))
+    expected = torch.softmax(logits, -1)
+    expected[torch.arange(37), column.long().clamp_min(0)] -= (column >= 0).double()
+    torch.testing.assert_close(dx.double(), (coef[:, None].double() * expected)[:, 40:130], **close)
 
 
 @pytest.mark.gpu

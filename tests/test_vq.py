@@ -6,7 +6,7 @@ import torch
 from conftest import DEVICE, HAS_GPU, available_backends, seeded
 from unimm import _ext
 from unimm.kernels import BackendUnavailable, vq, vq_lookup, vq_quantize
-from unimm.kernels._triton_common import cdiv
+from unimm.kernels._triton_common import cdiv, split_columns
 from unimm.kernels.reference import vq as reference
 
 # Interpreter paths run in fp32/fp16 (tl.dot on bf16 is unreliable in triton's interpreter).
@@ -113,7 +113,7 @@ def test_triton_writes_every_output():
     z = random((45, 19), 15)
     codebook = random((700, 19), 16)
     config = vq._triton_config(19, z.dtype, not HAS_GPU)
-    splits, codes_per_split = vq._split_codes(cdiv(45, config["BLOCK_N"]), 700, config["BLOCK_K"], DEVICE)
+    splits, codes_per_split = split_columns(cdiv(45, config["BLOCK_N"]), 700, config["BLOCK_K"], DEVICE)
     assert splits > 1
     part_dist = torch.full((splits, 45), float("nan"), device=DEVICE)
     part_idx = torch.full((splits, 45), -1, dtype=torch.int64, device=DEVICE)
@@ -227,7 +227,7 @@ def test_gpu_cuda_writes_every_output(d):
     C = _ext.lib()
     n, k = 3001, 5003
     z, codebook = random((n, d), 40), random((k, d), 41)
-    splits, codes_per_split = vq._split_codes(cdiv(n, C.vq_small_d_rows_per_block(d)), k,
+    splits, codes_per_split = split_columns(cdiv(n, C.vq_small_d_rows_per_block(d)), k,
                                               C.VQ_SMALL_TILE_CODES, DEVICE)
     part_dist = torch.full((splits, n), float("nan"), device=DEVICE)
     part_idx = torch.full((splits, n), -1, dtype=torch.int64, device=DEVICE)

@@ -81,33 +81,39 @@ def cross_entropy_cases():
     from unimm.kernels import cross_entropy as ce
     from unimm.kernels._triton_common import dot_precision
 
-    ints = dict(M="i32", N="i32", K="i32", stride_am="i32", stride_ak="i32", stride_bk="i32", stride_bn="i32",
-                stride_cm="i32", stride_cn="i32", softcap="fp32")
+    matmul_args = dict(M="i32", N="i32", K="i32", stride_am="i32", stride_ak="i32", stride_bk="i32", stride_bn="i32",
+                       stride_cm="i32", stride_cn="i32", col_offset="i32", vocab="i32", softcap="fp32",
+                       label_smoothing="fp32", z_loss="fp32")
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = TRITON_TYPES[dtype]
+        precision = dot_precision(dtype)
+        config = ce._lse_config(dtype, interpret=False)
+        launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+        signature = dict(h_ptr=f"*{t}", w_ptr=f"*{t}", bias_ptr=f"*{t}", column_ptr="*i32", parts_ptr="*fp32",
+                         n_rows="i32", vocab="i32", dim="i32", stride_hn="i32", stride_wv="i32",
+                         cols_per_split="i32", softcap="fp32")
+        aligned = {"h_ptr", "w_ptr", "bias_ptr", "column_ptr", "parts_ptr", "dim", "stride_hn", "stride_wv",
+                   "cols_per_split"}
+        constexprs = dict(stride_hd=1, stride_wd=1, HAS_BIAS=True, HAS_SOFTCAP=True, PRECISION=precision, **config)
+        yield f"lse {t}", ce._lse_kernel, signature, constexprs, aligned, launch, dict(pipelined=True, wgmma=True)
+
         config = ce._matmul_config(dtype, interpret=False)
         launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-        # (name, a, b, c element types, epilogue, unit-stride arguments left out of `aligned`)
-        for name, c_type, epilogue, unit in (("logits h @ W.T", "fp32", ce.EPILOGUE_LOGITS, {"stride_ak", "stride_bk"}),
-                                             ("dH = dx @ W", t, ce.EPILOGUE_STORE, {"stride_ak", "stride_bn"}),
-                                             ("dW += dx.T @ h", "fp32", ce.EPILOGUE_ACCUMULATE, {"stride_am", "stride_bn"})):
-            # triton turns integer arguments equal to 1 into constants: so do unit strides here
-            signature = dict(a_ptr=f"*{t}", b_ptr=f"*{t}", c_ptr=f"*{c_type}", bias_ptr=f"*{t}",
-                             **{k: v for k, v in ints.items() if k not in unit | {"stride_cn"}})
-            aligned = {"a_ptr", "b_ptr", "c_ptr", "bias_ptr", "M", "N", "K", "stride_am", "stride_ak", "stride_bk",
-                       "stride_bn", "stride_cm"} - unit
-            constexprs = dict(**{k: 1 for k in unit | {"stride_cn"}}, EPILOGUE=epilogue, HAS_BIAS=True,
-                              HAS_SOFTCAP=True, PRECISION=dot_precision(dtype), **config)
-            expect = dict(pipelined=True, wgmma=True)
-            yield f"matmul {t} {name}", ce._matmul_kernel, signature, constexprs, aligned, launch, expect
-        signature = dict(logits_ptr="*fp32", stride_logits="i32", column_ptr="*i32", weight_ptr="*fp32",
-                         scale_ptr="*fp32", dx_ptr=f"*{t}", stride_dx="i32", lse_ptr="*fp32",
-                         target_logit_ptr="*fp32", logit_sum_ptr="*fp32", vocab="i32", label_smoothing="fp32",
-                         z_loss="fp32", softcap="fp32", stride_scale="i32")
-        aligned = {"logits_ptr", "stride_logits", "dx_ptr", "stride_dx", "vocab"}
-        constexprs = dict(HAS_SOFTCAP=True, COMPUTE_GRAD=True, BLOCK_V=2048)
-        expect = dict(pipelined=False, wgmma=False)  # a row-wise pass: no dot, nothing to pipeline
-        yield f"ce_rows {t}", ce._ce_rows_kernel, signature, constexprs, aligned, dict(num_warps=8, num_stages=1), expect
+        # (name, output type, epilogue, unit strides): triton turns integer arguments equal to 1
+        # into constants at launch, so they are constants here too
+        for name, c_type, epilogue, unit in (
+                ("dx = lossgrad(h @ W.T)", t, ce.EPILOGUE_LOSS_GRAD, {"stride_ak", "stride_bk", "stride_cn"}),
+                ("dW = dx.T @ h", t, ce.EPILOGUE_STORE, {"stride_am", "stride_bn", "stride_cn"}),
+                ("dH += dx @ W", "fp32", ce.EPILOGUE_ACCUMULATE, {"stride_ak", "stride_bn", "stride_cn"})):
+            signature = dict(a_ptr=f"*{t}", b_ptr=f"*{t}", c_ptr=f"*{c_type}", bias_ptr=f"*{t}", lse_ptr="*fp32",
+                             column_ptr="*i32", coef_ptr="*fp32",
+                             **{k: v for k, v in matmul_args.items() if k not in unit})
+            aligned = {"a_ptr", "b_ptr", "c_ptr", "bias_ptr", "lse_ptr", "column_ptr", "coef_ptr", "M", "N", "K",
+                       "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm"} - unit
+            constexprs = dict(**{k: 1 for k in unit}, EPILOGUE=epilogue, HAS_BIAS=True, HAS_SOFTCAP=True,
+                              PRECISION=precision, **config)
+            yield (f"matmul {t} {name}", ce._matmul_kernel, signature, constexprs, aligned, launch,
+                   dict(pipelined=True, wgmma=True))
 
 
 FAMILIES = {"vq": vq_cases, "cross_entropy": cross_entropy_cases}

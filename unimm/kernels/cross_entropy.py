@@ -2,29 +2,31 @@
 
 Public: ``linear_cross_entropy(hidden, weight, targets, *, bias, ignore_index, reduction,
 label_smoothing, z_loss, softcap, token_weights, vocab_range, return_lse)``; its meaning is
-``unimm.kernels.reference.cross_entropy``.
+``unimm.kernels.reference.cross_entropy``. ``W`` below is ``weight[lo:hi]``, V = hi - lo.
 
-Triton design. Rows are taken in chunks of ``chunk_rows`` (below); per chunk:
-  1. ``_matmul_kernel`` (logits epilogue): ``x = h_c @ W[lo:hi].T (+ bias)``, soft-capped, into an
-     fp32 workspace ``[chunk_rows, hi - lo]``;
-  2. ``_ce_rows_kernel``: per row, an online log-sum-exp pass, then (when gradients are wanted)
-     ``dx = c * (p (1 + 2 z lse) - (1 - eps) 1[v = t] - eps / V)``, times ``1 - (x / softcap)^2``,
-     written in the input dtype; it also returns lse, the target logit and the row sum of x,
-     from which the loss is a few O(N) torch ops;
-  3. ``_matmul_kernel``: ``dH_c = dx @ W[lo:hi]`` (stored), ``dW[lo:hi] += dx.T @ h_c`` (fp32
-     accumulator read and written once per chunk; chunks are large, so this traffic stays far
-     below the chunk's ``6 chunk_rows (hi - lo) D`` flops), ``dbias += colsum(dx)``.
-With ``reduction`` "mean" or "sum" and gradients required, all of this runs in the forward pass
-with a unit upstream gradient (6 N D V flops in all, no recompute) and backward only scales the
-saved gradients by the incoming scalar. With ``reduction="none"`` the upstream gradient differs
-per row, so backward runs the chunks again with it.
+Triton design:
+  1. ``_lse_kernel``: the tile product ``h @ W.T`` (+ bias, soft-cap) with an online
+     log-sum-exp epilogue, as in flash-attention: per row the running max and sum of exp, the
+     target logit and the sum of logits (label smoothing). Columns are split over a second grid
+     axis when rows are few; a few torch ops merge the splits. Nothing N x V is stored. The loss
+     is then a few O(N) torch ops.
+  2. Gradients, V in column chunks of ``chunk_cols``: ``_matmul_kernel`` recomputes the logits of
+     the chunk and its epilogue turns them straight into
+     ``dx = c (p (1 + 2 z lse) - (1 - eps) [v = t] - eps / V) (1 - (x / softcap)^2)`` (c: upstream
+     gradient times token weight) in the input dtype; then ``dW[chunk] = dx.T @ h`` is one GEMM
+     over all N rows (dW accumulated inside the GEMM, written once), ``dH += dx @ W[chunk]`` goes
+     into an fp32 ``[N, D]`` accumulator (re-read per chunk: N D bytes against
+     4 N D chunk_cols flops) and ``dbias[chunk] = colsum(dx)``.
+For a scalar loss ("mean", "sum") with gradients required, step 2 runs in the forward pass with a
+unit upstream gradient and backward only scales the saved gradients; for "none" it runs in
+backward with each row's upstream gradient. 8 N D V flops either way.
 
-Memory beyond inputs and outputs: the workspace, ``chunk_rows x (hi - lo)`` fp32 logits plus the
-same in the input dtype for dx, at most ``WORKSPACE_BYTES`` (1 GiB; ``UNIMM_CE_WORKSPACE_MB``)
-unless one 128-row chunk needs more; an fp32 ``[hi - lo, D]`` accumulator for dW (and ``[hi - lo]``
-for dbias); O(N) per-row statistics. No N x V tensor. ``vocab_range`` shrinks every term to
-``hi - lo`` columns. No host synchronisation inside the op; argument checks read one flag (is
-every target valid) back from the device before it starts.
+Memory beyond inputs and gradients: the dx workspace ``N x chunk_cols`` in the input dtype,
+at most ``WORKSPACE_BYTES`` (1 GiB; ``UNIMM_CE_WORKSPACE_MB``) unless a single 128-column chunk
+needs more; the fp32 dH accumulator ``[N, D]``; per-split statistics ``4 x splits x N`` fp32 and
+O(N) per-row terms. No N x V tensor; ``vocab_range`` shrinks every term to V = hi - lo columns.
+No host synchronisation inside the ops; the argument checks read one flag (is every target
+valid) back from the device before they start.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import os
 import torch
 
 from unimm.kernels import dispatch
-from unimm.kernels._triton_common import cdiv, dot_precision
+from unimm.kernels._triton_common import cdiv, dot_precision, split_columns
 from unimm.kernels.reference import cross_entropy as reference
 
 try:
@@ -47,7 +49,6 @@ except ImportError:  # the Triton backend is then not live (dispatch says why)
 REDUCTIONS = reference.REDUCTIONS
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 WORKSPACE_BYTES = int(os.environ.get("UNIMM_CE_WORKSPACE_MB", "1024")) << 20
-_ROW_GRANULE = 128  # chunk_rows is a multiple of this (a matmul tile)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,95 +280,117 @@ def _full_rows(block: torch.Tensor, lo: int, vocab: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Chunk loop
+# Statistics and gradients
 # ---------------------------------------------------------------------------------------------
 
 def _run_chunks(hidden, head, head_bias, column, weights, row_scale, label_smoothing, z_loss, softcap, wants):
     """Per-row statistics ``(lse, target_logit, logit_sum)`` (fp32 ``[N]``) and, for the gradients
     flagged in ``wants`` (hidden, head, bias), ``(dh, dw, db)``: dh ``[N, D]`` in hidden's dtype,
-    dw ``[hi - lo, D]`` and db ``[hi - lo]`` in fp32; None where not wanted. ``row_scale [N]``
+    dw ``[V, D]`` in head's dtype, db ``[V]`` in fp32; None where not wanted. ``row_scale [N]``
     multiplies each row's loss gradient (the upstream gradient, 1 / sum(w) for "mean")."""
     n, d = hidden.shape
     vocab = head.shape[0]
     device = hidden.device
     want_dh, want_dw, want_db = wants
-    compute_grad = want_dh or want_dw or want_db
-    matmul_config = _matmul_config(hidden.dtype, dispatch.TRITON_INTERPRET)
-    chunk = _chunk_rows(n, vocab, hidden.element_size() if compute_grad else 0, matmul_config["BLOCK_M"])
-
-    logits = torch.empty(min(chunk, n), vocab, dtype=torch.float32, device=device)
-    dx = torch.empty(min(chunk, n), vocab, dtype=hidden.dtype, device=device) if compute_grad else logits
-    lse, target_logit, logit_sum = (torch.empty(n, dtype=torch.float32, device=device) for _ in range(3))
-    dh = torch.empty(n, d, dtype=hidden.dtype, device=device) if want_dh else None
-    dw = torch.zeros(vocab, d, dtype=torch.float32, device=device) if want_dw else None
-    db = torch.zeros(vocab, dtype=torch.float32, device=device) if want_db else None
+    dh = dw = db = None
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        for start in range(0, n, chunk):
-            rows = slice(start, min(n, start + chunk))
-            count = rows.stop - start
-            h = hidden[rows]
-            _matmul(h, head.T, logits[:count], EPILOGUE_LOGITS, matmul_config, bias=head_bias, softcap=softcap)
-            _ce_rows(logits[:count], column[rows], weights[rows], row_scale[rows] if compute_grad else None,
-                     dx[:count], lse[rows], target_logit[rows], logit_sum[rows], label_smoothing, z_loss, softcap)
-            if want_dh:
-                _matmul(dx[:count], head, dh[rows], EPILOGUE_STORE, matmul_config)
+        stats = _lse_stats(hidden, head, head_bias, column, softcap)
+        if not (want_dh or want_dw or want_db):
+            return stats, (dh, dw, db)
+        lse = stats[0]
+        coef = row_scale * weights
+        config = _matmul_config(hidden.dtype, dispatch.TRITON_INTERPRET)
+        chunk = _chunk_cols(n, vocab, hidden.element_size(), config["BLOCK_N"])
+        dx = torch.empty(n, chunk, dtype=hidden.dtype, device=device)
+        dh32 = torch.zeros(n, d, dtype=torch.float32, device=device) if want_dh else None
+        dw = torch.empty(vocab, d, dtype=head.dtype, device=device) if want_dw else None
+        db = torch.empty(vocab, dtype=torch.float32, device=device) if want_db else None
+        for start in range(0, vocab, chunk):
+            cols = slice(start, min(vocab, start + chunk))
+            dx_chunk = dx[:, :cols.stop - start]
+            _matmul(hidden, head[cols].T, dx_chunk, EPILOGUE_LOSS_GRAD, config,
+                    bias=head_bias[cols] if head_bias is not None else None, softcap=softcap,
+                    loss_terms=(lse, column, coef, start, vocab, label_smoothing, z_loss))
             if want_dw:
-                _matmul(dx[:count].T, h, dw, EPILOGUE_ACCUMULATE, matmul_config)
+                _matmul(dx_chunk.T, hidden, dw[cols], EPILOGUE_STORE, config)
+            if want_dh:
+                _matmul(dx_chunk, head[cols], dh32, EPILOGUE_ACCUMULATE, config)
             if want_db:
-                db += dx[:count].sum(0, dtype=torch.float32)
-    return (lse, target_logit, logit_sum), (dh, dw, db)
+                db[cols] = dx_chunk.sum(0, dtype=torch.float32)
+    if want_dh:
+        dh = dh32.to(hidden.dtype)
+    return stats, (dh, dw, db)
 
 
-def _chunk_rows(n: int, vocab: int, grad_bytes: int, granule: int) -> int:
-    """Rows per chunk: as many as the workspace holds (fp32 logits + dx per row), whole tiles."""
-    per_row = vocab * (4 + grad_bytes)
-    rows = max(granule, WORKSPACE_BYTES // per_row // granule * granule)
-    return max(1, min(rows, n))
+def _chunk_cols(n: int, vocab: int, elem_bytes: int, granule: int) -> int:
+    """Columns per gradient chunk: as many as the dx workspace holds, whole matmul tiles."""
+    cols = max(granule, WORKSPACE_BYTES // max(1, n * elem_bytes) // granule * granule)
+    return max(1, min(cols, vocab))
+
+
+def _lse_stats(hidden, head, head_bias, column, softcap):
+    """(lse, target_logit, logit_sum), fp32 ``[N]`` each, through ``_lse_kernel``."""
+    n, d = hidden.shape
+    vocab = head.shape[0]
+    device = hidden.device
+    if n == 0:
+        return tuple(torch.empty(0, dtype=torch.float32, device=device) for _ in range(3))
+    config = _lse_config(hidden.dtype, dispatch.TRITON_INTERPRET)
+    row_blocks = cdiv(n, config["BLOCK_N"])
+    splits, cols_per_split = split_columns(row_blocks, vocab, config["BLOCK_V"], device)
+    parts = torch.empty(4, splits, n, dtype=torch.float32, device=device)  # max, sum exp, sum x, x[t]
+    _lse_kernel[(row_blocks, splits)](
+        hidden, head, head_bias if head_bias is not None else head, column, parts, n, vocab, d,
+        hidden.stride(0), hidden.stride(1), head.stride(0), head.stride(1), cols_per_split,
+        float(softcap) if softcap is not None else 1.0,
+        HAS_BIAS=head_bias is not None, HAS_SOFTCAP=softcap is not None, PRECISION=dot_precision(hidden.dtype),
+        **config,
+    )
+    part_max, part_sum, part_logit_sum, part_target = parts
+    row_max = part_max.max(0).values if splits > 1 else part_max[0]
+    lse = row_max + (part_sum * (part_max - row_max).exp()).sum(0).log()
+    return lse, part_target.sum(0), part_logit_sum.sum(0)
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton launches
+# Triton kernels
 # ---------------------------------------------------------------------------------------------
 
-EPILOGUE_STORE, EPILOGUE_ACCUMULATE, EPILOGUE_LOGITS = 0, 1, 2
+EPILOGUE_STORE, EPILOGUE_ACCUMULATE, EPILOGUE_LOSS_GRAD = 0, 1, 2
+
+
+def _lse_config(dtype: torch.dtype, interpret: bool) -> dict:
+    """Tiles for ``_lse_kernel``; tests/triton_aot.py checks them against sm_90a and sm_80."""
+    if interpret:
+        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, num_warps=1, num_stages=1)
+    if dtype == torch.float32:  # 3xTF32 holds each operand twice
+        return dict(BLOCK_N=128, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_N=128, BLOCK_V=64, BLOCK_D=64, num_warps=8, num_stages=3)
 
 
 def _matmul_config(dtype: torch.dtype, interpret: bool) -> dict:
     """Tiles for ``_matmul_kernel``; tests/triton_aot.py checks them against sm_90a and sm_80."""
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
-    if dtype == torch.float32:  # 3xTF32 holds each operand twice
+    if dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
 
 
-def _matmul(a, b, out, epilogue, config, *, bias=None, softcap=None):
-    """``out (=|+=) a @ b`` with fp32 accumulation; strides are honoured, so transposes are free."""
+def _matmul(a, b, out, epilogue, config, *, bias=None, softcap=None, loss_terms=None):
+    """``out (=|+=) a @ b`` with fp32 accumulation; strides are honoured, so transposes are free.
+    EPILOGUE_LOSS_GRAD turns the product into dx: ``loss_terms`` = (lse, column, coef, first
+    column of this chunk, V, label_smoothing, z_loss)."""
     m, k = a.shape
     n = b.shape[1]
+    lse, column, coef, col_offset, vocab, label_smoothing, z_loss = loss_terms or (out, out, out, 0, 1, 0.0, 0.0)
     grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]),)
     _matmul_kernel[grid](
-        a, b, out, bias if bias is not None else out, m, n, k,
+        a, b, out, bias if bias is not None else out, lse, column, coef, m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        float(softcap) if softcap is not None else 1.0,
+        col_offset, vocab, float(softcap) if softcap is not None else 1.0, label_smoothing, z_loss,
         EPILOGUE=epilogue, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         PRECISION=dot_precision(a.dtype), **config,
-    )
-
-
-def _ce_rows(logits, column, weights, row_scale, dx, lse, target_logit, logit_sum, label_smoothing, z_loss,
-             softcap):
-    rows, vocab = logits.shape
-    if rows == 0:
-        return
-    block_v = 64 if dispatch.TRITON_INTERPRET else 2048
-    compute_grad = row_scale is not None
-    _ce_rows_kernel[(rows,)](
-        logits, logits.stride(0), column, weights, row_scale if compute_grad else weights, dx, dx.stride(0),
-        lse, target_logit, logit_sum, vocab, label_smoothing, z_loss, float(softcap) if softcap is not None else 1.0,
-        row_scale.stride(0) if compute_grad else 0,
-        HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v,
-        num_warps=1 if dispatch.TRITON_INTERPRET else 8,
     )
 
 
@@ -379,9 +402,66 @@ if triton is not None:
         return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
     @triton.jit
+    def _lse_kernel(
+        h_ptr, w_ptr, bias_ptr, column_ptr, parts_ptr, n_rows, vocab, dim,
+        stride_hn, stride_hd, stride_wv, stride_wd, cols_per_split, softcap,
+        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        split = tl.program_id(1)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n_rows
+        dims = tl.arange(0, BLOCK_D)
+        col_begin = split.to(tl.int64) * cols_per_split
+        col_end = tl.minimum(col_begin + cols_per_split, vocab)
+        target = tl.load(column_ptr + rows, mask=row_ok, other=-1)
+
+        row_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        exp_sum = tl.zeros([BLOCK_N], tl.float32)
+        logit_sum = tl.zeros([BLOCK_N], tl.float32)
+        target_logit = tl.zeros([BLOCK_N], tl.float32)
+        # One flat loop over (column tile, d chunk) steps, d fastest, so the software pipeline runs
+        # across tiles; the log-sum-exp update is the epilogue of a tile's last d chunk.
+        d_chunks = tl.cdiv(dim, BLOCK_D)
+        steps = tl.cdiv(col_end - col_begin, BLOCK_V) * d_chunks
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for step in range(0, steps):
+            tile_begin = col_begin + (step // d_chunks) * BLOCK_V
+            d0 = (step % d_chunks) * BLOCK_D
+            cols = tile_begin + tl.arange(0, BLOCK_V)
+            col_ok = cols < col_end
+            dim_ok = (d0 + dims) < dim
+            h = tl.load(h_ptr + rows[:, None] * stride_hn + (d0 + dims)[None, :] * stride_hd,
+                        mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + cols[None, :] * stride_wv + (d0 + dims)[:, None] * stride_wd,
+                        mask=dim_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(h, w, acc, input_precision=PRECISION)
+            if d0 + BLOCK_D >= dim:
+                x = acc
+                if HAS_BIAS:
+                    x += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                if HAS_SOFTCAP:
+                    x = softcap * _tanh(x / softcap)
+                x = tl.where(col_ok[None, :], x, float("-inf"))
+                new_max = tl.maximum(row_max, tl.max(x, 1))
+                exp_sum = exp_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), 1)
+                row_max = new_max
+                logit_sum += tl.sum(tl.where(col_ok[None, :], x, 0.0), 1)
+                target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), 1)
+                acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+
+        out = split.to(tl.int64) * n_rows + rows
+        plane = tl.num_programs(1).to(tl.int64) * n_rows
+        tl.store(parts_ptr + out, row_max, mask=row_ok)
+        tl.store(parts_ptr + plane + out, exp_sum, mask=row_ok)
+        tl.store(parts_ptr + 2 * plane + out, logit_sum, mask=row_ok)
+        tl.store(parts_ptr + 3 * plane + out, target_logit, mask=row_ok)
+
+    @triton.jit
     def _matmul_kernel(
-        a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
-        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, softcap,
+        a_ptr, b_ptr, c_ptr, bias_ptr, lse_ptr, column_ptr, coef_ptr, M, N, K,
+        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+        col_offset, vocab, softcap, label_smoothing, z_loss,
         EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
@@ -411,57 +491,22 @@ if triton is not None:
 
         c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
         c_mask = (rm < M)[:, None] & (rn < N)[None, :]
-        if EPILOGUE == 2:  # logits: + bias, soft-cap
+        if EPILOGUE == 2:
+            # acc holds logits of rows rm, columns col_offset + rn: turn them into d loss / d logit,
+            # c (p (1 + 2 z lse) - eps / V - (1 - eps) [v = t]), through the soft-cap.
+            row_ok = rm < M
+            lse = tl.load(lse_ptr + rm, mask=row_ok, other=0.0)
+            target = tl.load(column_ptr + rm, mask=row_ok, other=-1)
+            coef = tl.load(coef_ptr + rm, mask=row_ok, other=0.0)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
             if HAS_SOFTCAP:
                 acc = softcap * _tanh(acc / softcap)
+            grad = tl.exp(acc - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None] - label_smoothing / vocab
+            grad -= tl.where((col_offset + rn)[None, :] == target[:, None], 1.0 - label_smoothing, 0.0)
+            if HAS_SOFTCAP:
+                grad = grad * (1.0 - (acc / softcap) * (acc / softcap))
+            acc = coef[:, None] * grad
         if EPILOGUE == 1:  # accumulate into an fp32 output
             acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
-
-    @triton.jit
-    def _ce_rows_kernel(
-        logits_ptr, stride_logits, column_ptr, weight_ptr, scale_ptr, dx_ptr, stride_dx,
-        lse_ptr, target_logit_ptr, logit_sum_ptr, vocab, label_smoothing, z_loss, softcap, stride_scale,
-        HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        x_row = logits_ptr + row * stride_logits
-        target = tl.load(column_ptr + row)  # column in [0, vocab), or -1 for an ignored row
-        cols = tl.arange(0, BLOCK_V)
-
-        # Pass 1: online log-sum-exp, the target logit and the row sum (label smoothing).
-        row_max = tl.full([], float("-inf"), tl.float32)
-        exp_sum = tl.full([], 0.0, tl.float32)
-        logit_sum = tl.full([], 0.0, tl.float32)
-        target_logit = tl.full([], 0.0, tl.float32)
-        for v0 in range(0, vocab, BLOCK_V):
-            v = v0 + cols
-            in_row = v < vocab
-            x = tl.load(x_row + v, mask=in_row, other=float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(x, 0))
-            exp_sum = exp_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
-            row_max = new_max
-            logit_sum += tl.sum(tl.where(in_row, x, 0.0), 0)
-            target_logit += tl.sum(tl.where(v == target, x, 0.0), 0)
-        lse = row_max + tl.log(exp_sum)
-        tl.store(lse_ptr + row, lse)
-        tl.store(target_logit_ptr + row, target_logit)
-        tl.store(logit_sum_ptr + row, logit_sum)
-
-        if COMPUTE_GRAD:
-            # d loss / d x_v = c (p_v (1 + 2 z lse) - (1 - eps) [v = t] - eps / V), c = upstream * w;
-            # through the soft-cap, times 1 - (x / cap)^2.
-            coef = tl.load(scale_ptr + row * stride_scale) * tl.load(weight_ptr + row)
-            p_scale = 1.0 + 2.0 * z_loss * lse
-            smooth = label_smoothing / vocab
-            dx_row = dx_ptr + row * stride_dx
-            for v0 in range(0, vocab, BLOCK_V):
-                v = v0 + cols
-                in_row = v < vocab
-                x = tl.load(x_row + v, mask=in_row, other=0.0)
-                grad = tl.exp(x - lse) * p_scale - smooth - tl.where(v == target, 1.0 - label_smoothing, 0.0)
-                if HAS_SOFTCAP:
-                    grad = grad * (1.0 - (x / softcap) * (x / softcap))
-                tl.store(dx_row + v, (coef * grad).to(dx_ptr.dtype.element_ty), mask=in_row)

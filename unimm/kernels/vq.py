@@ -26,14 +26,13 @@ Squared distances must be finite in fp32 (|values| below ~1e18).
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import torch.nn.functional as F
 
 from unimm import _ext
 from unimm.kernels import dispatch
-from unimm.kernels._triton_common import cdiv, dot_precision
+from unimm.kernels._triton_common import cdiv, dot_precision, split_columns
 from unimm.kernels.reference import vq as reference
 
 try:
@@ -215,22 +214,6 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessor_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # CPU (interpreter): a few programs, so tests exercise the split reduction
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _split_codes(row_blocks: int, num_codes: int, tile_codes: int, device: torch.device) -> tuple[int, int]:
-    """(splits, codes_per_split): enough programs for ~4 waves per SM, each split a whole number
-    of tiles and non-empty."""
-    tiles = cdiv(num_codes, tile_codes)
-    wanted = max(1, cdiv(4 * _multiprocessor_count(device), row_blocks))
-    tiles_per_split = cdiv(tiles, min(tiles, wanted, 65535))
-    return cdiv(tiles, tiles_per_split), tiles_per_split * tile_codes
-
-
 def _combine_splits(part_dist: torch.Tensor, part_idx: torch.Tensor) -> torch.Tensor:
     """Per-split winners ``[splits, N]`` -> int64 ``[N]``. Splits hold increasing code ranges and
     argmin returns the first minimum, so equal distances keep the lowest index."""
@@ -263,7 +246,7 @@ def _quantize_cuda(z_rows: torch.Tensor, codebook: torch.Tensor, metric: str) ->
     k = codebook.shape[0]
     device = z_rows.device
     row_blocks = cdiv(n, C.vq_small_d_rows_per_block(d))
-    splits, codes_per_split = _split_codes(row_blocks, k, C.VQ_SMALL_TILE_CODES, device)
+    splits, codes_per_split = split_columns(row_blocks, k, C.VQ_SMALL_TILE_CODES, device)
     part_dist = torch.empty(splits, n, dtype=torch.float32, device=device)
     part_idx = torch.empty(splits, n, dtype=torch.int64, device=device)
     C.vq_argmin_small_d(
@@ -312,7 +295,7 @@ def _quantize_triton(z_rows: torch.Tensor, codebook: torch.Tensor, metric: str) 
         code_bias = codes32.square().sum(-1)
         code_scale = row_scale = code_bias  # unused (COSINE=False)
     row_blocks = cdiv(n, config["BLOCK_N"])
-    splits, codes_per_split = _split_codes(row_blocks, k, config["BLOCK_K"], device)
+    splits, codes_per_split = split_columns(row_blocks, k, config["BLOCK_K"], device)
     part_dist = torch.empty(splits, n, dtype=torch.float32, device=device)
     part_idx = torch.empty(splits, n, dtype=torch.int64, device=device)
     _launch_triton_argmin(z_rows, codebook, code_bias, code_scale, row_scale, part_dist, part_idx,
