@@ -295,3 +295,13 @@ def test_backward_recompute_matches_saved_gradients(backend):
         results.append([t.grad for t in leaves])
     for saved, recomputed in zip(*results):
         torch.testing.assert_close(saved, recomputed)
+
+
+def test_second_backward(backend):
+    hidden, weight, targets, _ = make_inputs(8, 4, 20, seed=19)
+    hidden.requires_grad_(True)
+    loss = linear_cross_entropy(hidden, weight, targets)
+    loss.backward(retain_graph=True)
+    first = hidden.grad.clone()
+    loss.backward()  # the saved gradients are reused, not consumed
+    torch.testing.assert_close(hidden.grad, 2 * first)

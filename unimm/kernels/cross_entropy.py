@@ -241,6 +241,8 @@ def _backward(ctx, grad_loss, *unused):
     lo, hi, vocab = ctx.vocab
     wants = [bool(w) for w in ctx.needs_input_grad[:3]]
     if ctx.grads_now:
+        # Out of place: the saved gradients stay valid for a second backward (retain_graph), and
+        # torch.compile can trace it.
         grads = [g * grad_loss.to(g.dtype) if want else None for g, want in zip(ctx.saved_tensors, wants)]
     else:
         # The kernels' gradients are not differentiable again: the op sees detached tensors.
