@@ -6,6 +6,7 @@ Scripts run as ``python benchmarks/bench_<family>.py``, so they import this modu
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import json
@@ -13,6 +14,7 @@ import pathlib
 import platform
 import re
 import subprocess
+import sys
 import time
 
 import torch
@@ -167,3 +169,42 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row.get(column, "")) for column in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_run(doc: str, script: str, shapes: dict, smoke_shapes: dict, *, default_dtype: str,
+              smoke_dtype: str | None = None, dtype_help: str = ""):
+    """The command line every bench script shares: ``--dtype``, ``--shapes``, ``--out``, ``--smoke``.
+
+    Returns the parsed arguments plus what follows from them: ``shape_table`` (full or smoke),
+    ``names`` (the shapes to run), ``dtype_name`` / ``dtype``, ``device`` and ``timer``.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--dtype", choices=DTYPES, help=f"input dtype (default {default_dtype}{dtype_help})")
+    parser.add_argument("--shapes", help=f"comma-separated subset of {','.join(shapes)} "
+                                         f"(with --smoke: of {','.join(smoke_shapes)}); default all")
+    parser.add_argument("--out", help="directory for the JSON results (default benchmarks/results; required with --smoke)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on the CPU with a wall clock: checks that the script runs, measures nothing")
+    args = parser.parse_args()
+    if args.smoke and args.out is None:
+        parser.error("--smoke needs --out DIR: smoke numbers do not belong in benchmarks/results")
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit(f"{script} times CUDA kernels and no CUDA device is visible; "
+                 f"run `python benchmarks/{script} --smoke --out DIR` to check the script on the CPU")
+    args.shape_table = smoke_shapes if args.smoke else shapes
+    args.names = args.shapes.split(",") if args.shapes else list(args.shape_table)
+    unknown = [name for name in args.names if name not in args.shape_table]
+    if unknown:
+        parser.error(f"unknown shapes {unknown}; choose from {','.join(args.shape_table)}")
+    args.dtype_name = args.dtype or (smoke_dtype if args.smoke and smoke_dtype else default_dtype)
+    args.dtype = DTYPES[args.dtype_name]
+    args.device = torch.device("cpu" if args.smoke else "cuda")
+    args.timer = time_cpu if args.smoke else time_cuda
+    return args

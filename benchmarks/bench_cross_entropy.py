@@ -26,15 +26,13 @@ measured bf16 matmul rate, peak memory no more than cut-cross-entropy's.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from _common import environment, markdown_table, measure_device_peaks, peak_memory, time_cpu, time_cuda, write_results
+from _common import environment, markdown_table, measure_device_peaks, parse_run, peak_memory, write_results
 from unimm.kernels import BackendUnavailable, linear_cross_entropy
 
 try:
@@ -67,7 +65,6 @@ SMOKE_SHAPES = {
     "tiny": (37, 24, 301, None, 100),
     "tiny-softcap": (37, 24, 301, 2.0, None),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Relative-norm error a gradient may have against the fp32 reference (DESIGN.md, Numerics); the
 # loss may differ by this much relative to the reference loss.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -340,30 +337,10 @@ def table_row(result, shapes):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=DTYPES, help="input dtype (default bf16; fp32 with --smoke, "
-                                                        "CPU bf16 matmuls being slow)")
-    parser.add_argument("--shapes", help=f"comma-separated subset of {','.join(SHAPES)} "
-                                         f"(with --smoke: of {','.join(SMOKE_SHAPES)}); default all")
-    parser.add_argument("--out", help="directory for the JSON results (default benchmarks/results; required with --smoke)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes on the CPU with a wall clock: checks that the script runs, measures nothing")
-    args = parser.parse_args()
-    if args.smoke and args.out is None:
-        parser.error("--smoke needs --out DIR: smoke numbers do not belong in benchmarks/results")
-    if not args.smoke and not torch.cuda.is_available():
-        sys.exit("bench_cross_entropy.py times CUDA kernels and no CUDA device is visible; "
-                 "run `python benchmarks/bench_cross_entropy.py --smoke --out DIR` to check the script on the CPU")
-    shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    names = args.shapes.split(",") if args.shapes else list(shapes)
-    unknown = [name for name in names if name not in shapes]
-    if unknown:
-        parser.error(f"unknown shapes {unknown}; choose from {','.join(shapes)}")
-
-    dtype_name = args.dtype or ("fp32" if args.smoke else "bf16")
-    dtype = DTYPES[dtype_name]
-    device = torch.device("cpu" if args.smoke else "cuda")
-    timer = time_cpu if args.smoke else time_cuda
+    args = parse_run(__doc__, "bench_cross_entropy.py", SHAPES, SMOKE_SHAPES, default_dtype="bf16",
+                     smoke_dtype="fp32", dtype_help="; fp32 with --smoke, CPU bf16 matmuls being slow")
+    shapes, names, dtype_name, dtype = args.shape_table, args.names, args.dtype_name, args.dtype
+    device, timer = args.device, args.timer
     # smoke: aot_eager traces the same graphs as inductor without its C++ build (half a minute cold)
     compile_backend = "aot_eager" if args.smoke else "inductor"
     env = environment(device)

@@ -16,15 +16,13 @@ Target (issue): >= 5x faster than einsum+argmin at every shape on H100.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from _common import environment, markdown_table, measure_device_peaks, peak_memory, time_cpu, time_cuda, write_results
+from _common import environment, markdown_table, measure_device_peaks, parse_run, peak_memory, write_results
 from unimm.kernels import BackendUnavailable, vq_quantize
 from unimm.kernels.reference.vq import pair_distances
 
@@ -44,7 +42,6 @@ SMOKE_SHAPES = {
     "tiny-d4": (1, 64, 100, 4, "cosine"),
     "tiny-d40": (1, 64, 100, 40, "l2"),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Largest distance gap between two picks that rounding explains (DESIGN.md, Numerics).
 GAP_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -181,30 +178,12 @@ def table_row(result, shapes):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="input dtype (default fp32: tokenizers run in fp32)")
-    parser.add_argument("--shapes", help=f"comma-separated subset of {','.join(SHAPES)} "
-                                         f"(with --smoke: of {','.join(SMOKE_SHAPES)}); default all")
-    parser.add_argument("--out", help="directory for the JSON results (default benchmarks/results; required with --smoke)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes on the CPU with a wall clock: checks that the script runs, measures nothing")
-    args = parser.parse_args()
-    if args.smoke and args.out is None:
-        parser.error("--smoke needs --out DIR: smoke numbers do not belong in benchmarks/results")
-    if not args.smoke and not torch.cuda.is_available():
-        sys.exit("bench_vq.py times CUDA kernels and no CUDA device is visible; "
-                 "run `python benchmarks/bench_vq.py --smoke --out DIR` to check the script on the CPU")
-    shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    names = args.shapes.split(",") if args.shapes else list(shapes)
-    unknown = [name for name in names if name not in shapes]
-    if unknown:
-        parser.error(f"unknown shapes {unknown}; choose from {','.join(shapes)}")
-
-    dtype = DTYPES[args.dtype]
-    device = torch.device("cpu" if args.smoke else "cuda")
-    timer = time_cpu if args.smoke else time_cuda
+    args = parse_run(__doc__, "bench_vq.py", SHAPES, SMOKE_SHAPES, default_dtype="fp32",
+                     dtype_help=": tokenizers run in fp32")
+    shapes, names, dtype_name, dtype = args.shape_table, args.names, args.dtype_name, args.dtype
+    device, timer = args.device, args.timer
     env = environment(device)
-    print(f"device: {env['device']}  dtype: {args.dtype}  torch {env['torch']}  triton {env['triton']}")
+    print(f"device: {env['device']}  dtype: {dtype_name}  torch {env['torch']}  triton {env['triton']}")
     peaks = None if args.smoke else measure_device_peaks()
     if peaks is not None:
         print(f"measured peaks: bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s, copy {peaks['copy_gbps']:.0f} GB/s")
@@ -222,7 +201,7 @@ def main():
         smoke=args.smoke,
         environment=env,
         peaks=peaks,
-        dtype=args.dtype,
+        dtype=dtype_name,
         float32_matmul_precision=torch.get_float32_matmul_precision(),
         timing=dict(timer=timer.__name__, repeat=REPEAT),
         shapes={name: dict(zip(("batch", "tokens", "num_codes", "code_dim", "metric"), shapes[name])) for name in names},
