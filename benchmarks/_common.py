@@ -179,8 +179,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_run(doc: str, script: str, shapes: dict, smoke_shapes: dict, *, default_dtype: str,
-              smoke_dtype: str | None = None, dtype_help: str = ""):
-    """The command line every bench script shares: ``--dtype``, ``--shapes``, ``--out``, ``--smoke``.
+              smoke_dtype: str | None = None, dtype_help: str = "", add_arguments=None):
+    """The command line every bench script shares: ``--dtype``, ``--shapes``, ``--out``, ``--smoke``;
+    ``add_arguments(parser)`` adds a script's own options.
 
     Returns the parsed arguments plus what follows from them: ``shape_table`` (full or smoke),
     ``names`` (the shapes to run), ``dtype_name`` / ``dtype``, ``device`` and ``timer``.
@@ -192,6 +193,8 @@ def parse_run(doc: str, script: str, shapes: dict, smoke_shapes: dict, *, defaul
     parser.add_argument("--out", help="directory for the JSON results (default benchmarks/results; required with --smoke)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU with a wall clock: checks that the script runs, measures nothing")
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args()
     if args.smoke and args.out is None:
         parser.error("--smoke needs --out DIR: smoke numbers do not belong in benchmarks/results")

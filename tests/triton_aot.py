@@ -12,6 +12,7 @@ what lets it vectorise and pipeline loads, so each case names the arguments that
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -116,7 +117,41 @@ def cross_entropy_cases():
                    dict(pipelined=True, wgmma=True))
 
 
-FAMILIES = {"vq": vq_cases, "cross_entropy": cross_entropy_cases}
+def attention_cases():
+    attn = importlib.import_module("unimm.kernels.attention")  # the package exports the function by this name
+    from unimm.kernels._triton_common import dot_precision
+
+    def strides(*names):  # [B, S, H, D] tensors: batch, seq and head strides (D is contiguous)
+        return {f"stride_{n}{axis}": "i32" for n in names for axis in "bsh"}
+
+    for dtype, head_dim in ((torch.bfloat16, 64), (torch.bfloat16, 128), (torch.bfloat16, 256), (torch.float32, 64)):
+        t = TRITON_TYPES[dtype]
+        config = attn._config(head_dim, dtype, interpret=False)
+        common = dict(HAS_SOFTCAP=True, HEAD_DIM=head_dim, PRECISION=dot_precision(dtype))
+        scalars = dict(stride_mask="i32", scale="fp32", softcap="fp32")
+        sizes = dict(seq_len="i32", num_keys="i32", heads="i32")
+        fwd = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", o_ptr=f"*{t}", lse_ptr="*fp32", start_ptr="*i32",
+                   end_ptr="*i32", **sizes, group="i32", **strides("q", "k", "v", "o"), **scalars)
+        dq = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", do_ptr=f"*{t}", dq_ptr=f"*{t}", lse_ptr="*fp32",
+                  delta_ptr="*fp32", start_ptr="*i32", end_ptr="*i32", **sizes, group="i32",
+                  **strides("q", "k", "v", "do", "dq"), **scalars)
+        dkdv = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", do_ptr=f"*{t}", dk_ptr=f"*{t}", dv_ptr=f"*{t}",
+                    lse_ptr="*fp32", delta_ptr="*fp32", start_ptr="*i32", end_ptr="*i32", first_ptr="*i32",
+                    last_ptr="*i32", **sizes, kv_heads="i32", group="i32", **strides("q", "k", "v", "do", "dk", "dv"),
+                    stride_mask="i32", stride_tiles="i32", scale="fp32", softcap="fp32")
+        for name, kernel, signature, tiles in (("fwd", attn._attn_fwd_kernel, fwd, config["fwd"]),
+                                               ("bwd dq", attn._attn_bwd_dq_kernel, dq, config["dq"]),
+                                               ("bwd dk dv", attn._attn_bwd_dkdv_kernel, dkdv, config["dkdv"])):
+            tiles = dict(tiles)
+            launch = {key: tiles.pop(key) for key in ("num_warps", "num_stages")}
+            aligned = {n for n, kind in signature.items() if kind.startswith("*") or n.startswith("stride_")}
+            # wgmma needs 64-row operands: not in the fp32 tiles nor in dK/dV at D = 256 (see _config)
+            wgmma = dtype != torch.float32 and not (head_dim == 256 and name == "bwd dk dv")
+            yield (f"attention {name} {t} d={head_dim}", kernel, signature, dict(**common, **tiles), aligned, launch,
+                   dict(pipelined=False, wgmma=wgmma))
+
+
+FAMILIES = {"vq": vq_cases, "cross_entropy": cross_entropy_cases, "attention": attention_cases}
 
 
 def main(families: list[str]) -> None:

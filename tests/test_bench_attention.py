@@ -1,0 +1,81 @@
+"""benchmarks/bench_attention.py --smoke runs end to end on the CPU and writes what later runs compare."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import unimm.kernels
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCH_ATTENTION = ROOT / "benchmarks" / "bench_attention.py"
+LAYOUTS = ("causal", "prefix-lm", "packed-images", "packed-causal")
+
+pytestmark = pytest.mark.skipif(not hasattr(unimm.kernels, "attention"),
+                                reason="unimm.kernels.attention does not exist yet: nothing to benchmark")
+
+
+def expected_impls(layout):
+    sdpa = ("sdpa[flash]", "sdpa[cudnn]") if layout == "causal" else ("sdpa[dense mask]",)
+    return ("unimm",) + sdpa + ("flex_attention",)
+
+
+def test_bench_attention_smoke(tmp_path):
+    # No Triton interpreter (slow) and no forced backend: the script times automatic dispatch.
+    # PYTHONPATH: the script benchmarks this checkout, whatever else is installed.
+    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "UNIMM_BACKEND")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, str(BENCH_ATTENTION), "--smoke", "--out", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+
+    [path] = tmp_path.glob("attention-*.json")
+    payload = json.loads(path.read_text())
+    assert {"family", "target", "target_met", "target_parts", "environment", "peaks", "shapes", "layouts",
+            "timing", "results"} <= payload.keys()
+    assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()
+    assert payload["family"] == "attention" and payload["smoke"] and payload["dtype"] == "fp32"
+    assert payload["peaks"] is None
+    # CPU times are not judged against the H100 target
+    assert payload["target_met"] is None and set(payload["target_parts"].values()) == {None}
+    assert tuple(payload["layouts"]) == LAYOUTS
+    assert [name for name, spec in payload["layouts"].items() if not spec["mixed"]] == ["causal"]
+
+    expected = {(layout, shape, impl) for layout in LAYOUTS for shape in payload["shapes"]
+                for impl in expected_impls(layout)}
+    results = payload["results"]
+    assert {(r["layout"], r["shape"], r["impl"]) for r in results} == expected
+    assert len(results) == len(expected)
+    for r in results:
+        assert r["visible_pairs"] > 0
+        if not r["available"]:
+            assert r["reason"]
+            assert r["impl"] in ("sdpa[cudnn]", "flex_attention")  # CUDA only, or not in this torch
+            continue
+        assert "extra_peak_bytes" not in r  # no memory numbers on the CPU
+        assert r["forward"]["median_ms"] > 0 and r["forward"]["tflops"] > 0
+        assert "pct_bf16_peak" not in r["forward"]
+        if r["impl"] == "flex_attention":  # eager on the CPU, which has no FlexAttention backward
+            assert r["backward"] is None and r["backward_reason"]
+            assert r["mask_build_ms"] > 0
+        else:
+            assert r["backward"]["median_ms"] > 0 and r["backward"]["tflops"] > 0
+            assert r["backward"]["method"] == "retained graph"
+            assert r["within_tolerance"], r  # out, dq, dk, dv against the fp32 reference
+        if r["impl"] == "unimm":
+            assert r["mask_build_ms"] > 0
+            others = {impl for impl in expected_impls(r["layout"]) if impl != "unimm"}
+            available = {o["impl"] for o in results if o["available"] and o["layout"] == r["layout"]
+                         and o["shape"] == r["shape"] and o["impl"] in others}
+            assert set(r["speedup"]["forward"]) == available
+        if r["layout"].startswith("packed"):
+            # the smoke layouts end in padding: those rows see nothing and give exactly 0
+            assert r["empty_rows"] > 0 and r["empty_rows_max_abs"] == 0
+
+    # the markdown table comes last: header, separator, one line per result
+    table = run.stdout.rstrip().splitlines()[-(len(results) + 2):]
+    assert all(line.startswith("|") and line.endswith("|") for line in table)
+    assert "fwd ms" in table[0] and "bwd ms" in table[0] and set(table[1]) <= set("|-")

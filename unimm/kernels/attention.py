@@ -1,0 +1,404 @@
+"""Attention under one-interval-per-row masks (causal, prefix-LM, packed docs with bidirectional
+image spans, sliding windows), forward and backward, in Triton.
+
+Public: ``attention(q, k, v, mask=None, *, scale=None, softcap=None)`` with ``q [B, S, Hq, D]``,
+``k, v [B, Skv, Hkv, D]`` (GQA / MQA when Hkv divides Hq) and an ``AttentionMask``; its meaning
+is ``unimm.kernels.reference.attention``.
+
+Kernels (flash-attention 2 structure, fp32 statistics):
+  * ``_attn_fwd_kernel``: one program per (query tile, batch x head). It loads its rows'
+    intervals and visits only the key tiles in ``[min kv_start, max kv_end)``: tiles wholly
+    outside every row's interval are never loaded. Tiles inside ``[max kv_start, min kv_end)``
+    are visible to every row and skip the mask arithmetic. Saves the log-sum-exp (base 2).
+  * ``_attn_bwd_dq_kernel``: the same walk, accumulating dQ.
+  * ``_attn_bwd_dkdv_kernel``: one program per (key tile, batch x kv head); it walks the query
+    tiles ``mask.tile_bounds`` says may see it, for every query head of its group (GQA sums
+    land in registers, no atomics), accumulating dK and dV.
+Masks change from batch to batch without recompiling: intervals are data, not code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from unimm.kernels import dispatch
+from unimm.kernels._triton_common import cdiv, dot_precision
+from unimm.kernels.masks import AttentionMask
+from unimm.kernels.reference import attention as reference
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the Triton backend is then not live (dispatch says why)
+    triton = None
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | None = None, *,
+              scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Softmax attention where query row i of batch b sees keys ``[kv_start[b, i], kv_end[b, i])``.
+
+    Args:
+        q: ``[B, S, Hq, D]``; k, v: ``[B, Skv, Hkv, D]`` with ``Hq % Hkv == 0``; one dtype
+            (float16, bfloat16; float32 too, mainly for CPU tests); D a power of two in [16, 256].
+        mask: an ``AttentionMask`` of shape ``[B, S]`` needing at most Skv keys; None: every key.
+        scale: score scale, default ``D ** -0.5``.
+        softcap: Gemma-2's ``c tanh(s / c)`` on the scores, c > 0.
+
+    Returns:
+        ``[B, S, Hq, D]`` in q's dtype. Rows that see no key are 0, with 0 gradients.
+    """
+    _check_args(q, k, v, mask, scale, softcap)
+    batch, seq_len, q_heads, head_dim = q.shape
+    num_keys = k.shape[1]
+    if mask is None:
+        end = torch.full((batch, seq_len), num_keys, dtype=torch.int32, device=q.device)
+        mask = AttentionMask(torch.zeros_like(end), end, num_keys)
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # kernels read rows of D
+    backend = dispatch.select(
+        "attention", q.device, implemented=("triton",),
+        unsupported={"triton": None if q.dtype in _KERNEL_DTYPES else f"dtype {q.dtype} is served by the reference only"},
+    )
+    if backend == "reference" or q.numel() == 0 or num_keys == 0:
+        return reference.attention(q, k, v, mask, scale=scale, softcap=softcap,
+                                   compute_dtype=torch.promote_types(q.dtype, torch.float32))
+    config = _config(head_dim, q.dtype, dispatch.TRITON_INTERPRET)
+    first, last = mask.tile_bounds(config["dkdv"]["BLOCK_M"], config["dkdv"]["BLOCK_N"], num_keys)
+    out, _ = _attention_op(q, k, v, mask.kv_start, mask.kv_end, first, last, scale,
+                           float(softcap) if softcap is not None else None)
+    return out
+
+
+def _check_args(q, k, v, mask, scale, softcap) -> None:
+    for name, value in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, seq, heads, head_dim], got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        if value.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {value.dtype}")
+        if value.device != q.device:
+            raise ValueError(f"{name} is on {value.device} but q is on {q.device}")
+    batch, seq_len, q_heads, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k must be [{batch}, Skv, Hkv, {head_dim}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    kv_heads = k.shape[2]
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"q's heads ({q_heads}) must be a multiple of k/v's heads ({kv_heads})")
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two in [16, 256], got {head_dim}")
+    if mask is not None:
+        if not isinstance(mask, AttentionMask):
+            raise TypeError(f"mask must be an AttentionMask or None, got {type(mask).__name__}")
+        if mask.shape != (batch, seq_len):
+            raise ValueError(f"mask must be for [batch, seq] = [{batch}, {seq_len}], got {list(mask.shape)}")
+        if mask.device != q.device:
+            raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
+        if mask.num_keys > k.shape[1]:
+            raise ValueError(f"mask lets rows see up to {mask.num_keys} keys but k has {k.shape[1]}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 (or None), got {softcap}")
+
+
+def _config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
+    """Tiles per kernel; tests/triton_aot.py checks them against sm_90a and sm_80 (no spills,
+    shared memory within both chips). Backward tiles are small: each holds two fp32 accumulators
+    and recomputes the probabilities."""
+    if interpret:
+        tiles = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+        return dict(fwd=tiles, dq=tiles, dkdv=tiles)
+    tiles = lambda m, n, warps, stages: dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)  # noqa: E731
+    if dtype == torch.float32:  # a CPU-test dtype that still has to run on GPUs: small and safe
+        return dict(fwd=tiles(32, 32, 4, 2), dq=tiles(32, 32, 4, 2), dkdv=tiles(32, 32, 8, 2))
+    if head_dim <= 128:
+        return dict(fwd=tiles(128, 64, 8 if head_dim == 128 else 4, 3), dq=tiles(64, 32, 4, 3), dkdv=tiles(32, 64, 8, 2))
+    # D = 256 (Gemma): dK and dV accumulators of 64 keys would spill, so 32 keys (no wgmma there)
+    return dict(fwd=tiles(64, 64, 8, 2), dq=tiles(64, 32, 8, 2), dkdv=tiles(16, 32, 8, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops (opaque to torch.compile) and autograd
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("unimm::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
+                  tile_first: torch.Tensor, tile_last: torch.Tensor, scale: float,
+                  softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, S, Hq, D], lse2 [B, Hq, S] fp32: log2-sum-exp2 of the scaled scores, +inf for
+    rows that see nothing)."""
+    batch, seq_len, q_heads, head_dim = q.shape
+    out = torch.empty_like(q)
+    lse2 = torch.empty(batch, q_heads, seq_len, dtype=torch.float32, device=q.device)
+    tiles = _config(head_dim, q.dtype, dispatch.TRITON_INTERPRET)["fwd"]
+    grid = (cdiv(seq_len, tiles["BLOCK_M"]), batch * q_heads)
+    with _device(q):
+        _attn_fwd_kernel[grid](
+            q, k, v, out, lse2, kv_start, kv_end, seq_len, k.shape[1], q_heads, q_heads // k.shape[2],
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], kv_start.stride(0),
+            scale, softcap if softcap is not None else 1.0,
+            HAS_SOFTCAP=softcap is not None, HEAD_DIM=head_dim, PRECISION=dot_precision(q.dtype), **tiles,
+        )
+    return out, lse2
+
+
+@_attention_op.register_fake
+def _(q, k, v, kv_start, kv_end, tile_first, tile_last, scale, softcap):
+    batch, seq_len, q_heads, _ = q.shape
+    return torch.empty_like(q), q.new_empty((batch, q_heads, seq_len), dtype=torch.float32)
+
+
+@torch.library.custom_op("unimm::attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           out: torch.Tensor, lse2: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
+                           tile_first: torch.Tensor, tile_last: torch.Tensor, scale: float,
+                           softcap: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, seq_len, q_heads, head_dim = q.shape
+    num_keys, kv_heads = k.shape[1], k.shape[2]
+    grad_out = grad_out.contiguous()
+    # delta_i = sum_d dO_i O_i: the softmax backward's row term, fp32 [B, Hq, S]
+    delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    config = _config(head_dim, q.dtype, dispatch.TRITON_INTERPRET)
+    common = dict(HAS_SOFTCAP=softcap is not None, HEAD_DIM=head_dim, PRECISION=dot_precision(q.dtype))
+    cap = softcap if softcap is not None else 1.0
+    with _device(q):
+        _attn_bwd_dq_kernel[(cdiv(seq_len, config["dq"]["BLOCK_M"]), batch * q_heads)](
+            q, k, v, grad_out, dq, lse2, delta, kv_start, kv_end, seq_len, num_keys, q_heads, q_heads // kv_heads,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq.stride()[:3],
+            kv_start.stride(0), scale, cap, **common, **config["dq"],
+        )
+        _attn_bwd_dkdv_kernel[(cdiv(num_keys, config["dkdv"]["BLOCK_N"]), batch * kv_heads)](
+            q, k, v, grad_out, dk, dv, lse2, delta, kv_start, kv_end, tile_first, tile_last,
+            seq_len, num_keys, q_heads, kv_heads, q_heads // kv_heads,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
+            *dv.stride()[:3], kv_start.stride(0), tile_first.stride(0), scale, cap, **common, **config["dkdv"],
+        )
+    return dq, dk, dv
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse2, kv_start, kv_end, tile_first, tile_last, scale, softcap):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_start, kv_end, tile_first, tile_last, scale, softcap = inputs
+    out, lse2 = output
+    ctx.mark_non_differentiable(lse2)
+    ctx.save_for_backward(q, k, v, out, lse2, kv_start, kv_end, tile_first, tile_last)
+    ctx.options = (scale, softcap)
+
+
+def _backward(ctx, grad_out, grad_lse2):
+    q, k, v, out, lse2, kv_start, kv_end, tile_first, tile_last = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse2, kv_start, kv_end, tile_first, tile_last,
+                                        *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh(x):
+        # 1 - 2 / (exp(2x) + 1): exact limits at +-inf, no overflow
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
+    def _row_intervals(start_ptr, end_ptr, rows, row_ok):
+        """The rows' intervals (empty for rows past the end), the hull of the non-empty ones,
+        and the range every row sees."""
+        start = tl.load(start_ptr + rows, mask=row_ok, other=1)
+        end = tl.load(end_ptr + rows, mask=row_ok, other=0)
+        nonempty = end > start
+        lo = tl.min(tl.where(nonempty, start, 2**30), 0)
+        hi = tl.max(tl.where(nonempty, end, 0), 0)
+        inner_lo = tl.max(tl.where(row_ok, start, 0), 0)
+        inner_hi = tl.min(tl.where(row_ok, end, 2**30), 0)
+        return start, end, lo, hi, inner_lo, inner_hi
+
+    @triton.jit
+    def _scores(q, k, scale, softcap, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+        """log2-scaled scores of q [M, D] against k [N, D], and the soft-cap's tanh (for backward)."""
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        t = s
+        if HAS_SOFTCAP:
+            t = _tanh(s / softcap)
+            s = softcap * t
+        return s * 1.4426950408889634, t
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, start_ptr, end_ptr, seq_len, num_keys, heads, group,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        stride_ob, stride_os, stride_oh, stride_mask, scale, softcap,
+        HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        bh = tl.program_id(1)
+        b = (bh // heads).to(tl.int64)
+        h = bh % heads
+        kv_h = h // group
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < seq_len
+        dims = tl.arange(0, HEAD_DIM)
+        start, end, lo, hi, inner_lo, inner_hi = _row_intervals(start_ptr + b * stride_mask,
+                                                                 end_ptr + b * stride_mask, rows, row_ok)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qs + dims[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        k_base = k_ptr + b * stride_kb + kv_h * stride_kh
+        v_base = v_ptr + b * stride_vb + kv_h * stride_vh
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for n0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):  # key tiles some row sees
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = (cols < num_keys)[:, None]
+            k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=col_ok, other=0.0)
+            v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=col_ok, other=0.0)
+            s, _ = _scores(q, k, scale, softcap, HAS_SOFTCAP, PRECISION)
+            if (n0 < inner_lo) | (n0 + BLOCK_N > inner_hi):  # not every row sees the whole tile
+                visible = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
+                s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        tl.store(o_ptr + b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_os + dims[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+        lse2 = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+        tl.store(lse_ptr + bh.to(tl.int64) * seq_len + rows, lse2, mask=row_ok)
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, start_ptr, end_ptr, seq_len, num_keys, heads, group,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_mask, scale, softcap,
+        HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        bh = tl.program_id(1)
+        b = (bh // heads).to(tl.int64)
+        h = bh % heads
+        kv_h = h // group
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < seq_len
+        dims = tl.arange(0, HEAD_DIM)
+        start, end, lo, hi, inner_lo, inner_hi = _row_intervals(start_ptr + b * stride_mask,
+                                                                 end_ptr + b * stride_mask, rows, row_ok)
+        row_off = rows[:, None].to(tl.int64)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + row_off * stride_qs + dims[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptr + b * stride_dob + h * stride_doh + row_off * stride_dos + dims[None, :],
+                     mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(lse_ptr + bh.to(tl.int64) * seq_len + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + bh.to(tl.int64) * seq_len + rows, mask=row_ok, other=0.0)
+        k_base = k_ptr + b * stride_kb + kv_h * stride_kh
+        v_base = v_ptr + b * stride_vb + kv_h * stride_vh
+
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for n0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = (cols < num_keys)[:, None]
+            k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=col_ok, other=0.0)
+            v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=col_ok, other=0.0)
+            s, t = _scores(q, k, scale, softcap, HAS_SOFTCAP, PRECISION)
+            p = tl.exp2(s - lse2[:, None])
+            if (n0 < inner_lo) | (n0 + BLOCK_N > inner_hi):
+                visible = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
+                p = tl.where(visible, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            if HAS_SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + row_off * stride_dqs + dims[None, :],
+                 (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, start_ptr, end_ptr, first_ptr, last_ptr,
+        seq_len, num_keys, heads, kv_heads, group,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+        stride_mask, stride_tiles, scale, softcap,
+        HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // kv_heads).to(tl.int64)
+        kv_h = bh % kv_heads
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < num_keys
+        dims = tl.arange(0, HEAD_DIM)
+        col_off = cols[:, None].to(tl.int64)
+        k = tl.load(k_ptr + b * stride_kb + kv_h * stride_kh + col_off * stride_ks + dims[None, :],
+                    mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + b * stride_vb + kv_h * stride_vh + col_off * stride_vs + dims[None, :],
+                    mask=col_ok[:, None], other=0.0)
+        first = tl.load(first_ptr + b * stride_tiles + pid_n)
+        last = tl.load(last_ptr + b * stride_tiles + pid_n)
+        tile_lo = pid_n * BLOCK_N
+
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        for g in range(0, group):  # every query head that reads this kv head
+            h = kv_h * group + g
+            q_base = q_ptr + b * stride_qb + h * stride_qh
+            do_base = do_ptr + b * stride_dob + h * stride_doh
+            stats = (b * heads + h) * seq_len
+            for m in range(first, last):  # query tiles whose rows may see this key tile
+                rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
+                row_ok = rows < seq_len
+                start, end, lo, hi, inner_lo, inner_hi = _row_intervals(start_ptr + b * stride_mask,
+                                                                         end_ptr + b * stride_mask, rows, row_ok)
+                row_off = rows[:, None].to(tl.int64)
+                q = tl.load(q_base + row_off * stride_qs + dims[None, :], mask=row_ok[:, None], other=0.0)
+                do = tl.load(do_base + row_off * stride_dos + dims[None, :], mask=row_ok[:, None], other=0.0)
+                lse2 = tl.load(lse_ptr + stats + rows, mask=row_ok, other=float("inf"))
+                delta = tl.load(delta_ptr + stats + rows, mask=row_ok, other=0.0)
+                s, t = _scores(q, k, scale, softcap, HAS_SOFTCAP, PRECISION)
+                p = tl.exp2(s - lse2[:, None])
+                if (tile_lo < inner_lo) | (tile_lo + BLOCK_N > inner_hi):
+                    visible = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
+                    p = tl.where(visible, p, 0.0)
+                dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                if HAS_SOFTCAP:
+                    ds = ds * (1.0 - t * t)
+                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+        tl.store(dk_ptr + b * stride_dkb + kv_h * stride_dkh + col_off * stride_dks + dims[None, :],
+                 (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(dv_ptr + b * stride_dvb + kv_h * stride_dvh + col_off * stride_dvs + dims[None, :],
+                 dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])

@@ -1,0 +1,181 @@
+"""AttentionMask: one interval of visible keys per query row (DESIGN.md, "Attention masks").
+
+Row ``i`` of batch ``b`` sees keys ``[kv_start[b, i], kv_end[b, i])``. Causal, prefix-LM,
+bidirectional image spans inside packed documents and sliding windows all have this form, at
+8 bytes per token instead of an N x N mask. Builders are a few tensor ops on the input's device
+(no Python loop over tokens) and check their input once (one device read).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _check_int(name: str, value, dims: int) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+    if value.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dims, got shape {tuple(value.shape)}")
+
+
+def _split_runs(run_starts: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """bool ``[B]``: some id starts two runs in the row, i.e. its tokens are not contiguous."""
+    sentinel = torch.iinfo(torch.int64).min
+    first = torch.where(run_starts, ids, sentinel).sort(dim=1).values
+    return ((first[:, 1:] == first[:, :-1]) & (first[:, 1:] != sentinel)).any(1)
+
+
+def _first_bad_row(bad: torch.Tensor) -> int | None:
+    """Index of the first batch row where ``bad [B, ...]`` holds, or None (one device read)."""
+    rows = bad.reshape(bad.shape[0], -1).any(-1)
+    if not rows.any():
+        return None
+    return int(rows.nonzero()[0, 0])
+
+
+class AttentionMask:
+    """Visible-key intervals ``kv_start``, ``kv_end``: int32 ``[B, S]``, end exclusive.
+
+    ``num_keys`` is the largest ``kv_end``: ``attention`` needs at least that many keys.
+    """
+
+    def __init__(self, kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int):
+        self.kv_start = kv_start
+        self.kv_end = kv_end
+        self.num_keys = num_keys
+        self._tile_bounds: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.kv_start.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_start.device
+
+    def __repr__(self) -> str:
+        return f"AttentionMask(batch={self.shape[0]}, seq_len={self.shape[1]}, num_keys>={self.num_keys})"
+
+    # ---- builders ---------------------------------------------------------------------------
+
+    @classmethod
+    def causal(cls, batch_size: int, seq_len: int, *, past_len: int = 0, device=None) -> AttentionMask:
+        """Row i sees ``[0, past_len + i + 1)``: causal attention after ``past_len`` cached keys."""
+        for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 0), ("past_len", past_len, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        end = torch.arange(past_len + 1, past_len + seq_len + 1, dtype=torch.int32, device=device)
+        end = end.expand(batch_size, seq_len).contiguous()
+        return cls(torch.zeros_like(end), end, past_len + seq_len)
+
+    @classmethod
+    def prefix_lm(cls, prefix_lens: torch.Tensor, seq_len: int) -> AttentionMask:
+        """Row i of batch b sees ``[0, max(i + 1, prefix_lens[b]))``: the prefix (image +
+        question) is bidirectional, the rest causal (PaliGemma / UniFluid)."""
+        _check_int("prefix_lens", prefix_lens, 1)
+        if not isinstance(seq_len, int) or seq_len < 0:
+            raise ValueError(f"seq_len must be an int >= 0, got {seq_len!r}")
+        bad = _first_bad_row(((prefix_lens < 0) | (prefix_lens > seq_len))[:, None])
+        if bad is not None:
+            raise ValueError(f"prefix_lens[{bad}] = {int(prefix_lens[bad])} is outside [0, {seq_len}]")
+        rows = torch.arange(1, seq_len + 1, dtype=torch.int32, device=prefix_lens.device)
+        end = torch.maximum(rows[None, :], prefix_lens.to(torch.int32)[:, None])
+        return cls(torch.zeros_like(end), end, seq_len)
+
+    @classmethod
+    def from_spans(cls, doc_ids: torch.Tensor, span_ids: torch.Tensor) -> AttentionMask:
+        """Packed documents with bidirectional spans: i sees j iff ``doc[i] == doc[j] >= 0`` and
+        (``j <= i`` or ``span[i] == span[j] != 0``). Documents and spans must be contiguous runs;
+        ``doc = -1`` marks padding, which sees nothing. Row i sees
+        ``[doc_start(i), max(i + 1, span_end(i)))``."""
+        _check_int("doc_ids", doc_ids, 2)
+        _check_int("span_ids", span_ids, 2)
+        if span_ids.shape != doc_ids.shape or span_ids.device != doc_ids.device:
+            raise ValueError(f"span_ids must match doc_ids in shape and device, got {tuple(span_ids.shape)} on "
+                             f"{span_ids.device} and {tuple(doc_ids.shape)} on {doc_ids.device}")
+        batch, seq_len = doc_ids.shape
+        doc = doc_ids.long()
+        span = span_ids.long()
+        positions = torch.arange(seq_len, device=doc.device).expand(batch, seq_len)
+        doc_starts = torch.ones_like(doc, dtype=torch.bool)
+        doc_starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+        span_starts = doc_starts.clone()
+        span_starts[:, 1:] |= span[:, 1:] != span[:, :-1]
+        problems = torch.stack([
+            (doc < -1).any(1),
+            (span < 0).any(1),
+            _split_runs(doc_starts & (doc >= 0), doc),
+            _split_runs(span_starts & (span != 0) & (doc >= 0), doc * 2**32 + span),  # a span within its doc
+        ])
+        if problems.any():  # the one device read
+            kind, row = problems.nonzero()[0].tolist()
+            raise ValueError([
+                f"doc_ids row {row}: ids must be >= 0, or -1 for padding",
+                f"span_ids row {row}: ids must be >= 0 (0: no span)",
+                f"doc_ids row {row}: a document appears in two separate runs; documents must be contiguous",
+                f"span_ids row {row}: a span appears in two separate runs; spans must be contiguous",
+            ][kind])
+
+        doc_start = torch.cummax(torch.where(doc_starts, positions, 0), dim=1).values
+        # first span-run start after i (seq_len when none): a reversed running minimum
+        next_start = torch.full_like(positions, seq_len)
+        next_start[:, :-1] = torch.where(span_starts[:, 1:], positions[:, 1:], seq_len)
+        span_end = torch.flip(torch.cummin(torch.flip(next_start, [1]), dim=1).values, [1])
+        end = torch.where(span != 0, torch.maximum(positions + 1, span_end), positions + 1)
+        padding = doc < 0
+        start = torch.where(padding, 0, doc_start).to(torch.int32)
+        end = torch.where(padding, 0, end).to(torch.int32)
+        return cls(start, end, seq_len)
+
+    @classmethod
+    def from_intervals(cls, kv_start: torch.Tensor, kv_end: torch.Tensor) -> AttentionMask:
+        """Any other mask of this form (sliding windows, ...): row i sees ``[kv_start, kv_end)``."""
+        _check_int("kv_start", kv_start, 2)
+        _check_int("kv_end", kv_end, 2)
+        if kv_end.shape != kv_start.shape or kv_end.device != kv_start.device:
+            raise ValueError(f"kv_end must match kv_start in shape and device, got {tuple(kv_end.shape)} and "
+                             f"{tuple(kv_start.shape)}")
+        bad = _first_bad_row((kv_start < 0) | (kv_end < kv_start))
+        if bad is not None:
+            raise ValueError(f"kv_start / kv_end row {bad}: need 0 <= kv_start <= kv_end")
+        num_keys = int(kv_end.max()) if kv_end.numel() else 0
+        return cls(kv_start.to(torch.int32).contiguous(), kv_end.to(torch.int32).contiguous(), num_keys)
+
+    # ---- views ------------------------------------------------------------------------------
+
+    def to_dense(self, num_keys: int) -> torch.Tensor:
+        """bool ``[B, S, num_keys]``: True where a query row sees a key. For debugging and tests."""
+        keys = torch.arange(num_keys, device=self.device)
+        return (keys >= self.kv_start[..., None]) & (keys < self.kv_end[..., None])
+
+    def visible_pairs(self) -> int:
+        """Number of visible (query, key) pairs: what attention FLOPs are counted on."""
+        return int((self.kv_end - self.kv_start).clamp_min(0).sum())
+
+    def tile_bounds(self, block_m: int, block_n: int, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the backward's dK/dV pass: per batch and key tile of ``block_n`` keys, the first
+        and one-past-last query tile of ``block_m`` rows whose rows see any key of it
+        (int32 ``[B, key tiles]``; first == last when none does). Cached per tile shape."""
+        key = (block_m, block_n, num_keys)
+        if key not in self._tile_bounds:
+            batch, seq_len = self.shape
+            q_tiles = -(-seq_len // block_m)
+            k_tiles = -(-num_keys // block_n)
+            pad = q_tiles * block_m - seq_len
+            start = torch.nn.functional.pad(self.kv_start, (0, pad), value=num_keys).reshape(batch, q_tiles, block_m)
+            end = torch.nn.functional.pad(self.kv_end, (0, pad), value=0).reshape(batch, q_tiles, block_m)
+            # a query tile may touch key tile j when its rows' hull [min start, max end) meets it
+            empty = end <= start
+            lo = torch.where(empty, num_keys, start).min(-1).values
+            hi = torch.where(empty, 0, end).max(-1).values
+            tile_lo = torch.arange(k_tiles, device=self.device) * block_n
+            touches = (lo[:, :, None] < tile_lo + block_n) & (hi[:, :, None] > tile_lo)  # [B, q tiles, k tiles]
+            any_touch = touches.any(1)
+            first = torch.where(any_touch, touches.int().argmax(1), 0)
+            last = torch.where(any_touch, q_tiles - touches.flip(1).int().argmax(1), 0)
+            self._tile_bounds[key] = (first.to(torch.int32).contiguous(), last.to(torch.int32).contiguous())
+        return self._tile_bounds[key]
