@@ -151,7 +151,28 @@ def attention_cases():
                    dict(pipelined=False, wgmma=wgmma))
 
 
-FAMILIES = {"vq": vq_cases, "cross_entropy": cross_entropy_cases, "attention": attention_cases}
+def diffusion_cases():
+    from unimm.kernels import diffusion
+
+    for dtype, width in ((torch.bfloat16, 1024), (torch.bfloat16, 1536), (torch.float32, 1024)):
+        t = TRITON_TYPES[dtype]
+        block = triton.next_power_of_2(width)
+        signature = dict(x_ptr=f"*{t}", shift_ptr=f"*{t}", scale_ptr=f"*{t}", weight_ptr=f"*{t}", bias_ptr=f"*{t}",
+                         out_ptr=f"*{t}", width="i32", stride_x="i32", stride_shift="i32", stride_scale="i32",
+                         stride_out="i32", eps="fp32")
+        aligned = {name for name in signature if name != "eps"}
+        yield (f"modulated layernorm {t} w={width}", diffusion._modulated_layernorm_kernel, signature,
+               dict(AFFINE=True, BLOCK=block), aligned, dict(num_warps=min(16, block // 256), num_stages=1),
+               dict(pipelined=False, wgmma=False))
+    signature = dict(x_ptr="*fp32", out_ptr="*bf16", noise_ptr="*fp32", step_ptr="*fp32", new_x_ptr="*fp32",
+                     token_dim="i32", stride_out="i32", rows="i32", cfg_scale="fp32", noise_scale="fp32")
+    yield ("denoise step bf16", diffusion._step_kernel, signature, dict(GUIDED=True, BLOCK=16),
+           {"x_ptr", "out_ptr", "noise_ptr", "step_ptr", "new_x_ptr"}, dict(num_warps=1, num_stages=1),
+           dict(pipelined=False, wgmma=False))
+
+
+FAMILIES = {"vq": vq_cases, "cross_entropy": cross_entropy_cases, "attention": attention_cases,
+            "diffusion": diffusion_cases}
 
 
 def main(families: list[str]) -> None:

@@ -1,0 +1,172 @@
+"""DiffusionHead: the fused sampling path against the eager reference, CFG, the loss, learning."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DEVICE, seeded
+from unimm.kernels import diffusion
+from unimm.models import DiffusionHead
+
+
+def make_head(token_dim=4, cond_dim=8, width=32, depth=2, seed=0):
+    torch.manual_seed(seed)
+    head = DiffusionHead(token_dim, cond_dim, width, depth).to(DEVICE)
+    with torch.no_grad():  # MAR zero-initialises the output layers: give every weight a value
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=seeded(seed + p.numel())) * 0.3 / math.sqrt(max(1, p.shape[-1])))
+    return head
+
+
+def sample(head, backend, monkeypatch, cond, **kwargs):
+    monkeypatch.setenv("UNIMM_BACKEND", backend)
+    return head.sample(cond, **kwargs)
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 25])
+@pytest.mark.parametrize("cfg_scale, temperature", [(1.0, 1.0), (3.0, 0.9)])
+def test_fused_matches_reference(monkeypatch, num_steps, cfg_scale, temperature):
+    from conftest import available_backends
+
+    if "triton" not in available_backends():
+        pytest.skip("triton backend not live here")
+    head = make_head()
+    rows = 5
+    cond = torch.randn(rows * (2 if cfg_scale != 1 else 1), 8, generator=seeded(1)).to(DEVICE)
+    noise = torch.randn(num_steps + 1, rows, 4, generator=seeded(2)).to(DEVICE)
+    options = dict(num_steps=num_steps, cfg_scale=cfg_scale, temperature=temperature, noise=noise)
+    want = sample(head, "reference", monkeypatch, cond, **options)
+    got = sample(head, "triton", monkeypatch, cond, **options)
+    assert got.shape == (rows, 4) and torch.isfinite(got).all()
+    assert ((got - want).norm() / want.norm()).item() < 1e-4
+
+
+def test_guidance_at_scale_one_is_the_conditional_half(backend):
+    head = make_head()
+    cond = torch.randn(4, 8, generator=seeded(3)).to(DEVICE)
+    uncond = torch.randn(4, 8, generator=seeded(4)).to(DEVICE)
+    noise = torch.randn(11, 4, 4, generator=seeded(5)).to(DEVICE)
+    alone = head.sample(cond, num_steps=10, noise=noise)
+    guided = head.sample(torch.cat([cond, uncond]), num_steps=10, cfg_scale=1.0 + 1e-6, noise=noise)
+    torch.testing.assert_close(guided, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_noise_and_generator_reproducibility(backend):
+    head = make_head()
+    cond = torch.randn(3, 8, generator=seeded(6)).to(DEVICE)
+    first = head.sample(cond, num_steps=4, generator=torch.Generator(DEVICE).manual_seed(7))
+    second = head.sample(cond, num_steps=4, generator=torch.Generator(DEVICE).manual_seed(7))
+    assert torch.equal(first, second)
+    cold = head.sample(cond, num_steps=4, temperature=0.0, noise=torch.zeros(5, 3, 4, device=DEVICE))
+    warm = head.sample(cond, num_steps=4, temperature=0.0, noise=torch.randn(5, 3, 4, device=DEVICE))
+    assert not torch.equal(cold, warm)  # the start noise counts; temperature scales only step noise
+
+
+def test_schedule_matches_improved_ddpm():
+    betas = diffusion.cosine_betas(1000)
+    assert betas.shape == (1000,) and betas.max() <= 0.999 and (np.diff(betas) >= 0).all()
+    assert diffusion.spaced_timesteps(1000, 100)[:3] == [0, 10, 20] and diffusion.spaced_timesteps(1000, 100)[-1] == 999
+    assert diffusion.spaced_timesteps(1000, 1) == [0]
+    schedule = diffusion.DiffusionSchedule(1000)
+    timesteps, table = schedule.sampling_tables(1000, DEVICE)
+    assert torch.equal(timesteps.cpu(), torch.arange(1000))  # no respacing: the full schedule
+    full = schedule.full
+    torch.testing.assert_close(table[:, 2].cpu(), torch.tensor(full.coef1, dtype=torch.float32))
+    assert torch.isfinite(table).all()
+
+
+@pytest.mark.parametrize("num_steps", [100, 50])
+def test_sampler_with_an_oracle_denoiser(monkeypatch, num_steps):
+    """For data N(mu, sigma^2) the optimal noise prediction is known in closed form: the sampler
+    driven by it must reproduce the data distribution (the learned variance at its lower end)."""
+    monkeypatch.setenv("UNIMM_BACKEND", "reference")
+    schedule = diffusion.DiffusionSchedule(100)
+    alphas_cumprod = torch.tensor(schedule.full.alphas_cumprod, dtype=torch.float32)
+    mu, sigma = torch.tensor([0.3, -0.2]), 0.1
+
+    class Oracle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.input_proj = torch.nn.Linear(1, 1)  # the sampler reads the parameter dtype here
+
+        def forward(self, x, t, cond):
+            abar = alphas_cumprod[t][:, None]
+            eps = (x - abar.sqrt() * mu) * (1 - abar).sqrt() / (abar * sigma**2 + 1 - abar)
+            return torch.cat([eps, -torch.ones_like(eps)], -1)
+
+    noise = torch.randn(num_steps + 1, 4096, 2, generator=seeded(16))
+    x = diffusion.sample_loop(Oracle(), schedule, torch.zeros(4096, 1), noise, num_steps=num_steps, cfg_scale=1.0,
+                              temperature=1.0)
+    assert (x.mean(0) - mu).abs().max() < 0.01
+    assert ((x.std(0) - sigma).abs() < 0.03).all(), x.std(0)
+
+
+def test_loss_and_gradients():
+    head = make_head()
+    cond = torch.randn(6, 8, generator=seeded(8)).to(DEVICE)
+    target = torch.randn(6, 4, generator=seeded(9)).to(DEVICE)
+    loss = head.loss(cond, target, generator=torch.Generator(DEVICE).manual_seed(10))
+    again = head.loss(cond, target, generator=torch.Generator(DEVICE).manual_seed(10))
+    assert torch.isfinite(loss) and loss.item() == again.item()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
+    # the mask drops rows: a masked-out row may hold anything finite
+    mask = torch.tensor([1, 1, 1, 0, 0, 0], device=DEVICE)
+    shifted = target.clone()
+    shifted[3:] += 100.0
+    gen = lambda: torch.Generator(DEVICE).manual_seed(11)  # noqa: E731
+    torch.testing.assert_close(head.loss(cond, target, mask=mask, generator=gen()),
+                               head.loss(cond, shifted, mask=mask, generator=gen()))
+
+
+def test_loss_terms_match_improved_ddpm():
+    """The per-row loss is MSE(noise, eps) + KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) / log 2,
+    written here from the formulas, with the model's output fixed."""
+    schedule = diffusion.DiffusionSchedule(50)
+    x0 = torch.rand(4, 3, generator=seeded(12)) * 1.6 - 0.8
+    noise = torch.randn(4, 3, generator=seeded(13))
+    t = torch.tensor([0, 7, 30, 49])
+    output = torch.randn(4, 6, generator=seeded(14)) * 0.5
+    losses = schedule.training_losses(lambda x, tt, c: output, x0, t, noise, None)
+    full = schedule.full
+    for row, step in enumerate(t.tolist()):
+        eps, v = output[row, :3].double(), output[row, 3:].double()
+        abar = full.alphas_cumprod[step]
+        xt = math.sqrt(abar) * x0[row].double() + math.sqrt(1 - abar) * noise[row].double()
+        x0_hat = xt / math.sqrt(abar) - math.sqrt(1 / abar - 1) * eps
+        mean = full.coef1[step] * x0_hat + full.coef2[step] * xt
+        log_var = (v + 1) / 2 * math.log(full.betas[step]) + (1 - v) / 2 * full.posterior_log_var[step]
+        mse = (noise[row].double() - eps).square().mean()
+        if step == 0:
+            cdf = lambda z: 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))  # noqa: E731
+            inv = torch.exp(-0.5 * log_var)
+            prob = cdf(inv * (x0[row].double() - mean + 1 / 255)) - cdf(inv * (x0[row].double() - mean - 1 / 255))
+            vb = -torch.log(prob.clamp_min(1e-12)).mean() / math.log(2)
+        else:
+            true_mean = full.coef1[step] * x0[row].double() + full.coef2[step] * xt
+            true_log_var = full.posterior_log_var[step]
+            kl = 0.5 * (-1 + log_var - true_log_var + torch.exp(true_log_var - log_var)
+                        + (true_mean - mean).square() * torch.exp(-log_var))
+            vb = kl.mean() / math.log(2)
+        assert abs(losses[row].item() - (mse + vb).item()) < 1e-4 * max(1.0, abs((mse + vb).item()))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda h: h.sample(torch.randn(3, 8), cfg_scale=2.0), ValueError, "even row count"),
+    (lambda h: h.sample(torch.randn(3, 7)), ValueError, r"cond must be \[rows, 8\]"),
+    (lambda h: h.sample(torch.randn(3, 8), num_steps=0), ValueError, "num_steps"),
+    (lambda h: h.sample(torch.randn(3, 8), num_steps=1001), ValueError, "num_steps"),
+    (lambda h: h.sample(torch.full((3, 8), float("nan"))), ValueError, "non-finite"),
+    (lambda h: h.sample(torch.randn(3, 8), num_steps=4, noise=torch.randn(4, 3, 4)), ValueError, "noise must be"),
+    (lambda h: h.sample(torch.randint(0, 3, (3, 8))), TypeError, "floating"),
+    (lambda h: h.loss(torch.randn(3, 8), torch.randn(3, 5)), ValueError, "target must be"),
+    (lambda h: h.loss(torch.randn(3, 8), torch.randn(3, 4), batch_mul=0), ValueError, "batch_mul"),
+    (lambda h: h.loss(torch.randn(3, 8), torch.randn(3, 4), mask=torch.ones(2)), ValueError, "mask must be"),
+    (lambda h: DiffusionHead(4, 8, 0, 2), ValueError, "width"),
+])
+def test_bad_input(call, error, match):
+    head = DiffusionHead(4, 8, 16, 1)
+    with pytest.raises(error, match=match):
+        call(head)

@@ -1,0 +1,330 @@
+"""Per-token diffusion (MAR / UniFluid): the improved-DDPM Gaussian diffusion with a cosine
+schedule and learned variance range, its training loss, and the sampling loop.
+
+The sampling loop is the hot path: ~100 denoising steps of a small MLP on every image token.
+  * reference: the eager loop over ``SimpleMLPAdaLN`` (what ``UNIMM_BACKEND=reference`` runs);
+  * triton: the same network with the adaLN-modulated LayerNorm (``_modulated_layernorm_kernel``)
+    and the whole per-step update (guidance, x0, posterior mean, learned variance, noise:
+    ``_step_kernel``) fused; the timestep MLP of every step is computed once per call; on a GPU
+    the whole loop is captured in a CUDA graph per (rows, steps, guidance) and replayed.
+Schedule tables live on the device; the loop makes no host synchronisation and no host-to-device
+copy. Its meaning is the reference loop: both take the same ``noise`` and agree to rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unimm.kernels import dispatch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the Triton backend is then not live (dispatch says why)
+    triton = None
+
+_LN_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule
+# ---------------------------------------------------------------------------------------------
+
+def cosine_betas(steps: int, max_beta: float = 0.999) -> np.ndarray:
+    """Improved DDPM's cosine schedule: beta_i = 1 - abar((i+1)/T) / abar(i/T), capped."""
+    abar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    return np.array([min(1 - abar((i + 1) / steps) / abar(i / steps), max_beta) for i in range(steps)])
+
+
+def spaced_timesteps(train_steps: int, num_steps: int) -> list[int]:
+    """``num_steps`` of ``train_steps`` timesteps, evenly spaced from 0 to the last (ADM's respacing)."""
+    stride = (train_steps - 1) / (num_steps - 1) if num_steps > 1 else 1
+    return [round(i * stride) for i in range(num_steps)]
+
+
+class _Tables:
+    """Diffusion quantities of a (possibly respaced) beta schedule, computed in fp64."""
+
+    def __init__(self, betas: np.ndarray):
+        alphas_cumprod = np.cumprod(1.0 - betas)
+        prev = np.append(1.0, alphas_cumprod[:-1])
+        self.betas = betas
+        self.alphas_cumprod = alphas_cumprod
+        self.sqrt_recip_ac = np.sqrt(1.0 / alphas_cumprod)
+        self.sqrt_recipm1_ac = np.sqrt(1.0 / alphas_cumprod - 1)
+        posterior_variance = betas * (1.0 - prev) / (1.0 - alphas_cumprod)
+        self.posterior_log_var = np.log(np.append(posterior_variance[1], posterior_variance[1:])) if len(
+            betas) > 1 else np.log(np.maximum(posterior_variance, 1e-20))
+        self.coef1 = betas * np.sqrt(prev) / (1.0 - alphas_cumprod)
+        self.coef2 = (1.0 - prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod)
+        self.log_betas = np.log(betas)
+
+    def step_table(self, device) -> torch.Tensor:
+        """fp32 ``[steps, 6]``: what one sampling step needs, indexed on the device."""
+        columns = (self.sqrt_recip_ac, self.sqrt_recipm1_ac, self.coef1, self.coef2, self.posterior_log_var,
+                   self.log_betas)
+        return torch.tensor(np.stack(columns, axis=1), dtype=torch.float32, device=device)
+
+
+class DiffusionSchedule:
+    """The cosine schedule of ``train_steps`` steps, and its respacings for sampling."""
+
+    def __init__(self, train_steps: int):
+        self.train_steps = train_steps
+        self.full = _Tables(cosine_betas(train_steps))
+        self._device_tables: dict = {}
+
+    def sampling_tables(self, num_steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps int64 ``[num_steps]``: the original timestep of each respaced step,
+        step table fp32 ``[num_steps, 6]``), cached on the device."""
+        key = (num_steps, str(device))
+        if key not in self._device_tables:
+            use = spaced_timesteps(self.train_steps, num_steps)
+            betas, last = [], 1.0
+            for i, alpha_cumprod in enumerate(self.full.alphas_cumprod):
+                if i in use:
+                    betas.append(1 - alpha_cumprod / last)
+                    last = alpha_cumprod
+            tables = _Tables(np.array(betas))
+            self._device_tables[key] = (torch.tensor(use, dtype=torch.int64, device=device),
+                                        tables.step_table(device))
+        return self._device_tables[key]
+
+    def training_losses(self, net, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                        cond: torch.Tensor) -> torch.Tensor:
+        """Per-row loss: MSE between the noise and the predicted noise, plus the variational
+        bound (bits per dim) for the learned variance with the mean frozen."""
+        full = self.full
+        gather = lambda table: torch.as_tensor(table, dtype=torch.float32, device=x_start.device)[t][:, None]  # noqa: E731
+        x_t = gather(np.sqrt(full.alphas_cumprod)) * x_start + gather(np.sqrt(1 - full.alphas_cumprod)) * noise
+        out = net(x_t, t, cond).float()
+        eps, var_values = out.chunk(2, dim=-1)
+        mse = (noise.float() - eps).square().mean(-1)
+        # the bound trains only the variance: the mean's gradient comes from the MSE alone
+        model_mean, model_log_var = _posterior_from_output(x_t.float(), eps.detach(), var_values, gather, full)
+        true_mean = gather(full.coef1) * x_start + gather(full.coef2) * x_t
+        true_log_var = gather(full.posterior_log_var)
+        kl = _normal_kl(true_mean, true_log_var, model_mean, model_log_var).mean(-1) / math.log(2.0)
+        nll = -_discretized_gaussian_log_likelihood(x_start.float(), model_mean, 0.5 * model_log_var).mean(-1)
+        vb = torch.where(t == 0, nll / math.log(2.0), kl)
+        return mse + vb
+
+
+def _posterior_from_output(x_t, eps, var_values, gather, tables):
+    x0 = gather(tables.sqrt_recip_ac) * x_t - gather(tables.sqrt_recipm1_ac) * eps
+    mean = gather(tables.coef1) * x0 + gather(tables.coef2) * x_t
+    frac = (var_values + 1) / 2
+    log_var = frac * gather(tables.log_betas) + (1 - frac) * gather(tables.posterior_log_var)
+    return mean, log_var
+
+
+def _normal_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2).square() * torch.exp(-logvar2))
+
+
+def _discretized_gaussian_log_likelihood(x, means, log_scales):
+    """ADM's likelihood of data in [-1, 1] discretised to 255 bins (the bound's t = 0 term)."""
+    cdf = lambda v: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v.pow(3))))  # noqa: E731
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+def sample_loop(net, schedule: DiffusionSchedule, cond: torch.Tensor, noise: torch.Tensor, *, num_steps: int,
+                cfg_scale: float, temperature: float) -> torch.Tensor:
+    """``noise[0]`` denoised over ``num_steps`` respaced steps; step k (k = 1..num_steps) injects
+    ``noise[k]``. With ``cfg_scale != 1``, cond is ``[cond; uncond]`` and eps is guided."""
+    param_dtype = net.input_proj.weight.dtype
+    backend = dispatch.select("diffusion_sample", cond.device, implemented=("triton",), unsupported={
+        "triton": None if param_dtype in (torch.float16, torch.bfloat16, torch.float32)
+        else f"parameters in {param_dtype} are served by the reference only"})
+    timesteps, table = schedule.sampling_tables(num_steps, cond.device)
+    if backend == "reference":
+        return _reference_loop(net, cond, noise, timesteps, table, cfg_scale, temperature)
+    return _fused_loop(net, cond, noise, timesteps, table, cfg_scale, temperature)
+
+
+def _guide(out, token_dim, cfg_scale):
+    """(eps, variance interpolation) of the model output; with guidance eps = u + s (c - u) and the
+    variance of the conditional half (MAR's forward_with_cfg)."""
+    eps, var_values = out[:, :token_dim].float(), out[:, token_dim:].float()
+    if cfg_scale == 1.0:
+        return eps, var_values
+    rows = out.shape[0] // 2
+    eps_cond, eps_uncond = eps[:rows], eps[rows:]
+    return eps_uncond + cfg_scale * (eps_cond - eps_uncond), var_values[:rows]
+
+
+def _reference_loop(net, cond, noise, timesteps, table, cfg_scale, temperature):
+    num_steps = timesteps.shape[0]
+    token_dim = noise.shape[-1]
+    x = noise[0].float()
+    for i in reversed(range(num_steps)):
+        model_in = torch.cat([x, x]) if cfg_scale != 1.0 else x
+        t = timesteps[i].expand(model_in.shape[0])
+        out = net(model_in.to(net.input_proj.weight.dtype), t, cond.to(net.input_proj.weight.dtype))
+        eps, var_values = _guide(out, token_dim, cfg_scale)
+        a, b, c1, c2, min_log, max_log = table[i]
+        x0 = a * x - b * eps
+        mean = c1 * x0 + c2 * x
+        frac = (var_values + 1) / 2
+        log_var = frac * max_log + (1 - frac) * min_log
+        x = mean + (float(i > 0) * temperature) * torch.exp(0.5 * log_var) * noise[num_steps - i].float()
+    return x
+
+
+def _fused_loop(net, cond, noise, timesteps, table, cfg_scale, temperature):
+    """The Triton path: the step loop, captured in a CUDA graph on a GPU."""
+    if cond.is_cuda and not torch.cuda.is_current_stream_capturing():
+        return _graphed_loop(net, cond, noise, timesteps, table, cfg_scale, temperature)
+    return _fused_steps(net, cond, noise, timesteps, table, cfg_scale, temperature)
+
+
+def _fused_steps(net, cond, noise, timesteps, table, cfg_scale, temperature):
+    num_steps = timesteps.shape[0]
+    dtype = net.input_proj.weight.dtype
+    cond = cond.to(dtype)
+    guided = cfg_scale != 1.0
+    c_emb = F.linear(cond, net.cond_proj.weight, net.cond_proj.bias)
+    t_emb = net.time_embed(timesteps)  # every step's timestep embedding in one call
+    x = noise[0].float().clone()
+    for i in reversed(range(num_steps)):
+        model_in = torch.cat([x, x]) if guided else x
+        y = F.silu(t_emb[i] + c_emb)  # every adaLN modulation starts from SiLU(y)
+        h = F.linear(model_in.to(dtype), net.input_proj.weight, net.input_proj.bias)
+        for block in net.res_blocks:
+            shift, scale, gate = F.linear(y, block.adaLN_modulation[1].weight, block.adaLN_modulation[1].bias).chunk(3, -1)
+            normed = modulated_layernorm(h, shift, scale, block.in_ln.weight, block.in_ln.bias)
+            hidden = F.silu(F.linear(normed, block.mlp[0].weight, block.mlp[0].bias))
+            h = torch.addcmul(h, gate, F.linear(hidden, block.mlp[2].weight, block.mlp[2].bias))
+        final = net.final_layer
+        shift, scale = F.linear(y, final.adaLN_modulation[1].weight, final.adaLN_modulation[1].bias).chunk(2, -1)
+        out = F.linear(modulated_layernorm(h, shift, scale, None, None), final.linear.weight, final.linear.bias)
+        x = denoise_step(x, out, noise[num_steps - i], table[i], cfg_scale, temperature if i > 0 else 0.0)
+    return x
+
+
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # net -> {call shape: captured graph}
+
+
+def _graphed_loop(net, cond, noise, timesteps, table, cfg_scale, temperature):
+    """Captures the whole loop once per (net, shapes, steps, guidance, temperature) and replays it:
+    one launch per sampled token batch instead of ~100 x (depth x 6) kernels."""
+    # the graph reads the parameters where they were at capture: their addresses are part of the key
+    key = (tuple(p.data_ptr() for p in net.parameters()), tuple(cond.shape), cond.dtype, tuple(noise.shape),
+           timesteps.shape[0], cfg_scale, temperature, cond.device)
+    graphs = _GRAPHS.setdefault(net, {})
+    entry = graphs.get(key)
+    if entry is None:
+        static_cond, static_noise = cond.clone(), noise.clone()
+        stream = torch.cuda.Stream(cond.device)
+        stream.wait_stream(torch.cuda.current_stream(cond.device))
+        with torch.cuda.stream(stream):  # warm up: compile the Triton kernels outside capture
+            _fused_steps(net, static_cond, static_noise, timesteps, table, cfg_scale, temperature)
+        torch.cuda.current_stream(cond.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = _fused_steps(net, static_cond, static_noise, timesteps, table, cfg_scale, temperature)
+        entry = graphs[key] = (graph, static_cond, static_noise, static_out)
+    graph, static_cond, static_noise, static_out = entry
+    static_cond.copy_(cond)
+    static_noise.copy_(noise)
+    graph.replay()
+    return static_out.clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused kernels
+# ---------------------------------------------------------------------------------------------
+
+def modulated_layernorm(x, shift, scale, weight, bias):
+    """``LayerNorm(x; weight, bias, eps=1e-6) * (1 + scale) + shift`` in one pass, fp32 statistics,
+    output in x's dtype. ``weight``/``bias`` None: no affine (the final layer)."""
+    rows, width = x.shape
+    out = torch.empty_like(x)
+    block = triton.next_power_of_2(width)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _modulated_layernorm_kernel[(rows,)](
+            x, shift, scale, weight if weight is not None else x, bias if bias is not None else x, out,
+            width, x.stride(0), shift.stride(0), scale.stride(0), out.stride(0), _LN_EPS,
+            AFFINE=weight is not None, BLOCK=block, num_warps=1 if dispatch.TRITON_INTERPRET else min(16, max(1, block // 256)),
+        )
+    return out
+
+
+def denoise_step(x, out, noise, step, cfg_scale, noise_scale):
+    """One ancestral step, fused: guidance on eps, x0 = a x - b eps, posterior mean, learned
+    log-variance between log beta and the clipped posterior log-variance, plus scaled noise.
+    ``step``: fp32 ``[6]`` row of the step table (on the device); ``noise_scale``: temperature,
+    0 on the last step."""
+    rows, token_dim = x.shape
+    new_x = torch.empty_like(x)
+    block = triton.next_power_of_2(token_dim)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _step_kernel[(rows,)](
+            x, out, noise, step, new_x, token_dim, out.stride(0), rows, cfg_scale, noise_scale,
+            GUIDED=cfg_scale != 1.0, BLOCK=block, num_warps=1,
+        )
+    return new_x
+
+
+if triton is not None:
+
+    @triton.jit
+    def _modulated_layernorm_kernel(x_ptr, shift_ptr, scale_ptr, weight_ptr, bias_ptr, out_ptr, width,
+                                    stride_x, stride_shift, stride_scale, stride_out, eps,
+                                    AFFINE: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < width
+        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        mean = tl.sum(x, 0) / width
+        centered = tl.where(ok, x - mean, 0.0)
+        normed = centered * tl.rsqrt(tl.sum(centered * centered, 0) / width + eps)
+        if AFFINE:
+            normed = normed * tl.load(weight_ptr + cols, mask=ok, other=0.0).to(tl.float32) + tl.load(
+                bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + row * stride_shift + cols, mask=ok, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + row * stride_scale + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + cols, (normed * (1.0 + scale) + shift).to(out_ptr.dtype.element_ty),
+                 mask=ok)
+
+    @triton.jit
+    def _step_kernel(x_ptr, out_ptr, noise_ptr, step_ptr, new_x_ptr, token_dim, stride_out, rows, cfg_scale,
+                     noise_scale, GUIDED: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < token_dim
+        x = tl.load(x_ptr + row * token_dim + cols, mask=ok, other=0.0)
+        model = out_ptr + row * stride_out
+        eps = tl.load(model + cols, mask=ok, other=0.0).to(tl.float32)
+        var_values = tl.load(model + token_dim + cols, mask=ok, other=0.0).to(tl.float32)
+        if GUIDED:  # the unconditional half sits `rows` rows further down
+            eps_uncond = tl.load(model + rows * stride_out + cols, mask=ok, other=0.0).to(tl.float32)
+            eps = eps_uncond + cfg_scale * (eps - eps_uncond)
+        a = tl.load(step_ptr)
+        b = tl.load(step_ptr + 1)
+        coef1 = tl.load(step_ptr + 2)
+        coef2 = tl.load(step_ptr + 3)
+        min_log = tl.load(step_ptr + 4)
+        max_log = tl.load(step_ptr + 5)
+        mean = coef1 * (a * x - b * eps) + coef2 * x
+        frac = (var_values + 1.0) / 2.0
+        log_var = frac * max_log + (1.0 - frac) * min_log
+        noise = tl.load(noise_ptr + row * token_dim + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(new_x_ptr + row * token_dim + cols, mean + noise_scale * tl.exp(0.5 * log_var) * noise, mask=ok)
