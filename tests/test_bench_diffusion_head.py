@@ -1,0 +1,63 @@
+"""benchmarks/bench_diffusion_head.py --smoke runs end to end on the CPU and writes what later runs compare."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import unimm.models
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCH_DIFFUSION_HEAD = ROOT / "benchmarks" / "bench_diffusion_head.py"
+IMPLS = ("unimm", "eager reference", "torch.compile")
+
+pytestmark = pytest.mark.skipif(not hasattr(unimm.models, "DiffusionHead"),
+                                reason="unimm.models.DiffusionHead does not exist yet: nothing to benchmark")
+
+
+def test_bench_diffusion_head_smoke(tmp_path):
+    # No Triton interpreter (slow) and no forced backend: the script times automatic dispatch.
+    # PYTHONPATH: the script benchmarks this checkout, whatever else is installed.
+    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "UNIMM_BACKEND")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, str(BENCH_DIFFUSION_HEAD), "--smoke", "--out", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+
+    [path] = tmp_path.glob("diffusion_head-*.json")
+    payload = json.loads(path.read_text())
+    assert {"family", "target", "target_met", "target_parts", "environment", "peaks", "shapes", "rows",
+            "num_steps", "cfg_scale", "timing", "results"} <= payload.keys()
+    assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()
+    assert payload["family"] == "diffusion_head" and payload["smoke"] and payload["dtype"] == "fp32"
+    assert payload["peaks"] is None
+    # CPU times are not judged against the H100 target
+    assert payload["target_met"] is None and set(payload["target_parts"].values()) == {None}
+    assert payload["rows"] == [4, 8] and payload["num_steps"] == 5 and payload["cfg_scale"] == 4.0
+    assert payload["shapes"] == {"tiny": dict(token_dim=4, cond_dim=32, width=32, depth=2)}
+
+    expected = {(shape, rows, impl) for shape in payload["shapes"] for rows in payload["rows"] for impl in IMPLS}
+    results = payload["results"]
+    assert {(r["shape"], r["rows"], r["impl"]) for r in results} == expected
+    assert len(results) == len(expected)
+    for r in results:
+        assert r["tokens"] == r["rows"] // 2
+        if r["impl"] == "torch.compile":  # not run on the CPU
+            assert not r["available"] and "CPU smoke" in r["reason"]
+            continue
+        assert r["available"], r
+        assert r["median_ms"] > 0 and r["ms_per_step"] > 0 and r["tflops"] > 0 and r["weight_gbps"] > 0
+        assert "pct_bf16_peak" not in r and "extra_peak_bytes" not in r  # no peaks or memory on the CPU
+        if r["impl"] == "unimm":
+            # the same noise through the same head: the reference's sample to rounding
+            assert r["within_tolerance"] and r["max_abs_diff_rel"] <= 1e-4, r
+            assert set(r["speedup"]) == {"eager reference"}
+
+    # the markdown table comes last: header, separator, one line per result
+    table = run.stdout.rstrip().splitlines()[-(len(results) + 2):]
+    assert all(line.startswith("|") and line.endswith("|") for line in table)
+    assert len({line.count("|") for line in table}) == 1  # no stray "|" inside a cell
+    assert "median ms" in table[0] and "max abs diff" in table[0] and set(table[1]) <= set("|-")
