@@ -56,3 +56,21 @@ def _no_forced_backend(monkeypatch):
 
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def run_bench_smoke(script: str, family: str, tmp_path):
+    """Runs ``benchmarks/<script> --smoke --out tmp_path`` as a user would, on this checkout, with
+    automatic dispatch and no Triton interpreter; returns (its one JSON payload, its stdout)."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "UNIMM_BACKEND")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--smoke", "--out", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    [path] = tmp_path.glob(f"{family}-*.json")
+    return json.loads(path.read_text()), run.stdout

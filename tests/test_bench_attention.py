@@ -1,21 +1,8 @@
 """benchmarks/bench_attention.py --smoke runs end to end on the CPU and writes what later runs compare."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
+from conftest import run_bench_smoke
 
-import pytest
-
-import unimm.kernels
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-BENCH_ATTENTION = ROOT / "benchmarks" / "bench_attention.py"
 LAYOUTS = ("causal", "prefix-lm", "packed-images", "packed-causal")
-
-pytestmark = pytest.mark.skipif(not hasattr(unimm.kernels, "attention"),
-                                reason="unimm.kernels.attention does not exist yet: nothing to benchmark")
 
 
 def expected_impls(layout):
@@ -24,16 +11,7 @@ def expected_impls(layout):
 
 
 def test_bench_attention_smoke(tmp_path):
-    # No Triton interpreter (slow) and no forced backend: the script times automatic dispatch.
-    # PYTHONPATH: the script benchmarks this checkout, whatever else is installed.
-    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "UNIMM_BACKEND")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, str(BENCH_ATTENTION), "--smoke", "--out", str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-
-    [path] = tmp_path.glob("attention-*.json")
-    payload = json.loads(path.read_text())
+    payload, stdout = run_bench_smoke("bench_attention.py", "attention", tmp_path)
     assert {"family", "target", "target_met", "target_parts", "environment", "peaks", "shapes", "layouts",
             "timing", "results"} <= payload.keys()
     assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()
@@ -76,6 +54,6 @@ def test_bench_attention_smoke(tmp_path):
             assert r["empty_rows"] > 0 and r["empty_rows_max_abs"] == 0
 
     # the markdown table comes last: header, separator, one line per result
-    table = run.stdout.rstrip().splitlines()[-(len(results) + 2):]
+    table = stdout.rstrip().splitlines()[-(len(results) + 2):]
     assert all(line.startswith("|") and line.endswith("|") for line in table)
     assert "fwd ms" in table[0] and "bwd ms" in table[0] and set(table[1]) <= set("|-")

@@ -1,31 +1,12 @@
 """benchmarks/bench_cross_entropy.py --smoke runs end to end on the CPU and writes what later runs compare."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
+from conftest import run_bench_smoke
 
-import pytest
-
-import unimm.kernels
-
-BENCH_CE = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cross_entropy.py"
 ANCHORS = ("cut-cross-entropy", "liger", "torch.compile", "torch materialised")
-
-pytestmark = pytest.mark.skipif(not hasattr(unimm.kernels, "linear_cross_entropy"),
-                                reason="unimm.kernels.linear_cross_entropy does not exist yet: nothing to benchmark")
 
 
 def test_bench_cross_entropy_smoke(tmp_path):
-    # No Triton interpreter (slow) and no forced backend: the script times automatic dispatch.
-    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "UNIMM_BACKEND")}
-    run = subprocess.run([sys.executable, str(BENCH_CE), "--smoke", "--out", str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-
-    [path] = tmp_path.glob("cross_entropy-*.json")
-    payload = json.loads(path.read_text())
+    payload, stdout = run_bench_smoke("bench_cross_entropy.py", "cross_entropy", tmp_path)
     assert {"family", "target", "target_met", "target_parts", "environment", "peaks", "shapes", "results"} <= payload.keys()
     assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()
     assert payload["family"] == "cross_entropy" and payload["smoke"] and payload["dtype"] == "fp32"
@@ -55,6 +36,6 @@ def test_bench_cross_entropy_smoke(tmp_path):
             assert result["compile_s"] > 0
 
     # the markdown table comes last: header, separator, one line per result
-    table = run.stdout.rstrip().splitlines()[-(len(payload["results"]) + 2):]
+    table = stdout.rstrip().splitlines()[-(len(payload["results"]) + 2):]
     assert all(line.startswith("|") and line.endswith("|") for line in table)
     assert "median ms" in table[0] and set(table[1]) <= set("|-")

@@ -1,34 +1,12 @@
 """benchmarks/bench_diffusion_head.py --smoke runs end to end on the CPU and writes what later runs compare."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
+from conftest import run_bench_smoke
 
-import pytest
-
-import unimm.models
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-BENCH_DIFFUSION_HEAD = ROOT / "benchmarks" / "bench_diffusion_head.py"
 IMPLS = ("unimm", "eager reference", "torch.compile")
-
-pytestmark = pytest.mark.skipif(not hasattr(unimm.models, "DiffusionHead"),
-                                reason="unimm.models.DiffusionHead does not exist yet: nothing to benchmark")
 
 
 def test_bench_diffusion_head_smoke(tmp_path):
-    # No Triton interpreter (slow) and no forced backend: the script times automatic dispatch.
-    # PYTHONPATH: the script benchmarks this checkout, whatever else is installed.
-    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "UNIMM_BACKEND")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, str(BENCH_DIFFUSION_HEAD), "--smoke", "--out", str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-
-    [path] = tmp_path.glob("diffusion_head-*.json")
-    payload = json.loads(path.read_text())
+    payload, stdout = run_bench_smoke("bench_diffusion_head.py", "diffusion_head", tmp_path)
     assert {"family", "target", "target_met", "target_parts", "environment", "peaks", "shapes", "rows",
             "num_steps", "cfg_scale", "timing", "results"} <= payload.keys()
     assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()
@@ -57,7 +35,7 @@ def test_bench_diffusion_head_smoke(tmp_path):
             assert set(r["speedup"]) == {"eager reference"}
 
     # the markdown table comes last: header, separator, one line per result
-    table = run.stdout.rstrip().splitlines()[-(len(results) + 2):]
+    table = stdout.rstrip().splitlines()[-(len(results) + 2):]
     assert all(line.startswith("|") and line.endswith("|") for line in table)
     assert len({line.count("|") for line in table}) == 1  # no stray "|" inside a cell
     assert "median ms" in table[0] and "max abs diff" in table[0] and set(table[1]) <= set("|-")
