@@ -211,3 +211,33 @@ def parse_run(doc: str, script: str, shapes: dict, smoke_shapes: dict, *, defaul
     args.device = torch.device("cpu" if args.smoke else "cuda")
     args.timer = time_cpu if args.smoke else time_cuda
     return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Start and end of a run
+# ---------------------------------------------------------------------------------------------
+
+def start_run(device: torch.device, dtype_name: str, smoke: bool) -> tuple[dict, dict | None]:
+    """Prints the device and versions and, except in smoke runs, measures the device's peaks."""
+    env = environment(device)
+    print(f"device: {env['device']}  dtype: {dtype_name}  torch {env['torch']}  triton {env['triton']}")
+    peaks = None if smoke else measure_device_peaks()
+    if peaks is not None:
+        print(f"measured peaks: bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s, copy {peaks['copy_gbps']:.0f} GB/s")
+    return env, peaks
+
+
+def verdict(met: bool | None) -> str:
+    """How a target (or a part of one) came out: None when this run could not judge it."""
+    return {True: "met", False: "NOT met", None: "not judged"}[met]
+
+
+def print_outcome(path: pathlib.Path, target: str, smoke: bool, env: dict, outcome: str) -> None:
+    """Where the results went, the issue's target, and what this run says about it."""
+    print(f"\nwrote {path}")
+    print(f"target (issue): {target}")
+    if smoke:
+        print("smoke run: tiny shapes on the CPU, the times say nothing about the target")
+    else:
+        note = "" if "H100" in env["device"] else " (the target is stated for H100)"
+        print(f"this run on {env['device']}{note}: {outcome}")

@@ -47,7 +47,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _common import environment, markdown_table, measure_device_peaks, parse_run, peak_memory, write_results
+from _common import markdown_table, parse_run, peak_memory, print_outcome, start_run, verdict, write_results
 from unimm.kernels import BackendUnavailable
 
 try:
@@ -476,7 +476,8 @@ def bench_case(layout, layout_spec, shape, shape_spec, dtype, device, timer, cou
 # Targets and output
 # ---------------------------------------------------------------------------------------------
 
-def verdict(values):
+def combine(values):
+    """Several judgements into one: any failure fails, else any unjudged leaves it unjudged."""
     if not values:
         return None
     return False if False in values else (None if None in values else True)
@@ -504,8 +505,8 @@ def check_targets(results, layouts, shapes):
                 else:
                     values.append(None)
                     why.append(f"{layout}/{shape} {direction}: {' and '.join(anchors)} n/a")
-    parts = {key: verdict(values) for key, values in checks.items()}
-    return parts, verdict(list(parts.values())), sorted(set(why))
+    parts = {key: combine(values) for key, values in checks.items()}
+    return parts, combine(list(parts.values())), sorted(set(why))
 
 
 def show(stats, key, spec):
@@ -559,12 +560,7 @@ def main():
     counts = dict(warmup=SMOKE_WARMUP, repeat=SMOKE_REPEAT) if args.smoke else dict(warmup=WARMUP, repeat=REPEAT)
     build_counts = (dict(warmup=SMOKE_WARMUP, repeat=SMOKE_REPEAT) if args.smoke
                     else dict(warmup=BUILD_WARMUP, repeat=BUILD_REPEAT))
-    env = environment(device)
-    print(f"device: {env['device']}  dtype: {dtype_name}  torch {env['torch']}  triton {env['triton']}")
-    peaks = None if args.smoke else measure_device_peaks()
-    if peaks is not None:
-        print(f"measured peaks: bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s, "
-              f"copy {peaks['copy_gbps']:.0f} GB/s")
+    env, peaks = start_run(device, dtype_name, args.smoke)
 
     results = []
     for layout in layout_names:
@@ -603,18 +599,9 @@ def main():
     )
     path = write_results("attention", payload, args.out)
 
-    def word(value):
-        return {True: "met", False: "NOT met", None: "not judged"}[value]
-
-    print(f"\nwrote {path}")
-    print(f"target (issue): {TARGET}")
-    if args.smoke:
-        print("smoke run: tiny shapes on the CPU, the times say nothing about the target: not judged")
-    else:
-        note = "" if "H100" in env["device"] else " (the target is stated for H100)"
-        print(f"this run on {env['device']}{note}: target {word(target_met)}: "
-              + ", ".join(f"{key} {word(value)}" for key, value in parts.items())
-              + (f" [not judged: {', '.join(undecided)}]" if undecided else ""))
+    print_outcome(path, TARGET, args.smoke, env, f"target {verdict(target_met)}: "
+          + ", ".join(f"{key} {verdict(value)}" for key, value in parts.items())
+          + (f" [not judged: {', '.join(undecided)}]" if undecided else ""))
     compiled = [r for r in results if "compile_s" in r]
     if compiled:
         print("flex_attention first call (forward + backward), compilation included: "

@@ -32,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _common import environment, markdown_table, measure_device_peaks, parse_run, peak_memory, write_results
+from _common import markdown_table, parse_run, peak_memory, print_outcome, start_run, verdict, write_results
 from unimm.kernels import BackendUnavailable, linear_cross_entropy
 
 try:
@@ -343,11 +343,7 @@ def main():
     device, timer = args.device, args.timer
     # smoke: aot_eager traces the same graphs as inductor without its C++ build (half a minute cold)
     compile_backend = "aot_eager" if args.smoke else "inductor"
-    env = environment(device)
-    print(f"device: {env['device']}  dtype: {dtype_name}  torch {env['torch']}  triton {env['triton']}")
-    peaks = None if args.smoke else measure_device_peaks()
-    if peaks is not None:
-        print(f"measured peaks: bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s, copy {peaks['copy_gbps']:.0f} GB/s")
+    env, peaks = start_run(device, dtype_name, args.smoke)
 
     results = []
     for name in names:
@@ -374,23 +370,14 @@ def main():
     )
     path = write_results("cross_entropy", payload, args.out)
 
-    def word(value):
-        return {True: "met", False: "NOT met", None: "not judged"}[value]
-
-    print(f"\nwrote {path}")
-    print(f"target (issue): {TARGET}")
-    if args.smoke:
-        print("smoke run: tiny shapes on the CPU, the times say nothing about the target")
-    else:
-        note = "" if "H100" in env["device"] else " (the target is stated for H100)"
-        print(f"this run on {env['device']}{note}: target {word(target_met)}: "
-              f"faster than cut-cross-entropy and Liger {word(parts['faster_than_cce_and_liger'])}, "
-              f">= {TARGET_PCT_PEAK:g}% of the matmul rate {word(parts['pct_matmul_peak'])}, "
-              f"memory <= cut-cross-entropy {word(parts['memory_vs_cce'])}"
-              + (f" [not judged: {', '.join(undecided)}]" if undecided else ""))
-        unimm_rows = [r for r in results if r["impl"] == "unimm" and r["available"]]
-        if unimm_rows:
-            print("unimm % of matmul rate: " + ", ".join(f"{r['shape']} {r['pct_bf16_peak']:.1f}%" for r in unimm_rows))
+    print_outcome(path, TARGET, args.smoke, env, f"target {verdict(target_met)}: "
+          f"faster than cut-cross-entropy and Liger {verdict(parts['faster_than_cce_and_liger'])}, "
+          f">= {TARGET_PCT_PEAK:g}% of the matmul rate {verdict(parts['pct_matmul_peak'])}, "
+          f"memory <= cut-cross-entropy {verdict(parts['memory_vs_cce'])}"
+          + (f" [not judged: {', '.join(undecided)}]" if undecided else ""))
+    unimm_rows = [r for r in results if r["impl"] == "unimm" and r["available"] and "pct_bf16_peak" in r]
+    if unimm_rows:
+        print("unimm % of matmul rate: " + ", ".join(f"{r['shape']} {r['pct_bf16_peak']:.1f}%" for r in unimm_rows))
     compiled = [r for r in results if r["impl"] == "torch.compile" and r["available"]]
     if compiled:
         print(f"torch.compile ({compile_backend}) first call, compilation included: "

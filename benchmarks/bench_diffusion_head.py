@@ -41,7 +41,7 @@ import time
 import torch
 from torch import nn
 
-from _common import environment, markdown_table, measure_device_peaks, parse_run, peak_memory, write_results
+from _common import markdown_table, parse_run, peak_memory, print_outcome, start_run, verdict, write_results
 from unimm.kernels import BackendUnavailable
 
 try:
@@ -316,11 +316,7 @@ def main():
         raise SystemExit(f"--rows must be even and >= 2 (cond holds [cond; uncond] halves), got {rows_list}")
     compile_rows = set(rows_list) if args.compile_rows is None else {int(r) for r in args.compile_rows.split(",")}
     num_steps = SMOKE_NUM_STEPS if smoke else NUM_STEPS
-    env = environment(device)
-    print(f"device: {env['device']}  dtype: {dtype_name}  torch {env['torch']}  triton {env['triton']}")
-    peaks = None if smoke else measure_device_peaks()
-    if peaks is not None:
-        print(f"measured peaks: bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s, copy {peaks['copy_gbps']:.0f} GB/s")
+    env, peaks = start_run(device, dtype_name, smoke)
 
     results = []
     for name in names:
@@ -356,20 +352,11 @@ def main():
     )
     path = write_results("diffusion_head", payload, args.out)
 
-    def word(value):
-        return {True: "met", False: "NOT met", None: "not judged"}[value]
-
-    print(f"\nwrote {path}")
-    print(f"target (issue): {TARGET}")
-    if smoke:
-        print("smoke run: a tiny head on the CPU, the times say nothing about the target")
-    else:
-        note = "" if "H100" in env["device"] else " (the target is stated for H100)"
-        print(f"this run on {env['device']}{note}: target {word(target_met)}: "
-              f">= {TARGET_VS_EAGER:g}x eager {word(parts['vs_eager'])}, "
-              f">= {TARGET_VS_COMPILE:g}x torch.compile {word(parts['vs_compile'])}, "
-              f">= {TARGET_PCT_PEAK:g}% of the matmul rate at {TARGET_PEAK_ROWS} rows {word(parts['pct_matmul_peak'])}"
-              + (f" [not judged: {', '.join(undecided)}]" if undecided else ""))
+    print_outcome(path, TARGET, smoke, env, f"target {verdict(target_met)}: "
+          f">= {TARGET_VS_EAGER:g}x eager {verdict(parts['vs_eager'])}, "
+          f">= {TARGET_VS_COMPILE:g}x torch.compile {verdict(parts['vs_compile'])}, "
+          f">= {TARGET_PCT_PEAK:g}% of the matmul rate at {TARGET_PEAK_ROWS} rows {verdict(parts['pct_matmul_peak'])}"
+          + (f" [not judged: {', '.join(undecided)}]" if undecided else ""))
     compiled = [r for r in results if r["impl"] == "torch.compile" and r["available"]]
     if compiled:
         print("torch.compile first call, compilation and graph capture included: "

@@ -22,7 +22,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from _common import environment, markdown_table, measure_device_peaks, parse_run, peak_memory, write_results
+from _common import markdown_table, parse_run, peak_memory, print_outcome, start_run, verdict, write_results
 from unimm.kernels import BackendUnavailable, vq_quantize
 from unimm.kernels.reference.vq import pair_distances
 
@@ -182,11 +182,7 @@ def main():
                      dtype_help=": tokenizers run in fp32")
     shapes, names, dtype_name, dtype = args.shape_table, args.names, args.dtype_name, args.dtype
     device, timer = args.device, args.timer
-    env = environment(device)
-    print(f"device: {env['device']}  dtype: {dtype_name}  torch {env['torch']}  triton {env['triton']}")
-    peaks = None if args.smoke else measure_device_peaks()
-    if peaks is not None:
-        print(f"measured peaks: bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s, copy {peaks['copy_gbps']:.0f} GB/s")
+    env, peaks = start_run(device, dtype_name, args.smoke)
 
     results = []
     for name in names:
@@ -209,13 +205,9 @@ def main():
     )
     path = write_results("vq", payload, args.out)
 
-    print(f"\nwrote {path}")
-    print(f"target (issue): {TARGET}")
-    if args.smoke:
-        print("smoke run: tiny shapes on the CPU, the times say nothing about the target")
-    else:
-        print(f"this run on {env['device']}: unimm is {min(unimm_speedups):.2f}x einsum+argmin at its slowest shape, "
-              f"target {'met' if target_met else 'NOT met'}")
+    print_outcome(path, TARGET, args.smoke, env,
+                  f"unimm is {min(unimm_speedups):.2f}x einsum+argmin at its slowest shape, "
+                  f"target {verdict(target_met)}")
     off = [f"{r['shape']}/{r['impl']}" for r in results if r.get("within_tolerance") is False]
     print(f"picks vs einsum+argmin (tolerance {GAP_TOLERANCE[dtype]:g} of |z|^2 + |e|^2): "
           + (f"distance gap above tolerance for {', '.join(off)}" if off else "every differing pick within tolerance"))
