@@ -240,6 +240,19 @@ if triton is not None:
         return start, end, lo, hi, inner_lo, inner_hi
 
     @triton.jit
+    def _query_program(start_ptr, end_ptr, seq_len, heads, group, stride_mask, BLOCK_M: tl.constexpr):
+        """What a (query tile, batch x head) program works on: its batch, head and kv head, its rows,
+        and their intervals (see _row_intervals)."""
+        bh = tl.program_id(1)
+        b = (bh // heads).to(tl.int64)
+        h = bh % heads
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < seq_len
+        start, end, lo, hi, inner_lo, inner_hi = _row_intervals(start_ptr + b * stride_mask,
+                                                                 end_ptr + b * stride_mask, rows, row_ok)
+        return bh, b, h, h // group, rows, row_ok, start, end, lo, hi, inner_lo, inner_hi
+
+    @triton.jit
     def _scores(q, k, scale, softcap, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
         """log2-scaled scores of q [M, D] against k [N, D], and the soft-cap's tanh (for backward)."""
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
@@ -257,15 +270,9 @@ if triton is not None:
         HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        bh = tl.program_id(1)
-        b = (bh // heads).to(tl.int64)
-        h = bh % heads
-        kv_h = h // group
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < seq_len
+        bh, b, h, kv_h, rows, row_ok, start, end, lo, hi, inner_lo, inner_hi = _query_program(
+            start_ptr, end_ptr, seq_len, heads, group, stride_mask, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
-        start, end, lo, hi, inner_lo, inner_hi = _row_intervals(start_ptr + b * stride_mask,
-                                                                 end_ptr + b * stride_mask, rows, row_ok)
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qs + dims[None, :],
                     mask=row_ok[:, None], other=0.0)
         k_base = k_ptr + b * stride_kb + kv_h * stride_kh
@@ -306,15 +313,9 @@ if triton is not None:
         HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        bh = tl.program_id(1)
-        b = (bh // heads).to(tl.int64)
-        h = bh % heads
-        kv_h = h // group
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < seq_len
+        bh, b, h, kv_h, rows, row_ok, start, end, lo, hi, inner_lo, inner_hi = _query_program(
+            start_ptr, end_ptr, seq_len, heads, group, stride_mask, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
-        start, end, lo, hi, inner_lo, inner_hi = _row_intervals(start_ptr + b * stride_mask,
-                                                                 end_ptr + b * stride_mask, rows, row_ok)
         row_off = rows[:, None].to(tl.int64)
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + row_off * stride_qs + dims[None, :],
                     mask=row_ok[:, None], other=0.0)
