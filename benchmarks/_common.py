@@ -241,3 +241,13 @@ def print_outcome(path: pathlib.Path, target: str, smoke: bool, env: dict, outco
     else:
         note = "" if "H100" in env["device"] else " (the target is stated for H100)"
         print(f"this run on {env['device']}{note}: {outcome}")
+
+
+def add_unimm_speedups(results: list[dict], anchors) -> dict:
+    """Gives the available "unimm" row a ``speedup`` over each available anchor (anchor's median
+    time / unimm's); returns the available rows by implementation."""
+    by_impl = {r["impl"]: r for r in results if r["available"]}
+    if "unimm" in by_impl:
+        by_impl["unimm"]["speedup"] = {anchor: by_impl[anchor]["median_ms"] / by_impl["unimm"]["median_ms"]
+                                       for anchor in anchors if anchor in by_impl}
+    return by_impl

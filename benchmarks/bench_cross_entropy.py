@@ -32,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _common import markdown_table, parse_run, peak_memory, print_outcome, start_run, verdict, write_results
+from _common import add_unimm_speedups, markdown_table, parse_run, peak_memory, print_outcome, start_run, verdict, write_results
 from unimm.kernels import BackendUnavailable, linear_cross_entropy
 
 try:
@@ -267,10 +267,7 @@ def bench_shape(name, spec, dtype, device, timer, peaks, compile_backend):
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    by_impl = {r["impl"]: r for r in results if r["available"]}
-    if "unimm" in by_impl:
-        by_impl["unimm"]["speedup"] = {anchor: by_impl[anchor]["median_ms"] / by_impl["unimm"]["median_ms"]
-                                       for anchor in ANCHORS if anchor in by_impl}
+    by_impl = add_unimm_speedups(results, ANCHORS)
     if UNIMM_RANGE in by_impl and "unimm" in by_impl:  # the image-code block against the full vocab
         by_impl[UNIMM_RANGE]["speedup"] = {"unimm": by_impl["unimm"]["median_ms"] / by_impl[UNIMM_RANGE]["median_ms"]}
     return results

@@ -41,7 +41,7 @@ import time
 import torch
 from torch import nn
 
-from _common import markdown_table, parse_run, peak_memory, print_outcome, start_run, verdict, write_results
+from _common import add_unimm_speedups, markdown_table, parse_run, peak_memory, print_outcome, start_run, verdict, write_results
 from unimm.kernels import BackendUnavailable
 
 try:
@@ -229,10 +229,7 @@ def bench_case(name, spec, head, rows, dtype, device, timer, peaks, num_steps, s
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    by_impl = {r["impl"]: r for r in results if r["available"]}
-    if "unimm" in by_impl:
-        by_impl["unimm"]["speedup"] = {anchor: by_impl[anchor]["median_ms"] / by_impl["unimm"]["median_ms"]
-                                       for anchor in ANCHORS if anchor in by_impl}
+    add_unimm_speedups(results, ANCHORS)
     return results
 
 
