@@ -176,3 +176,71 @@ class DiffusionHead(nn.Module):
             raise ValueError(f"noise must be [num_steps + 1, M, token_dim] = {list(shape)}, got {list(noise.shape)}")
         return kernels.sample_loop(self.net, self.schedule, cond, noise, num_steps=num_steps,
                                    cfg_scale=float(cfg_scale), temperature=float(temperature))
+
+
+class RegressionHead(nn.Module):
+    """MetaMorph's vision head: a linear map from the decoder's hidden state to a continuous
+    token (a SigLIP feature), trained with the cosine loss ``1 - cos(pred, target)``.
+
+    Same interface as ``DiffusionHead``: ``token_dim``, ``cond_dim``, ``loss(cond, target,
+    mask=None)``, ``sample(cond, cfg_scale=1.0)``; ``forward(cond)`` is the prediction.
+    """
+
+    def __init__(self, token_dim: int, cond_dim: int, *, bias: bool = True):
+        super().__init__()
+        for name, value in (("token_dim", token_dim), ("cond_dim", cond_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.token_dim = token_dim
+        self.cond_dim = cond_dim
+        self.proj = nn.Linear(cond_dim, token_dim, bias=bias)
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        if cond.shape[-1] != self.cond_dim:
+            raise ValueError(f"cond must be [..., {self.cond_dim}], got {tuple(cond.shape)}")
+        return self.proj(cond)
+
+    def loss(self, cond: torch.Tensor, target: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of ``1 - cos(self(cond), target)`` over the rows, weighted by ``mask`` (bool or
+        float ``[rows]``) when given; computed in fp32."""
+        if cond.dim() != 2 or target.shape != (cond.shape[0], self.token_dim):
+            raise ValueError(f"cond must be [rows, {self.cond_dim}] and target [rows, {self.token_dim}], got "
+                             f"{tuple(cond.shape)} and {tuple(target.shape)}")
+        per_row = 1.0 - F.cosine_similarity(self(cond).float(), target.float(), dim=-1)
+        if mask is None:
+            return per_row.mean()
+        if mask.shape != (cond.shape[0],):
+            raise ValueError(f"mask must be [{cond.shape[0]}], got {tuple(mask.shape)}")
+        keep = mask.float()
+        return (per_row * keep).sum() / keep.sum().clamp_min(1e-12)
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, *, cfg_scale: float = 1.0) -> torch.Tensor:
+        """The predicted tokens; with ``cfg_scale != 1``, ``cond`` is ``[cond; uncond]`` and the
+        result is ``u + cfg_scale (c - u)`` of the two predictions."""
+        prediction = self(cond)
+        if cfg_scale == 1.0:
+            return prediction
+        if cond.shape[0] % 2:
+            raise ValueError(f"with cfg_scale != 1, cond must hold [cond; uncond] halves, got {cond.shape[0]} rows")
+        conditional, unconditional = prediction.chunk(2)
+        return unconditional + cfg_scale * (conditional - unconditional)
+
+
+class FeatureProjector(nn.Module):
+    """Input projector for continuous tokens: ``Linear -> GELU -> Linear`` to the decoder's
+    hidden size (LLaVA's ``mlp2x_gelu``, MetaMorph's adapter)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        for name, value in (("in_dim", in_dim), ("out_dim", out_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+        self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.shape[-1] != self.in_dim:
+            raise ValueError(f"features must be [..., {self.in_dim}], got {tuple(features.shape)}")
+        return self.net(features)
