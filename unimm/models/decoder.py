@@ -1,0 +1,553 @@
+"""A thin decoder-only transformer for Llama, Qwen2 and Gemma-2 checkpoints (gpt-fast style).
+
+``Decoder.from_pretrained(path)`` reads a local Hugging Face directory (``config.json`` plus one
+or sharded safetensors files) into modules named like Hugging Face's, so parameter names map
+one to one. Attention runs through ``unimm.kernels.attention`` under interval masks and the
+loss through ``unimm.kernels.linear_cross_entropy``; everything else is plain PyTorch.
+
+The three families differ only in data held by ``DecoderConfig``:
+  * Llama: RMSNorm ``w * x``, SwiGLU MLP, RoPE with optional "linear" or "llama3" frequency
+    scaling (optional biases: ``attention_bias``, ``mlp_bias``).
+  * Qwen2: Llama with a bias on q, k and v (sliding layers when ``use_sliding_window``).
+  * Gemma-2: embeddings times sqrt(hidden) rounded to the model dtype, RMSNorm ``(1 + w) x``
+    computed in fp32, sandwich norms around attention and MLP, GeGLU (tanh gelu), attention
+    score soft-cap, final logit soft-cap, sliding-window layers (``layer_types``), scores
+    scaled by ``query_pre_attn_scalar ** -0.5``.
+
+Generation uses ``KVCache``: static per-layer key/value buffers plus per-row lengths that the
+caller advances, so one decode step has static shapes, no host sync, and can be captured in
+a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from unimm.kernels import AttentionMask, attention, linear_cross_entropy
+
+FAMILIES = ("llama", "qwen2", "gemma2")
+FULL, SLIDING = "full_attention", "sliding_attention"
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+_ROPE_KEYS = {"linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+# Hugging Face's class defaults, for keys a config.json may omit (an explicit null is kept)
+_HF_DEFAULTS = {
+    "llama": dict(hidden_act="silu", tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=2048),
+    "qwen2": dict(hidden_act="silu", tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=32768),
+    "gemma2": dict(hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, rms_norm_eps=1e-6,
+                   max_position_embeddings=8192, query_pre_attn_scalar=256, sliding_window=4096,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+}
+
+
+@dataclasses.dataclass
+class DecoderConfig:
+    """Everything the decoder needs; ``from_hf`` reads it from a Hugging Face config."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", ...}; None: plain RoPE
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q, k, v
+    output_bias: bool = False  # bias on o_proj
+    mlp_bias: bool = False
+    activation: str = "silu"
+    embed_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()  # FULL / SLIDING per layer; empty: all full
+    query_scale: float | None = None  # score scale; None: head_dim ** -0.5
+    max_position_embeddings: int = 8192
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
+        self.layer_types = tuple(self.layer_types) or (FULL,) * self.num_layers
+        if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= {FULL, SLIDING}:
+            raise ValueError(f"layer_types must be {self.num_layers} entries of {FULL!r} / {SLIDING!r}, "
+                             f"got {self.layer_types}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be an int >= 1 or None, got {self.sliding_window!r}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type")
+            if kind not in _ROPE_KEYS or any(key not in self.rope_scaling for key in _ROPE_KEYS[kind]):
+                raise ValueError(f"rope_scaling must be None or a 'linear' / 'llama3' dict with keys "
+                                 f"{_ROPE_KEYS}, got {self.rope_scaling}")
+        if self.query_scale is None:
+            self.query_scale = self.head_dim**-0.5
+
+    @property
+    def sliding(self) -> tuple[bool, ...]:
+        """Per layer: does it attend through the sliding window?"""
+        return tuple(kind == SLIDING and self.sliding_window is not None for kind in self.layer_types)
+
+    @classmethod
+    def from_hf(cls, hf_config) -> DecoderConfig:
+        """From a ``config.json`` dict or a transformers ``PretrainedConfig`` (duck-typed:
+        anything with ``to_dict()``). Reads both the transformers 5 ``rope_parameters`` and the
+        older ``rope_theta`` + ``rope_scaling`` layouts."""
+        if isinstance(hf_config, dict):
+            cfg = dict(hf_config)
+        elif callable(getattr(hf_config, "to_dict", None)):
+            cfg = hf_config.to_dict()
+        else:
+            raise TypeError(f"hf_config must be a dict or a PretrainedConfig, got {type(hf_config).__name__}")
+        family = cfg.get("model_type")
+        if family not in FAMILIES:
+            raise ValueError(f"unsupported model_type {family!r}; Decoder serves {FAMILIES}")
+        cfg = {**_HF_DEFAULTS[family], **cfg}
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if cfg.get(key) is None:
+                raise ValueError(f"hf_config lacks {key!r}")
+        heads, layers, gemma = cfg["num_attention_heads"], cfg["num_hidden_layers"], family == "gemma2"
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        window = cfg.get("sliding_window") if family != "qwen2" or cfg.get("use_sliding_window") else None
+        layer_types = cfg.get("layer_types")
+        if layer_types is None:  # configs written before transformers had layer_types
+            if gemma:
+                layer_types = [SLIDING if i % 2 == 0 else FULL for i in range(layers)]
+            else:
+                first = cfg.get("max_window_layers", layers) if window is not None else layers
+                layer_types = [SLIDING if i >= first else FULL for i in range(layers)]
+        bias = bool(cfg.get("attention_bias", family == "qwen2"))
+        theta, scaling = _rope_from_hf(cfg)
+        return cls(
+            family=family, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_layers=layers, num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim, rope_theta=theta,
+            rope_scaling=scaling, rms_norm_eps=cfg["rms_norm_eps"], tie_word_embeddings=bool(cfg["tie_word_embeddings"]),
+            attention_bias=bias, output_bias=bias and family != "qwen2", mlp_bias=bool(cfg.get("mlp_bias", False)),
+            activation=(cfg.get("hidden_activation") if gemma else None) or cfg["hidden_act"],
+            embed_scale=cfg["hidden_size"] ** 0.5 if gemma else None,
+            attn_softcap=cfg.get("attn_logit_softcapping") if gemma else None,
+            final_softcap=cfg.get("final_logit_softcapping") if gemma else None,
+            sliding_window=window, layer_types=tuple(layer_types),
+            query_scale=cfg["query_pre_attn_scalar"] ** -0.5 if gemma else None,
+            max_position_embeddings=cfg["max_position_embeddings"],
+            initializer_range=cfg.get("initializer_range", 0.02),
+        )
+
+
+def _rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
+    params = dict(cfg.get("rope_parameters") or {})
+    if any(isinstance(value, dict) for value in params.values()):
+        raise ValueError("per-layer-type rope_parameters are not supported")
+    params.update(cfg.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0)
+    kind = params.pop("rope_type", params.pop("type", "default"))
+    if kind not in ("default", *_ROPE_KEYS):
+        raise ValueError(f"rope_type {kind!r} is not supported (default, {', '.join(_ROPE_KEYS)})")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported")
+    if kind == "default":
+        return theta, None
+    if kind == "llama3":
+        params.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
+    return theta, {"rope_type": kind, **{key: params[key] for key in _ROPE_KEYS[kind] if key in params}}
+
+
+def rope_inv_freq(config: DecoderConfig) -> torch.Tensor:
+    """fp32 ``[head_dim / 2]`` rotary frequencies, with linear or llama3 scaling (as transformers)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    # llama3: keep high frequencies, divide low ones by factor, interpolate smoothly between
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the half-split layout of Hugging Face checkpoints; x ``[B, S, H, D]``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class KVCache:
+    """Static key/value buffers for generation: per layer ``k[i], v[i]`` ``[B, max_len, Hkv, D]``
+    and ``lens`` int32 ``[B]``, the number of valid cached tokens of each row.
+
+    The decoder writes a chunk of S tokens into rows ``[lens[b], lens[b] + S)`` and never changes
+    ``lens``: the caller advances it (``cache.lens += 1``, or per row), so a decode step is
+    static in shape and CUDA-graph capturable.
+    """
+
+    def __init__(self, config: DecoderConfig, batch_size: int, max_len: int, *, device, dtype: torch.dtype):
+        if not isinstance(config, DecoderConfig):
+            raise TypeError(f"config must be a DecoderConfig, got {type(config).__name__}")
+        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.lens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.lens.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+    def reset(self) -> None:
+        """Forget every cached token (the buffers are overwritten as new tokens arrive)."""
+        self.lens.zero_()
+
+
+@dataclasses.dataclass
+class _Step:
+    """What every layer of one forward shares: rotary tables, masks and where k/v go in the cache."""
+
+    cos: torch.Tensor  # [B, S, 1, D/2] in the model dtype
+    sin: torch.Tensor
+    mask: AttentionMask
+    window_mask: AttentionMask | None
+    cache: KVCache | None = None
+    cache_index: tuple[torch.Tensor, torch.Tensor] | None = None  # (batch rows, cache rows); None: [:, :S]
+
+
+class RMSNorm(nn.Module):
+    """RMS norm in fp32. Llama / Qwen2 scale by ``w`` after casting back to the input dtype;
+    Gemma-2 (``unit_offset``) scales by ``1 + w`` in fp32, then casts (weights stored around 0)."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool):
+        super().__init__()
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.sliding = layer_idx, config.sliding[layer_idx]
+        self.head_dim, self.scale, self.softcap = config.head_dim, config.query_scale, config.attn_softcap
+        hidden = config.hidden_size
+        q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(hidden, q_width, bias=config.attention_bias)
+        self.k_proj = nn.Linear(hidden, kv_width, bias=config.attention_bias)
+        self.v_proj = nn.Linear(hidden, kv_width, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_width, hidden, bias=config.output_bias)
+
+    def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        q = _rotate(self.q_proj(x).view(batch, seq_len, -1, self.head_dim), step.cos, step.sin)
+        k = _rotate(self.k_proj(x).view(batch, seq_len, -1, self.head_dim), step.cos, step.sin)
+        v = self.v_proj(x).view(batch, seq_len, -1, self.head_dim)
+        if step.cache is not None:
+            k_cache, v_cache = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
+            if step.cache_index is None:  # empty cache: store, then attend over the fresh keys only
+                k_cache[:, :seq_len] = k
+                v_cache[:, :seq_len] = v
+            else:  # rows [lens[b], lens[b] + S): a scatter, no host sync
+                k_cache.index_put_(step.cache_index, k)
+                v_cache.index_put_(step.cache_index, v)
+                k, v = k_cache, v_cache
+        out = attention(q, k, v, step.window_mask if self.sliding else step.mask, scale=self.scale,
+                        softcap=self.softcap)
+        return self.o_proj(out.reshape(batch, seq_len, -1))
+
+
+class MLP(nn.Module):
+    """Gated MLP: ``down(act(gate(x)) * up(x))`` (SwiGLU, or GeGLU for Gemma-2)."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.act = _ACTIVATIONS[config.activation]
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; Gemma-2 also norms each branch's output (sandwich norms)."""
+
+    def __init__(self, config: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.sandwich = config.family == "gemma2"
+        norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset=self.sandwich)  # noqa: E731
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()  # Llama / Qwen2: the MLP's pre-norm (Hugging Face's name)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+
+    def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
+        if not self.sandwich:
+            x = x + self.self_attn(self.input_layernorm(x), step)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), step))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Decoder(nn.Module):
+    """Llama / Qwen2 / Gemma-2 decoder: ``decoder(...)`` gives the final-normed hidden states,
+    ``logits`` and ``loss`` apply the (tied or separate) ``lm_head``."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset=config.family == "gemma2")
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # per device; not a buffer, so never cast to bf16
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=config.initializer_range)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    # ---- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, hf_config) -> Decoder:
+        """A randomly initialised decoder for a Hugging Face config (dict or PretrainedConfig)."""
+        return cls(hf_config if isinstance(hf_config, DecoderConfig) else DecoderConfig.from_hf(hf_config))
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, *, device=None) -> Decoder:
+        """Loads a local Hugging Face checkpoint directory: ``config.json`` and ``model.safetensors``
+        or ``model.safetensors.index.json`` + shards. Each tensor is read once, straight onto
+        ``device`` (default CPU), and cast to ``dtype`` there (default: the checkpoint's
+        embedding dtype); the model is built on the meta device, so nothing is allocated twice."""
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
+        path = os.fspath(path)
+        config_file = os.path.join(path, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{config_file} not found: path must be a Hugging Face checkpoint directory")
+        with open(config_file) as f:
+            config = DecoderConfig.from_hf(json.load(f))
+        state = _read_safetensors(path, dtype, "cpu" if device is None else str(torch.device(device)))
+        if dtype is None and "embed_tokens.weight" in state:  # one dtype for the model: the embedding's
+            dtype = state["embed_tokens.weight"].dtype
+            state = {name: t if t.dtype == dtype else t.to(dtype) for name, t in state.items()}
+        with torch.device("meta"):
+            model = cls(config)
+        if config.tie_word_embeddings and "embed_tokens.weight" in state:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not match the {config.family} config: "
+                             f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+        model.load_state_dict(state, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model
+
+    # ---- forward --------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, mask: AttentionMask | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Hidden states ``[B, S, hidden]`` after the final norm.
+
+        Args:
+            input_ids: int ``[B, S]`` token ids; or
+            inputs_embeds: ``[B, S, hidden]`` in ``embed_tokens``' space (unscaled, model dtype).
+                Both paths are multiplied by ``embed_scale`` (Gemma-2), so
+                ``inputs_embeds=decoder.embed_tokens(ids)`` equals ``input_ids=ids``.
+            positions: int ``[B, S]`` RoPE positions; default ``arange(S)`` (plus ``cache.lens``
+                when the cache already holds tokens).
+            mask: ``AttentionMask`` ``[B, S]`` over this chunk's keys; None: causal. Sliding-window
+                layers intersect each row's interval with its window.
+            cache: a ``KVCache``; k/v go to rows ``[lens[b], lens[b] + S)``. When the cache already
+                holds tokens, a row's interval ``[s, e)`` becomes ``[s + lens, e + lens)``, and an
+                interval that starts at the chunk's first key also sees every cached key:
+                ``[0, e + lens)`` (so causal or prefix-LM chunk masks continue the cached sequence).
+                For S > 1 one device read checks ``lens + S <= max_len``; a decode step (S == 1)
+                reads nothing back: keeping ``lens < max_len`` (and ids in range) is the caller's job.
+        """
+        x = self._embed(input_ids, inputs_embeds, decoding=cache is not None)
+        step = self._prepare(x, positions, mask, cache)
+        for layer in self.layers:
+            x = layer(x, step)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``lm_head(hidden)``, soft-capped ``c tanh(x / c)`` when the config has a final soft-cap."""
+        logits = self.lm_head(hidden)
+        cap = self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor, **ce_options) -> torch.Tensor:
+        """Cross-entropy of ``logits(hidden)`` against ``targets`` ``[B, S]`` without forming the
+        logits: ``linear_cross_entropy`` with the final soft-cap; ``ce_options`` (ignore_index,
+        reduction, token_weights, vocab_range, label_smoothing, z_loss, ...) pass through."""
+        return linear_cross_entropy(hidden, self.lm_head.weight, targets, softcap=self.config.final_softcap,
+                                    **ce_options)
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    def _embed(self, input_ids, inputs_embeds, decoding: bool) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        weight = self.embed_tokens.weight
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+                raise TypeError(f"input_ids must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+            check = input_ids.numel() and not (decoding and input_ids.shape[1] == 1)  # no host sync in decode
+            if check and ((input_ids < 0) | (input_ids >= self.config.vocab_size)).any():
+                raise ValueError(f"input_ids must be in [0, {self.config.vocab_size}), got values in "
+                                 f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+            x = self.embed_tokens(input_ids)
+        else:
+            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dtype != weight.dtype:
+                raise TypeError(f"inputs_embeds must be a {weight.dtype} tensor (the model dtype), got "
+                                f"{getattr(inputs_embeds, 'dtype', type(inputs_embeds))}")
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(f"inputs_embeds must be [batch, seq, {self.config.hidden_size}], got shape "
+                                 f"{tuple(inputs_embeds.shape)}")
+            x = inputs_embeds
+        if self.config.embed_scale is not None:  # rounded to the model dtype first, as Gemma does
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype).item()
+        return x
+
+    def _prepare(self, x: torch.Tensor, positions, mask, cache) -> _Step:
+        batch, seq_len, _ = x.shape
+        device = x.device
+        lens = None  # set when the chunk lands after cached tokens
+        if cache is not None:
+            self._check_cache(cache, x)
+            if seq_len > 1:  # prefill / extend: not captured, so one device read is fine
+                longest = int(cache.lens.max())
+                if longest + seq_len > cache.max_len:
+                    raise ValueError(f"cache overflow: a row holds {longest} tokens, + {seq_len} new > "
+                                     f"max_len {cache.max_len}")
+                lens = cache.lens if longest > 0 else None
+            else:
+                lens = cache.lens
+        if mask is not None:
+            if not isinstance(mask, AttentionMask):
+                raise TypeError(f"mask must be an AttentionMask or None, got {type(mask).__name__}")
+            if mask.shape != (batch, seq_len) or mask.device != device:
+                raise ValueError(f"mask must be [batch, seq] = [{batch}, {seq_len}] on {device}, got "
+                                 f"{list(mask.shape)} on {mask.device}")
+            if mask.num_keys > seq_len:
+                raise ValueError(f"mask lets rows see up to {mask.num_keys} keys but the chunk has {seq_len}")
+
+        key_index = torch.arange(seq_len, dtype=torch.int32, device=device).expand(batch, seq_len)
+        if lens is None:
+            base = mask if mask is not None else AttentionMask.causal(batch, seq_len, device=device)
+        else:
+            shift = lens[:, None]
+            if mask is None:
+                start, end = torch.zeros_like(key_index), key_index + 1 + shift
+            else:
+                end = mask.kv_end + shift
+                start = torch.where(mask.kv_start > 0, mask.kv_start + shift, 0)
+                start = torch.where(mask.kv_end <= mask.kv_start, end, start)  # empty rows stay empty
+            key_index = key_index + shift
+            base = AttentionMask(start.to(torch.int32), end.to(torch.int32), cache.max_len)
+        window = None
+        if any(self.config.sliding):  # each row's interval cut to the last sliding_window keys
+            start = torch.maximum(base.kv_start, key_index - (self.config.sliding_window - 1))
+            window = AttentionMask(torch.minimum(start, base.kv_end).to(torch.int32), base.kv_end, base.num_keys)
+
+        if positions is None:
+            positions = key_index
+        elif not isinstance(positions, torch.Tensor) or positions.is_floating_point():
+            raise TypeError(f"positions must be an integer tensor, got {getattr(positions, 'dtype', type(positions))}")
+        elif positions.shape != (batch, seq_len) or positions.device != device:
+            raise ValueError(f"positions must be [batch, seq] = [{batch}, {seq_len}] on {device}, got "
+                             f"{list(positions.shape)} on {positions.device}")
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rope_inv_freq(self.config).to(device)
+        angles = positions[..., None].float() * self._inv_freq[device]
+        cos, sin = angles.cos().to(x.dtype)[:, :, None], angles.sin().to(x.dtype)[:, :, None]
+
+        cache_index = None
+        if lens is not None:
+            rows = torch.arange(batch, device=device)[:, None].expand(batch, seq_len)
+            cache_index = (rows, key_index.long())
+        return _Step(cos, sin, base, window, cache, cache_index)
+
+    def _check_cache(self, cache, x: torch.Tensor) -> None:
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache or None, got {type(cache).__name__}")
+        want = (x.shape[0], cache.max_len, self.config.num_kv_heads, self.config.head_dim)
+        if len(cache.k) != self.config.num_layers or tuple(cache.k[0].shape) != want:
+            raise ValueError(f"cache must hold {self.config.num_layers} layers of {list(want)}, got "
+                             f"{len(cache.k)} of {list(cache.k[0].shape)}")
+        if cache.k[0].dtype != x.dtype or cache.k[0].device != x.device:
+            raise ValueError(f"cache must be {x.dtype} on {x.device} like the model, got {cache.k[0].dtype} on "
+                             f"{cache.k[0].device}")
+
+
+def _read_safetensors(path: str, dtype: torch.dtype | None, device: str) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors under this module's names (``model.`` prefix dropped), read one at a
+    time onto ``device`` and cast to ``dtype`` there, so at most one tensor exists twice."""
+    index_file = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index_file):
+        with open(index_file) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    state = {}
+    for file in files:
+        with safe_open(os.path.join(path, file), framework="pt", device=device) as f:
+            for key in f.keys():
+                if key.endswith("rotary_emb.inv_freq"):  # recomputed from the config
+                    continue
+                tensor = f.get_tensor(key)
+                state[key.removeprefix("model.")] = tensor if dtype is None else tensor.to(dtype)
+    return state
