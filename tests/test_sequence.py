@@ -165,7 +165,8 @@ def test_first_fit_and_rows():
 
 @pytest.mark.parametrize("documents, kwargs, message", [
     ([[Text(list(range(9)))]], {}, "9 tokens do not fit in max_tokens=8"),
-    ([[DiscreteImage(torch.tensor([[1, 100]]), format=PLAIN_FORMAT)]], {}, r"num_image_codes=100\), got values in \[1, 100\]"),
+    ([[DiscreteImage(torch.tensor([[1, 100]]), format=PLAIN_FORMAT)]], {},
+     r"num_image_codes=100\), got values in \[1, 100\]"),
     ([[DiscreteImage(torch.tensor([[-1]]), format=PLAIN_FORMAT)]], {}, "must be in"),
     ([[Text([1, 2], bidirectional=True)]], {}, "bidirectional Text cannot carry a loss"),
     ([[ContinuousImage(torch.randn(2, 3), role="target", bidirectional=True)]], {}, "cannot carry a loss"),

@@ -149,7 +149,8 @@ def test_text_loss_weight_lambda():
 
 
 def test_regression_head_metamorph_matches_and_trains():
-    model = UnifiedModel.from_decoder(tiny_decoder(), feature_dims={"siglip": 6}, continuous_head=RegressionHead(6, HIDDEN))
+    model = UnifiedModel.from_decoder(tiny_decoder(), feature_dims={"siglip": 6},
+                                      continuous_head=RegressionHead(6, HIDDEN))
     prompt, answer = torch.randn(3, 6, generator=seeded(2)), torch.randn(4, 6, generator=seeded(3))
     doc = [ContinuousImage(prompt, encoder="siglip", format=METAMORPH_FORMAT), Text([1, 2], loss=False),
            ContinuousImage(answer, role="target", encoder="siglip", format=METAMORPH_FORMAT), Text([3])]
@@ -194,8 +195,8 @@ def test_diffusion_head_random_order_unifluid():
     extra = torch.zeros(10, HIDDEN)
     extra[4:10] += model.image_position_embed[cells[:, 0] * 3 + cells[:, 1]]
     extra[3:9] += model.next_position_embed[cells[:, 0] * 3 + cells[:, 1]]  # each predicts the next cell
-    hidden = alone(model, ids, prefix=3, replace=[(torch.arange(4, 10), model.input_projectors["image"](latents[order]))],
-                   extra=extra)
+    projected = model.input_projectors["image"](latents[order])
+    hidden = alone(model, ids, prefix=3, replace=[(torch.arange(4, 10), projected)], extra=extra)
     want_continuous = head.loss(hidden[3:9], latents[order], batch_mul=4, generator=seeded(6))
     want_text = F.cross_entropy(model.logits(hidden[2:3]), ids[3:4])  # the BOI (soft-capped logits)
     torch.testing.assert_close(out["continuous_loss"], want_continuous, rtol=1e-4, atol=1e-5)

@@ -314,7 +314,9 @@ class _Document:
         """Appends tokens; ``kinds``: a Head or an int8 tensor; returns the first local position."""
         start, count = self.length, ids.numel()
         self.ids.append(ids)
-        self.kinds.append(kinds if isinstance(kinds, torch.Tensor) else torch.full((count,), int(kinds), dtype=torch.int8))
+        if not isinstance(kinds, torch.Tensor):
+            kinds = torch.full((count,), int(kinds), dtype=torch.int8)
+        self.kinds.append(kinds)
         self.weights.append(torch.full((count,), float(weight)))
         self.bidirectional.append(torch.full((count,), bool(bidirectional)))
         self.grid.append(grid if grid is not None else torch.full((count, 3), -1, dtype=torch.long))
@@ -447,18 +449,19 @@ def _add_continuous(doc: _Document, segment: ContinuousImage, vocab: VocabLayout
     length = features.shape[0]
     shape = _check_shape(doc, segment.shape, length, "ContinuousImage")
     order = segment.order
-    if order is None and target and random_order > 0:
-        if shape is None:
-            raise doc.error("random_order needs ContinuousImage.shape on target images (the permutation only "
-                            "means something with 2D positions)")
-        if random_order >= 1 or float(torch.rand((), generator=generator)) < random_order:
-            order = torch.randperm(length, generator=generator)
     if order is not None:
         order = torch.as_tensor(order, dtype=torch.long).cpu()
         if shape is None:
             raise doc.error("ContinuousImage.order needs ContinuousImage.shape")
         if order.shape != (length,) or not torch.equal(order.sort().values, torch.arange(length)):
             raise doc.error(f"ContinuousImage.order must be a permutation of range({length})")
+    elif target and random_order > 0:
+        if shape is None:
+            raise doc.error("random_order needs ContinuousImage.shape on target images (the permutation only "
+                            "means something with 2D positions)")
+        if random_order >= 1 or float(torch.rand((), generator=generator)) < random_order:
+            order = torch.randperm(length, generator=generator)
+    if order is not None:
         if fmt.end_of_line is not None:
             raise doc.error("a permuted image cannot have end-of-line tokens (its rows are not contiguous)")
         features = features[order.to(features.device)]

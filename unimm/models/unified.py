@@ -287,7 +287,8 @@ class UnifiedModel(nn.Module):
                              f"pack with vocab=model.vocab")
         device = self.decoder.embed_tokens.weight.device
         if batch.input_ids.device != device:
-            raise ValueError(f"the batch is on {batch.input_ids.device} but the model on {device}; use batch.to(device)")
+            raise ValueError(f"the batch is on {batch.input_ids.device} but the model on {device}; "
+                             f"use batch.to(device)")
         for kind, given in (("input", batch.input_features), ("added", batch.added_features)):
             for name, features in given.items():
                 if name not in self.input_projectors:
