@@ -250,7 +250,9 @@ class UnifiedModel(nn.Module):
         return self.losses(hidden, batch, generator=generator)
 
     def losses(self, hidden: torch.Tensor, batch: Batch, *, generator: torch.Generator | None = None) -> dict:
-        """The loss dict of ``forward`` from the decoder's hidden states ``[B, S, hidden]``."""
+        """The loss dict of ``forward`` from the decoder's hidden states ``[B, S, hidden]``.
+        Each loss runs on its own rows only (gathered by ``Batch.heads``; finding them reads the
+        row counts back from the device once per head)."""
         flat = hidden.reshape(-1, hidden.shape[-1])
         heads = batch.heads.reshape(-1)
         targets = batch.targets.reshape(-1)
