@@ -58,4 +58,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("codebook_row_stride"), py::arg("n"), py::arg("k"), py::arg("d"), py::arg("codes_per_split"),
         py::arg("splits"), py::arg("part_dist"), py::arg("part_idx"), py::arg("dtype"), py::arg("device"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>());
-}
+
+  m.attr("DECODE_QUERY_TILE") = unimm::kDecodeQueryTile;
+  m.attr("DECODE_SPLIT_KEYS") = unimm::kDecodeSplitKeys;
+  m.attr("DECODE_MAX_SPLITS") = unimm::kDecodeMaxSplits;
+  m.def("decode_attention", &unimm::decode_attention, py::arg("q"), py::arg("q_batch_stride"),
+        py::arg("q_head_stride"), py::arg("k_cache"), py::arg("k_batch_stride"), py::arg("k_row_stride"),
+        py::arg("k_head_stride"), py::arg("v_cache"), py::arg("v_batch_stride"), py::arg("v_row_stride"),
+        py::arg("v_head_stride"), py::arg("cache_lens"), py::arg("out"), py::arg("out_batch_stride"),
+        py::arg("out_head_stride"), py::arg("part_out"), py::arg("part_lse"), py::arg("batch"), py::arg("q_heads"),
+        py::arg("kv_heads"), py::arg("head_dim"), py::arg("max_len"), py::arg("keys_per_split"), py::arg("splits"),
+        py::arg("scale"), py::arg("softcap"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());}

@@ -18,4 +18,21 @@ void vq_argmin_small_d(std::uintptr_t z, int64_t z_row_stride, std::uintptr_t co
                        std::uintptr_t part_dist, std::uintptr_t part_idx, int dtype, int device,
                        std::uintptr_t stream);
 
+// ---- decode.cu -----------------------------------------------------------------------------
+// Decode attention over a KV cache, split over the cache. q [B, Hq, D], caches [B, max_len, Hkv, D]
+// (strides in elements; unit stride along D; 16-byte aligned rows), cache_lens int32 [B] (clamped
+// to [0, max_len] in the kernel), out [B, Hq, D]; fp16 / bf16, D in {64, 128, 256}. Split s covers
+// cache rows [s * keys_per_split, (s + 1) * keys_per_split); with splits > 1 the caller passes an
+// fp32 workspace part_out [B, Hq, splits, D] and part_lse [B, Hq, splits] (contents ignored).
+constexpr int kDecodeQueryTile = 8;    // query heads of a GQA group per CTA
+constexpr int kDecodeSplitKeys = 64;   // keys_per_split must be a multiple of this
+constexpr int kDecodeMaxSplits = 256;
+void decode_attention(std::uintptr_t q, int64_t q_batch_stride, int64_t q_head_stride, std::uintptr_t k_cache,
+                      int64_t k_batch_stride, int64_t k_row_stride, int64_t k_head_stride, std::uintptr_t v_cache,
+                      int64_t v_batch_stride, int64_t v_row_stride, int64_t v_head_stride, std::uintptr_t cache_lens,
+                      std::uintptr_t out, int64_t out_batch_stride, int64_t out_head_stride,
+                      std::uintptr_t part_out, std::uintptr_t part_lse, int64_t batch, int64_t q_heads,
+                      int64_t kv_heads, int64_t head_dim, int64_t max_len, int64_t keys_per_split, int64_t splits,
+                      double scale, double softcap, int dtype, int device, std::uintptr_t stream);
+
 }  // namespace unimm
