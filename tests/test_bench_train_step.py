@@ -1,0 +1,35 @@
+"""benchmarks/bench_train_step.py --smoke runs end to end on the CPU and writes what later runs compare."""
+
+from conftest import run_bench_smoke
+
+IMPLS = ("unimm", "transformers+unimm", "transformers", "transformers+liger")
+LAYOUTS = ("bidirectional-images", "causal-images")
+
+
+def test_bench_train_step_smoke(tmp_path):
+    payload, stdout = run_bench_smoke("bench_train_step.py", "train_step", tmp_path)
+    assert {"family", "target", "target_met", "target_parts", "environment", "peaks", "shapes", "layouts",
+            "results"} <= payload.keys()
+    assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()
+    assert payload["family"] == "train_step" and payload["smoke"] and payload["dtype"] == "fp32"
+    assert payload["peaks"] is None and payload["target_met"] is None  # never judged on the CPU
+    assert {(r["layout"], r["impl"]) for r in payload["results"]} == {(l, i) for l in LAYOUTS for i in IMPLS}
+    for spec in payload["shapes"].values():
+        assert spec["image_fraction"] == 0.8 and spec["matmul_params"] > 0
+
+    for result in payload["results"]:
+        if not result["available"]:
+            assert result["impl"] == "transformers+liger" and result["reason"]  # GPU-only, or not installed
+            continue
+        assert result["median_ms"] > 0 and result["tokens_per_s"] > 0 and result["tflops"] > 0
+        assert "peak_bytes" not in result  # no memory numbers on the CPU
+        if result["impl"] != "transformers":
+            # the same weights and batch give transformers' first-step loss
+            assert result["within_tolerance"], result
+        if result["impl"] in ("unimm", "transformers+unimm"):
+            assert set(result["speedup"]) == {"transformers"}
+
+    # the markdown table comes last: header, separator, one line per result
+    table = stdout.rstrip().splitlines()[-(len(payload["results"]) + 2):]
+    assert all(line.startswith("|") and line.endswith("|") for line in table)
+    assert "tokens/s" in table[0] and set(table[1]) <= set("|-")
