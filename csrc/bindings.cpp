@@ -69,4 +69,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out_head_stride"), py::arg("part_out"), py::arg("part_lse"), py::arg("batch"), py::arg("q_heads"),
         py::arg("kv_heads"), py::arg("head_dim"), py::arg("max_len"), py::arg("keys_per_split"), py::arg("splits"),
         py::arg("scale"), py::arg("softcap"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>());}
+        py::call_guard<py::gil_scoped_release>());
+}
