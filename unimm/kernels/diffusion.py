@@ -146,17 +146,18 @@ def _discretized_gaussian_log_likelihood(x, means, log_scales):
 # ---------------------------------------------------------------------------------------------
 
 def sample_loop(net, schedule: DiffusionSchedule, cond: torch.Tensor, noise: torch.Tensor, *, num_steps: int,
-                cfg_scale: float, temperature: float) -> torch.Tensor:
+                cfg_scale: float, temperature: float, clip_denoised: float | None = None) -> torch.Tensor:
     """``noise[0]`` denoised over ``num_steps`` respaced steps; step k (k = 1..num_steps) injects
-    ``noise[k]``. With ``cfg_scale != 1``, cond is ``[cond; uncond]`` and eps is guided."""
+    ``noise[k]``. With ``cfg_scale != 1``, cond is ``[cond; uncond]`` and eps is guided.
+    ``clip_denoised=c`` clamps each step's x0 estimate to [-c, c] (improved DDPM's clip_denoised)."""
     param_dtype = net.input_proj.weight.dtype
     backend = dispatch.select("diffusion_sample", cond.device, implemented=("triton",), unsupported={
         "triton": None if param_dtype in (torch.float16, torch.bfloat16, torch.float32)
         else f"parameters in {param_dtype} are served by the reference only"})
     timesteps, table = schedule.sampling_tables(num_steps, cond.device)
     if backend == "reference":
-        return _reference_loop(net, cond, noise, timesteps, table, cfg_scale, temperature)
-    return _fused_loop(net, cond, noise, timesteps, table, cfg_scale, temperature)
+        return _reference_loop(net, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised)
+    return _fused_loop(net, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised)
 
 
 def _guide(out, token_dim, cfg_scale):
@@ -170,7 +171,7 @@ def _guide(out, token_dim, cfg_scale):
     return eps_uncond + cfg_scale * (eps_cond - eps_uncond), var_values[:rows]
 
 
-def _reference_loop(net, cond, noise, timesteps, table, cfg_scale, temperature):
+def _reference_loop(net, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised):
     num_steps = timesteps.shape[0]
     token_dim = noise.shape[-1]
     x = noise[0].float()
@@ -181,6 +182,8 @@ def _reference_loop(net, cond, noise, timesteps, table, cfg_scale, temperature):
         eps, var_values = _guide(out, token_dim, cfg_scale)
         a, b, c1, c2, min_log, max_log = table[i]
         x0 = a * x - b * eps
+        if clip_denoised is not None:
+            x0 = x0.clamp(-clip_denoised, clip_denoised)
         mean = c1 * x0 + c2 * x
         frac = (var_values + 1) / 2
         log_var = frac * max_log + (1 - frac) * min_log
@@ -188,14 +191,14 @@ def _reference_loop(net, cond, noise, timesteps, table, cfg_scale, temperature):
     return x
 
 
-def _fused_loop(net, cond, noise, timesteps, table, cfg_scale, temperature):
+def _fused_loop(net, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised):
     """The Triton path: the step loop, captured in a CUDA graph on a GPU."""
     if cond.is_cuda and not torch.cuda.is_current_stream_capturing():
-        return _graphed_loop(net, cond, noise, timesteps, table, cfg_scale, temperature)
-    return _fused_steps(net, cond, noise, timesteps, table, cfg_scale, temperature)
+        return _graphed_loop(net, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised)
+    return _fused_steps(net, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised)
 
 
-def _fused_steps(net, cond, noise, timesteps, table, cfg_scale, temperature):
+def _fused_steps(net, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised):
     num_steps = timesteps.shape[0]
     dtype = net.input_proj.weight.dtype
     cond = cond.to(dtype)
@@ -215,19 +218,20 @@ def _fused_steps(net, cond, noise, timesteps, table, cfg_scale, temperature):
         final = net.final_layer
         shift, scale = F.linear(y, final.adaLN_modulation[1].weight, final.adaLN_modulation[1].bias).chunk(2, -1)
         out = F.linear(modulated_layernorm(h, shift, scale, None, None), final.linear.weight, final.linear.bias)
-        x = denoise_step(x, out, noise[num_steps - i], table[i], cfg_scale, temperature if i > 0 else 0.0)
+        x = denoise_step(x, out, noise[num_steps - i], table[i], cfg_scale, temperature if i > 0 else 0.0,
+                         clip_denoised)
     return x
 
 
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # net -> {call shape: captured graph}
 
 
-def _graphed_loop(net, cond, noise, timesteps, table, cfg_scale, temperature):
+def _graphed_loop(net, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised):
     """Captures the whole loop once per (net, shapes, steps, guidance, temperature) and replays it:
     one launch per sampled token batch instead of ~100 x (depth x 6) kernels."""
     # the graph reads the parameters where they were at capture: their addresses are part of the key
     key = (tuple(p.data_ptr() for p in net.parameters()), tuple(cond.shape), cond.dtype, tuple(noise.shape),
-           timesteps.shape[0], cfg_scale, temperature, cond.device)
+           timesteps.shape[0], cfg_scale, temperature, clip_denoised, cond.device)
     graphs = _GRAPHS.setdefault(net, {})
     entry = graphs.get(key)
     if entry is None:
@@ -235,11 +239,12 @@ def _graphed_loop(net, cond, noise, timesteps, table, cfg_scale, temperature):
         stream = torch.cuda.Stream(cond.device)
         stream.wait_stream(torch.cuda.current_stream(cond.device))
         with torch.cuda.stream(stream):  # warm up: compile the Triton kernels outside capture
-            _fused_steps(net, static_cond, static_noise, timesteps, table, cfg_scale, temperature)
+            _fused_steps(net, static_cond, static_noise, timesteps, table, cfg_scale, temperature, clip_denoised)
         torch.cuda.current_stream(cond.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = _fused_steps(net, static_cond, static_noise, timesteps, table, cfg_scale, temperature)
+            static_out = _fused_steps(net, static_cond, static_noise, timesteps, table, cfg_scale, temperature,
+                                      clip_denoised)
         entry = graphs[key] = (graph, static_cond, static_noise, static_out)
     graph, static_cond, static_noise, static_out = entry
     static_cond.copy_(cond)
@@ -267,9 +272,10 @@ def modulated_layernorm(x, shift, scale, weight, bias):
     return out
 
 
-def denoise_step(x, out, noise, step, cfg_scale, noise_scale):
-    """One ancestral step, fused: guidance on eps, x0 = a x - b eps, posterior mean, learned
-    log-variance between log beta and the clipped posterior log-variance, plus scaled noise.
+def denoise_step(x, out, noise, step, cfg_scale, noise_scale, clip_denoised=None):
+    """One ancestral step, fused: guidance on eps, x0 = a x - b eps (clamped to
+    ``[-clip_denoised, clip_denoised]`` when given), posterior mean, learned log-variance between
+    log beta and the clipped posterior log-variance, plus scaled noise.
     ``step``: fp32 ``[6]`` row of the step table (on the device); ``noise_scale``: temperature,
     0 on the last step."""
     rows, token_dim = x.shape
@@ -278,7 +284,8 @@ def denoise_step(x, out, noise, step, cfg_scale, noise_scale):
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _step_kernel[(rows,)](
             x, out, noise, step, new_x, token_dim, out.stride(0), rows, cfg_scale, noise_scale,
-            GUIDED=cfg_scale != 1.0, BLOCK=block, num_warps=1,
+            clip_denoised if clip_denoised is not None else 0.0,
+            GUIDED=cfg_scale != 1.0, CLIP=clip_denoised is not None, BLOCK=block, num_warps=1,
         )
     return new_x
 
@@ -306,7 +313,7 @@ if triton is not None:
 
     @triton.jit
     def _step_kernel(x_ptr, out_ptr, noise_ptr, step_ptr, new_x_ptr, token_dim, stride_out, rows, cfg_scale,
-                     noise_scale, GUIDED: tl.constexpr, BLOCK: tl.constexpr):
+                     noise_scale, clip, GUIDED: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < token_dim
@@ -323,7 +330,10 @@ if triton is not None:
         coef2 = tl.load(step_ptr + 3)
         min_log = tl.load(step_ptr + 4)
         max_log = tl.load(step_ptr + 5)
-        mean = coef1 * (a * x - b * eps) + coef2 * x
+        x0 = a * x - b * eps
+        if CLIP:
+            x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+        mean = coef1 * x0 + coef2 * x
         frac = (var_values + 1.0) / 2.0
         log_var = frac * max_log + (1.0 - frac) * min_log
         noise = tl.load(noise_ptr + row * token_dim + cols, mask=ok, other=0.0).to(tl.float32)

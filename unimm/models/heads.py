@@ -157,10 +157,18 @@ class DiffusionHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, *, num_steps: int = 100, cfg_scale: float = 1.0, temperature: float = 1.0,
-               generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+               clip_denoised: float | None = None) -> torch.Tensor:
         """Tokens ``[M, token_dim]``; with ``cfg_scale != 1``, ``cond`` is ``[cond; uncond]`` (2M
         rows). ``noise [num_steps + 1, M, token_dim]`` (start, then one per step) makes the result
-        reproducible across backends; otherwise noise is drawn from ``generator``."""
+        reproducible across backends; otherwise noise is drawn from ``generator``.
+
+        ``clip_denoised=c`` clamps every step's estimate of the clean token to ``[-c, c]``
+        (improved DDPM's ``clip_denoised``; MAR samples without it, the default). The cosine
+        schedule ends at alpha_bar ~ 2e-9, where x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)
+        multiplies any error in eps by ~2e4: a head that is not yet fully trained (early
+        checkpoints, small demos) throws its first steps far off unless x0 is bounded. Use a bound
+        a few times the data's range, e.g. 3-5 for standardised tokens."""
         self._check_cond(cond)
         if not isinstance(num_steps, int) or not 1 <= num_steps <= self.train_steps:
             raise ValueError(f"num_steps must be an int in [1, {self.train_steps}], got {num_steps!r}")
@@ -174,8 +182,11 @@ class DiffusionHead(nn.Module):
             noise = torch.randn(shape, device=cond.device, generator=generator, dtype=torch.float32)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must be [num_steps + 1, M, token_dim] = {list(shape)}, got {list(noise.shape)}")
+        if clip_denoised is not None and not (isinstance(clip_denoised, (int, float)) and clip_denoised > 0):
+            raise ValueError(f"clip_denoised must be a positive number or None, got {clip_denoised!r}")
         return kernels.sample_loop(self.net, self.schedule, cond, noise, num_steps=num_steps,
-                                   cfg_scale=float(cfg_scale), temperature=float(temperature))
+                                   cfg_scale=float(cfg_scale), temperature=float(temperature),
+                                   clip_denoised=None if clip_denoised is None else float(clip_denoised))
 
 
 class RegressionHead(nn.Module):
