@@ -199,6 +199,10 @@ def test_default_dispatch_matches_reference(checkpoints, monkeypatch):
         hidden = decoder(ids)
         assert rel_err(hidden, expected) <= 1e-4
         assert rel_err(decoder.loss(hidden, targets), expected_loss) <= 1e-4
+        cache = KVCache(decoder.config, 1, 16, device="cpu", dtype=torch.float32)
+        decoder(ids[:, :12], cache=cache)
+        cache.lens += 12
+        assert rel_err(decoder(ids[:, 12:], cache=cache), expected[:, 12:]) <= 1e-4
 
 
 # ---- KV cache ---------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ The three families differ only in data held by ``DecoderConfig``:
 
 Generation uses ``KVCache``: static per-layer key/value buffers plus per-row lengths that the
 caller advances, so one decode step has static shapes, no host sync, and can be captured in
-a CUDA graph.
+a CUDA graph. Decode steps of full-attention layers run ``decode_attention`` over the cache;
+sliding-window layers (and chunks of several tokens) run ``attention`` with interval masks.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from unimm.kernels import AttentionMask, attention, linear_cross_entropy
+from unimm.kernels import AttentionMask, attention, decode_attention, linear_cross_entropy
 
 FAMILIES = ("llama", "qwen2", "gemma2")
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -244,6 +245,7 @@ class _Step:
     window_mask: AttentionMask | None
     cache: KVCache | None = None
     cache_index: tuple[torch.Tensor, torch.Tensor] | None = None  # (batch rows, cache rows); None: [:, :S]
+    decode_lens: torch.Tensor | None = None  # a causal one-token step: lens + 1, for decode_attention
 
 
 class RMSNorm(nn.Module):
@@ -289,8 +291,11 @@ class Attention(nn.Module):
                 k_cache.index_put_(step.cache_index, k)
                 v_cache.index_put_(step.cache_index, v)
                 k, v = k_cache, v_cache
-        out = attention(q, k, v, step.window_mask if self.sliding else step.mask, scale=self.scale,
-                        softcap=self.softcap)
+        if step.decode_lens is not None and not self.sliding:
+            out = decode_attention(q[:, 0], k, v, step.decode_lens, scale=self.scale, softcap=self.softcap)[:, None]
+        else:
+            out = attention(q, k, v, step.window_mask if self.sliding else step.mask, scale=self.scale,
+                            softcap=self.softcap)
         return self.o_proj(out.reshape(batch, seq_len, -1))
 
 
@@ -517,7 +522,8 @@ class Decoder(nn.Module):
         if lens is not None:
             rows = torch.arange(batch, device=device)[:, None].expand(batch, seq_len)
             cache_index = (rows, key_index.long())
-        return _Step(cos, sin, base, window, cache, cache_index)
+        decode_lens = lens + 1 if lens is not None and seq_len == 1 and mask is None else None
+        return _Step(cos, sin, base, window, cache, cache_index, decode_lens)
 
     def _check_cache(self, cache, x: torch.Tensor) -> None:
         if not isinstance(cache, KVCache):
