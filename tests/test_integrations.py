@@ -110,6 +110,20 @@ def test_logits_without_labels_unchanged(family, reference_backend):
     torch.testing.assert_close(actual.logits, expected.logits, rtol=1e-5, atol=1e-5)
 
 
+def test_autocast(reference_backend):
+    """Under autocast the loss sees lm_head's autocast dtype, computes in fp32 (not autocast) and
+    stays close to transformers' own loss under the same autocast."""
+    reference, patched = _pair("llama")
+    ids = _tokens(2, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference(ids, labels=ids).loss
+        actual = patched(ids, labels=ids).loss
+    assert actual.dtype == torch.float32
+    assert _rel(actual, expected.float()) < 2e-2
+    actual.backward()
+    assert all(param.grad is not None for param in patched.parameters())
+
+
 def test_return_dict_false_gives_the_loss_first(reference_backend):
     _, patched = _pair("llama")
     ids = _tokens(1, 6)

@@ -145,14 +145,16 @@ def causal_lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor, *, num_ite
         # shift by padding, not by slicing hidden: no copy of the hidden states
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     weight, bias = model.lm_head.weight, model.lm_head.bias
-    if torch.is_autocast_enabled(hidden.device.type):  # what lm_head would have computed in
-        dtype = torch.get_autocast_dtype(hidden.device.type)
+    device_type = hidden.device.type
+    dtype = _autocast_dtype(device_type)
+    if dtype is not None:  # what lm_head would have computed in
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    loss = linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), weight, shift_labels.to(hidden.device).reshape(-1), bias=bias,
-        ignore_index=ignore_index, reduction="mean" if num_items_in_batch is None else "sum",
-        softcap=getattr(model.config, "final_logit_softcapping", None))
+    with torch.autocast(device_type, enabled=False):  # the kernel accumulates in fp32 itself
+        loss = linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), weight, shift_labels.to(hidden.device).reshape(-1), bias=bias,
+            ignore_index=ignore_index, reduction="mean" if num_items_in_batch is None else "sum",
+            softcap=getattr(model.config, "final_logit_softcapping", None))
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -273,6 +275,16 @@ def _attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: to
     if dropout:
         raise ValueError(f"unimm attention has no dropout; got dropout={dropout} (set config.attention_dropout = 0)")
     mask = unimm_mask.for_layer(key.shape[2], sliding_window)
-    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask,
-                    scale=scaling, softcap=softcap)
+    device_type = query.device.type
+    dtype = _autocast_dtype(device_type)
+    if dtype is not None:  # RoPE in fp32 leaves q, k fp32 and v in the autocast dtype: SDPA's policy
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask,
+                        scale=scaling, softcap=softcap)
     return out, None
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on this device type, or None outside autocast."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
