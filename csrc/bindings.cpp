@@ -70,4 +70,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("kv_heads"), py::arg("head_dim"), py::arg("max_len"), py::arg("keys_per_split"), py::arg("splits"),
         py::arg("scale"), py::arg("softcap"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
+
+  m.attr("SAMPLING_FIXED_POINT_BITS") = unimm::kSamplingFixedPointBits;
+  m.attr("SAMPLING_MAX_BLOCK") = unimm::kSamplingMaxBlock;
+  m.def("sample_tokens", &unimm::sample_tokens, py::arg("logits"), py::arg("row_stride"), py::arg("rows_out"),
+        py::arg("lo"), py::arg("n"), py::arg("cfg"), py::arg("cfg_scale"), py::arg("greedy"),
+        py::arg("inv_temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("uniforms"), py::arg("tokens"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 }

@@ -35,4 +35,16 @@ void decode_attention(std::uintptr_t q, int64_t q_batch_stride, int64_t q_head_s
                       int64_t kv_heads, int64_t head_dim, int64_t max_len, int64_t keys_per_split, int64_t splits,
                       double scale, double softcap, int dtype, int device, std::uintptr_t stream);
 
+// ---- sampling.cu ---------------------------------------------------------------------------
+// One token per output row (rules: unimm/kernels/reference/sampling.py). logits rows of row_stride
+// elements, unit stride along the vocab; with cfg, output row r guides cond row r with uncond row
+// r + rows_out. Vocab block [lo, lo + n). greedy: argmax (uniforms unused); else z = guided *
+// inv_temperature (an fp32 value), top_k active when < n, top_p when < 1, one fp32 uniform in
+// [0, 1) per output row. Writes int64 absolute ids to tokens [rows_out].
+constexpr int kSamplingFixedPointBits = 40;  // token weights are round(p * 2^40)
+constexpr int64_t kSamplingMaxBlock = int64_t{1} << 23;
+void sample_tokens(std::uintptr_t logits, int64_t row_stride, int64_t rows_out, int64_t lo, int64_t n, bool cfg,
+                   double cfg_scale, bool greedy, double inv_temperature, int64_t top_k, double top_p,
+                   std::uintptr_t uniforms, std::uintptr_t tokens, int dtype, int device, std::uintptr_t stream);
+
 }  // namespace unimm

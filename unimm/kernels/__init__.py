@@ -9,7 +9,8 @@ from unimm.kernels.cross_entropy import linear_cross_entropy
 from unimm.kernels.decode import decode_attention
 from unimm.kernels.dispatch import BackendUnavailable
 from unimm.kernels.masks import AttentionMask
+from unimm.kernels.sampling import sample_tokens
 from unimm.kernels.vq import vq_lookup, vq_quantize
 
-__all__ = ["AttentionMask", "BackendUnavailable", "attention", "decode_attention", "linear_cross_entropy", "vq_lookup",
-           "vq_quantize"]
+__all__ = ["AttentionMask", "BackendUnavailable", "attention", "decode_attention", "linear_cross_entropy",
+           "sample_tokens", "vq_lookup", "vq_quantize"]

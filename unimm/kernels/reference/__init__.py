@@ -3,6 +3,6 @@
 Tests compare kernels against these; dispatch uses them as the CPU fallback.
 """
 
-from unimm.kernels.reference import attention, cross_entropy, decode, vq
+from unimm.kernels.reference import attention, cross_entropy, decode, sampling, vq
 
-__all__ = ["attention", "cross_entropy", "decode", "vq"]
+__all__ = ["attention", "cross_entropy", "decode", "sampling", "vq"]

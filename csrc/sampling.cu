@@ -1,0 +1,582 @@
+// sample_tokens: guidance, temperature, top-k, top-p and the inverse-CDF draw in one kernel, one
+// CTA per output row. Every rule is the one spelled out in unimm/kernels/reference/sampling.py;
+// unimm/kernels/sampling.py describes the passes and why they are shaped this way.
+//
+// A row is never written back: each pass re-reads the cond (and uncond) logits of the vocab block
+// and recomputes z = guided * inv_t on the fly. An fp32 scratch copy would move as many bytes as
+// the bf16 cond + uncond pair it replaces (more without guidance) and add a write.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common.h"
+#include "ops.h"
+
+namespace unimm {
+namespace {
+
+using u64 = unsigned long long;
+
+constexpr int kThreads = 1024;
+constexpr int kWarps = kThreads / 32;
+constexpr int kChunk = 8;   // consecutive elements per thread and load: 16 B of fp16/bf16, 32 B of fp32
+constexpr int kBins = 256;  // histogram bins of one selection pass
+constexpr int kBinsPerLane = kBins / 32;
+constexpr int kMaxKeyStages = 4;  // 8 bits per stage resolve any 32-bit key interval
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr uint32_t kNegInfKey = 0x007fffffu;  // order_key(-inf): the smallest key of a non-NaN value
+constexpr uint32_t kPosInfKey = 0xff800000u;  // order_key(+inf): the largest
+constexpr float kFixedPointScale = static_cast<float>(1ull << kSamplingFixedPointBits);
+constexpr float kMassWindow = 32.0f;  // tokens more than this below the max weigh 0 (exp(-28.4) * 2^40 < 1/2)
+
+static_assert(kBins == 32 * kBinsPerLane, "one warp scans the bins");
+static_assert(kSamplingFixedPointBits == 40, "kMassWindow assumes 40 fixed-point bits");
+
+template <typename T>
+__device__ __forceinline__ float to_float(T value);
+template <>
+__device__ __forceinline__ float to_float<float>(float value) {
+  return value;
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half value) {
+  return __half2float(value);
+}
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 value) {
+  return __bfloat162float(value);
+}
+
+// kChunk consecutive elements from a 16-byte aligned address.
+template <typename T>
+__device__ __forceinline__ void load_vector(const T* p, float out[kChunk]) {
+  static_assert(sizeof(T) == 2, "16-bit types: one 16-byte load");
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  const T* values = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) out[j] = to_float(values[j]);
+}
+template <>
+__device__ __forceinline__ void load_vector<float>(const float* p, float out[kChunk]) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
+  out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+}
+
+// Keys that order floats as unsigned integers: key(a) < key(b) iff a < b. -0 is mapped to +0 so
+// equal values have equal keys.
+__device__ __forceinline__ uint32_t order_key(float z) {
+  uint32_t bits = __float_as_uint(z);
+  if (bits == 0x80000000u) bits = 0u;
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+__device__ __forceinline__ float key_value(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+// Integer weight of a token: round(p * 2^40), p = 1 at the row max m, else exp(z - m).
+__device__ __forceinline__ u64 fixed_mass(float z, float m) {
+  const float p = z == m ? 1.0f : expf(__fsub_rn(z, m));
+  return __float2ull_rn(__fmul_rn(p, kFixedPointScale));
+}
+
+struct SampleArgs {
+  const void* logits;
+  int64_t row_stride;     // elements between rows
+  int64_t uncond_offset;  // elements from an output row's cond row to its uncond row (guidance)
+  int64_t lo;             // the vocab block is [lo, lo + n)
+  int64_t n;
+  bool cfg;
+  bool greedy;
+  float cfg_scale;
+  float inv_temperature;
+  int64_t top_k;  // active when < n
+  double top_p;   // active when < 1
+  const float* uniforms;
+  int64_t* tokens;
+};
+
+// The guided, tempered values z of one output row, chunk by chunk. Chunk c holds the elements
+// [first + c * kChunk, first + (c + 1) * kChunk); first is lo rounded down to a chunk boundary
+// when rows are 16-byte aligned, so whole chunks inside the block load as vectors.
+template <typename T, bool kAligned>
+class RowReader {
+ public:
+  __device__ RowReader(const SampleArgs& args, int64_t out_row)
+      : cond_(static_cast<const T*>(args.logits) + out_row * args.row_stride),
+        uncond_(cond_ + args.uncond_offset),
+        lo_(args.lo),
+        hi_(args.lo + args.n),
+        first_(kAligned ? args.lo & ~static_cast<int64_t>(kChunk - 1) : args.lo),
+        cfg_(args.cfg),
+        cfg_scale_(args.cfg_scale),
+        inv_temperature_(args.inv_temperature) {}
+
+  __device__ int64_t num_chunks() const { return (hi_ - first_ + kChunk - 1) / kChunk; }
+
+  // Index of element j of chunk c relative to lo.
+  __device__ int64_t index(int64_t chunk, int j) const { return first_ + chunk * kChunk + j - lo_; }
+
+  // Fills z for chunk c; returns the mask of its elements that lie in [lo, hi).
+  __device__ unsigned load(int64_t chunk, float z[kChunk]) const {
+    const int64_t start = first_ + chunk * kChunk;
+    float c[kChunk];
+    float u[kChunk];
+    unsigned valid = 0;
+    if (kAligned && start >= lo_ && start + kChunk <= hi_) {
+      load_vector(cond_ + start, c);
+      if (cfg_) load_vector(uncond_ + start, u);
+      valid = (1u << kChunk) - 1;
+    } else {
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) {
+        const int64_t i = start + j;
+        const bool inside = i >= lo_ && i < hi_;
+        c[j] = inside ? to_float(cond_[i]) : 0.0f;
+        u[j] = inside && cfg_ ? to_float(uncond_[i]) : 0.0f;
+        valid |= inside ? 1u << j : 0u;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) {
+      // Each operation rounded on its own (no FMA contraction), as the reference's torch ops.
+      const float g = !cfg_ || c[j] == u[j] ? c[j] : __fadd_rn(u[j], __fmul_rn(cfg_scale_, __fsub_rn(c[j], u[j])));
+      const float value = __fmul_rn(g, inv_temperature_);
+      z[j] = isnan(value) ? -INFINITY : value;
+    }
+    return valid;
+  }
+
+ private:
+  const T* cond_;
+  const T* uncond_;
+  int64_t lo_;
+  int64_t hi_;
+  int64_t first_;
+  bool cfg_;
+  float cfg_scale_;
+  float inv_temperature_;
+};
+
+// ---- block-wide helpers ----------------------------------------------------------------------
+
+template <typename V, typename Op>
+__device__ __forceinline__ V warp_reduce(V value, Op op) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) value = op(value, __shfl_xor_sync(kFullMask, value, offset));
+  return value;
+}
+
+// Every thread gets op over all threads' values, combined in one fixed order (deterministic).
+template <typename V, typename Op>
+__device__ V block_reduce(V value, Op op, V* scratch) {
+  value = warp_reduce(value, op);
+  __syncthreads();  // the previous user of scratch is done
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = value;
+  __syncthreads();
+  value = scratch[0];
+  for (int w = 1; w < kWarps; ++w) value = op(value, scratch[w]);
+  return value;
+}
+
+// Exclusive prefix sum over threads in thread order; `total` gets the sum of all.
+__device__ u64 block_exclusive_scan(u64 value, u64* scratch, u64& total) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  u64 inclusive = value;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const u64 other = __shfl_up_sync(kFullMask, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  __syncthreads();
+  if (lane == 31) scratch[warp] = inclusive;
+  __syncthreads();
+  u64 before = 0;
+  total = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    const u64 sum = scratch[w];
+    if (w < warp) before += sum;
+    total += sum;
+  }
+  return before + inclusive - value;
+}
+
+// ---- selection --------------------------------------------------------------------------------
+
+// Per-bin token count and total integer weight. Shared-memory atomics are native for 32 bits
+// only (64-bit adds are compare-and-swap loops), so a weight is added as two 32-bit halves and the
+// low half's carries go to the high half: the totals are exact and independent of thread order.
+struct Histogram {
+  unsigned count[kBins];
+  unsigned mass_lo[kBins];
+  unsigned mass_hi[kBins];
+
+  __device__ void clear() {
+    for (int i = threadIdx.x; i < kBins; i += kThreads) count[i] = mass_lo[i] = mass_hi[i] = 0;
+  }
+  __device__ void add(int bin, u64 mass) {
+    atomicAdd(&count[bin], 1u);
+    if (mass != 0) {
+      const unsigned low = static_cast<unsigned>(mass);
+      const unsigned old = atomicAdd(&mass_lo[bin], low);
+      const unsigned high = static_cast<unsigned>(mass >> 32) + (old + low < old ? 1u : 0u);
+      if (high != 0) atomicAdd(&mass_hi[bin], high);
+    }
+  }
+  __device__ u64 mass(int bin) const { return (static_cast<u64>(mass_hi[bin]) << 32) + mass_lo[bin]; }
+};
+
+// First-stage bins: linear in value between base and base + 256 / scale, so tokens spread over the
+// bins (bins of key bits would gather a row's logits into a few exponents, and the atomics of a
+// warp into a few addresses). Non-decreasing in z, so each bin holds one interval of keys.
+struct ValueBins {
+  float base;
+  float scale;  // 0: every value in bin 0
+
+  __device__ int operator()(float z) const {
+    if (!(scale > 0.0f)) return 0;
+    const float x = __fmul_rn(__fsub_rn(z, base), scale);
+    if (!(x > 0.0f)) return 0;
+    return x >= static_cast<float>(kBins - 1) ? kBins - 1 : static_cast<int>(x);
+  }
+
+  // The smallest key whose value lands in a bin >= `bin`; kPosInfKey + 1 when none does.
+  __device__ u64 first_key_at_least(int bin) const {
+    if ((*this)(key_value(kNegInfKey)) >= bin) return kNegInfKey;
+    if ((*this)(key_value(kPosInfKey)) < bin) return static_cast<u64>(kPosInfKey) + 1;
+    uint32_t below = kNegInfKey;  // bin(below) < bin <= bin(at)
+    uint32_t at = kPosInfKey;
+    while (at - below > 1) {
+      const uint32_t mid = below + (at - below) / 2;
+      if ((*this)(key_value(mid)) >= bin) {
+        at = mid;
+      } else {
+        below = mid;
+      }
+    }
+    return at;
+  }
+};
+
+__device__ ValueBins value_bins(float low, float high) {
+  const float range = __fsub_rn(high, low);
+  return ValueBins{low, range > 0.0f && isfinite(range) ? __fdiv_rn(static_cast<float>(kBins), range) : 0.0f};
+}
+
+// The state of one selection, shared by the block between passes.
+struct SelectState {
+  uint32_t low_key;   // the boundary lies in keys [low_key, high_key]
+  uint32_t high_key;
+  u64 above;          // weight of the participants with keys above high_key
+  u64 target;
+  u64 bin_weight;     // of the last chosen bin
+  unsigned bin_count;
+  int bin;
+  int resolved;       // the survivors are exactly the keys >= low_key
+};
+
+struct Shared {
+  Histogram hist;
+  SelectState select;
+  u64 scratch64[kWarps];
+  uint32_t scratch32[kWarps];
+  float scratchf[kWarps];
+  int64_t found;
+};
+
+// Warp 0: of the bins taken from the highest down, the first at which the weight so far (starting
+// at state.above) reaches state.target; stores it with the weight above it. Counts are the weights
+// when `by_mass` is false.
+__device__ void pick_bin(Shared& sh, bool by_mass) {
+  const int lane = threadIdx.x % 32;
+  const u64 above = sh.select.above;
+  const u64 target = sh.select.target;
+  u64 weights[kBinsPerLane];
+  u64 lane_sum = 0;
+#pragma unroll
+  for (int i = 0; i < kBinsPerLane; ++i) {
+    const int bin = kBins - 1 - (lane * kBinsPerLane + i);
+    weights[i] = by_mass ? sh.hist.mass(bin) : sh.hist.count[bin];
+    lane_sum += weights[i];
+  }
+  u64 inclusive = lane_sum;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const u64 other = __shfl_up_sync(kFullMask, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  const unsigned reached = __ballot_sync(kFullMask, above + inclusive >= target);
+  // The target is always reached (each chosen bin carries it); the last lane is a safe default.
+  const int owner = reached != 0 ? __ffs(reached) - 1 : 31;
+  if (lane == owner) {
+    u64 running = above + inclusive - lane_sum;
+    int chosen = kBinsPerLane - 1;
+    u64 chosen_above = 0;
+    u64 chosen_weight = 0;
+    bool done = false;
+#pragma unroll
+    for (int i = 0; i < kBinsPerLane; ++i) {  // unrolled: weights stays in registers
+      if (!done && (running + weights[i] >= target || i == kBinsPerLane - 1)) {
+        done = true;
+        chosen = i;
+        chosen_above = running;
+        chosen_weight = weights[i];
+      }
+      running += weights[i];
+    }
+    const int bin = kBins - 1 - (lane * kBinsPerLane + chosen);
+    sh.select.bin = bin;
+    sh.select.above = chosen_above;
+    sh.select.bin_weight = chosen_weight;
+    sh.select.bin_count = sh.hist.count[bin];
+  }
+  __syncwarp();
+}
+
+// Smallest nucleus weight: clamp(ceil(top_p * total), 1, total), the product in float64.
+__device__ u64 nucleus_need(double top_p, u64 total) {
+  const double want = ceil(__dmul_rn(top_p, __ull2double_rn(total)));
+  const u64 need = want < 1.0 ? 1ull : __double2ull_rz(want);
+  return need < total ? need : total;
+}
+
+struct Selection {
+  uint32_t threshold;  // the survivors are the participants with keys >= threshold
+  u64 weight;          // their total weight
+};
+
+// Finds the largest key t such that the participants with keys >= t weigh at least the target
+// (kByMass: integer weights and target nucleus_need(top_p, total weight); else counts and target
+// top_k). Participants: keys >= floor_key, and positive weight when kByMass. One pass with value
+// bins, then up to kMaxKeyStages passes with 8-bit digits of the key's offset in the chosen
+// interval; a pass ends the search early when its chosen bin is wholly kept.
+template <typename T, bool kAligned, bool kByMass>
+__device__ Selection select_threshold(const RowReader<T, kAligned>& row, Shared& sh, float m, uint32_t floor_key,
+                                      int64_t top_k, double top_p, const ValueBins bins) {
+  const int64_t num_chunks = row.num_chunks();
+  for (int stage = 0; stage <= kMaxKeyStages; ++stage) {
+    const uint32_t low_key = stage == 0 ? kNegInfKey : sh.select.low_key;
+    const uint32_t high_key = stage == 0 ? kPosInfKey : sh.select.high_key;
+    const uint32_t span = high_key - low_key;
+    const int shift = span < kBins ? 0 : 32 - __clz(span) - 8;
+    sh.hist.clear();
+    __syncthreads();
+    for (int64_t chunk = threadIdx.x; chunk < num_chunks; chunk += kThreads) {
+      float z[kChunk];
+      const unsigned valid = row.load(chunk, z);
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) {
+        const uint32_t key = order_key(z[j]);
+        if (!(valid >> j & 1u) || key < floor_key || key < low_key || key > high_key) continue;
+        const u64 mass = kByMass ? fixed_mass(z[j], m) : 0;
+        if (kByMass && mass == 0) continue;
+        sh.hist.add(stage == 0 ? bins(z[j]) : static_cast<int>((key - low_key) >> shift), mass);
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      if (stage == 0) {
+        if (threadIdx.x == 0) sh.select.above = 0;
+        if (kByMass) {
+          u64 total = 0;
+#pragma unroll
+          for (int i = 0; i < kBinsPerLane; ++i) total += sh.hist.mass(threadIdx.x * kBinsPerLane + i);
+          total = warp_reduce(total, [](u64 a, u64 b) { return a + b; });
+          if (threadIdx.x == 0) sh.select.target = nucleus_need(top_p, total);
+        } else if (threadIdx.x == 0) {
+          sh.select.target = static_cast<u64>(top_k);
+        }
+        __syncwarp();
+      }
+      pick_bin(sh, kByMass);
+      if (threadIdx.x == 0) {
+        SelectState& s = sh.select;
+        u64 low;
+        u64 high;
+        if (stage == 0) {
+          low = bins.first_key_at_least(s.bin);
+          high = bins.first_key_at_least(s.bin + 1) - 1;
+        } else {
+          low = low_key + (static_cast<u64>(s.bin) << shift);
+          high = min(static_cast<u64>(high_key), low + (1ull << shift) - 1);
+        }
+        s.low_key = static_cast<uint32_t>(low);
+        s.high_key = static_cast<uint32_t>(high);
+        // Wholly kept: a single key, a single token, or (counts) exactly the target reached.
+        s.resolved = low == high || s.bin_count == 1 || (!kByMass && s.above + s.bin_weight == s.target) ||
+                     stage == kMaxKeyStages;
+      }
+    }
+    __syncthreads();
+    if (sh.select.resolved) break;
+  }
+  // Keys below floor_key in the chosen interval belong to non-participants: they stay out.
+  return Selection{max(sh.select.low_key, floor_key), sh.select.above + sh.select.bin_weight};
+}
+
+// Inverse CDF: the first survivor (key >= threshold) in index order whose running weight exceeds
+// target; tiles of kThreads chunks, a block scan per tile, stopping at the tile that holds it.
+template <typename T, bool kAligned>
+__device__ int64_t draw(const RowReader<T, kAligned>& row, Shared& sh, float m, uint32_t threshold, u64 target) {
+  const int64_t num_chunks = row.num_chunks();
+  if (threadIdx.x == 0) sh.found = -1;
+  u64 base = 0;
+  for (int64_t tile = 0; tile < num_chunks; tile += kThreads) {
+    const int64_t chunk = tile + threadIdx.x;
+    u64 weights[kChunk];
+    u64 sum = 0;
+    float z[kChunk];
+    const unsigned valid = chunk < num_chunks ? row.load(chunk, z) : 0u;
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) {
+      weights[j] = (valid >> j & 1u) && order_key(z[j]) >= threshold ? fixed_mass(z[j], m) : 0;
+      sum += weights[j];
+    }
+    u64 tile_total;
+    const u64 before = base + block_exclusive_scan(sum, sh.scratch64, tile_total);
+    if (before <= target && target - before < sum) {
+      u64 running = before;
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) {
+        running += weights[j];
+        if (running > target) {
+          sh.found = row.index(chunk, j);
+          break;
+        }
+      }
+    }
+    __syncthreads();
+    if (sh.found >= 0) break;
+    base += tile_total;
+  }
+  return sh.found;
+}
+
+template <typename T, bool kAligned>
+__global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SampleArgs args) {
+  __shared__ Shared sh;
+  const int64_t out_row = blockIdx.x;
+  const RowReader<T, kAligned> row(args, out_row);
+  const int64_t num_chunks = row.num_chunks();
+
+  // Pass 1: the row max (as a key), the smallest finite value, and for greedy rows the best
+  // (key, lowest index) packed so that one unsigned max finds it.
+  uint32_t max_key = 0;
+  float min_finite = INFINITY;
+  u64 best = 0;
+  for (int64_t chunk = threadIdx.x; chunk < num_chunks; chunk += kThreads) {
+    float z[kChunk];
+    const unsigned valid = row.load(chunk, z);
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) {
+      if (!(valid >> j & 1u)) continue;
+      const uint32_t key = order_key(z[j]);
+      max_key = max(max_key, key);
+      if (isfinite(z[j])) min_finite = fminf(min_finite, z[j]);
+      const u64 packed = (static_cast<u64>(key) << 32) | (0xffffffffu - static_cast<uint32_t>(row.index(chunk, j)));
+      best = max(best, packed);
+    }
+  }
+  if (args.greedy) {
+    best = block_reduce(best, [](u64 a, u64 b) { return max(a, b); }, sh.scratch64);
+    if (threadIdx.x == 0) args.tokens[out_row] = args.lo + (0xffffffffu - static_cast<uint32_t>(best));
+    return;
+  }
+  max_key = block_reduce(max_key, [](uint32_t a, uint32_t b) { return max(a, b); }, sh.scratch32);
+  min_finite = block_reduce(min_finite, [](float a, float b) { return fminf(a, b); }, sh.scratchf);
+  const float m = key_value(max_key);
+
+  uint32_t threshold = 0;  // survivors: keys >= threshold
+  u64 survivor_mass = 0;
+  bool mass_known = false;
+  if (args.top_k < args.n) {
+    threshold = select_threshold<T, kAligned, false>(row, sh, m, 0, args.top_k, 0.0, value_bins(min_finite, m))
+                    .threshold;
+  }
+  if (args.top_p < 1.0) {
+    const Selection nucleus = select_threshold<T, kAligned, true>(row, sh, m, threshold, 0, args.top_p,
+                                                                  value_bins(__fsub_rn(m, kMassWindow), m));
+    threshold = nucleus.threshold;
+    survivor_mass = nucleus.weight;
+    mass_known = true;
+  }
+  if (!mass_known) {
+    u64 mass = 0;
+    for (int64_t chunk = threadIdx.x; chunk < num_chunks; chunk += kThreads) {
+      float z[kChunk];
+      const unsigned valid = row.load(chunk, z);
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) {
+        if ((valid >> j & 1u) && order_key(z[j]) >= threshold) mass += fixed_mass(z[j], m);
+      }
+    }
+    survivor_mass = block_reduce(mass, [](u64 a, u64 b) { return a + b; }, sh.scratch64);
+  }
+
+  // The row max always survives with weight 2^40, so survivor_mass > 0.
+  const double scaled = __dmul_rn(static_cast<double>(args.uniforms[out_row]), __ull2double_rn(survivor_mass));
+  u64 target = __double2ull_rz(scaled);
+  if (target >= survivor_mass) target = survivor_mass - 1;
+  const int64_t found = draw(row, sh, m, threshold, target);
+  if (threadIdx.x == 0) args.tokens[out_row] = args.lo + (found >= 0 ? found : 0);
+}
+
+template <typename T>
+void launch(const SampleArgs& args, int64_t rows_out, bool aligned, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(rows_out));
+  if (aligned) {
+    sample_tokens_kernel<T, true><<<grid, kThreads, 0, stream>>>(args);
+  } else {
+    sample_tokens_kernel<T, false><<<grid, kThreads, 0, stream>>>(args);
+  }
+  check_launch("sample_tokens_kernel");
+}
+
+}  // namespace
+
+void sample_tokens(std::uintptr_t logits, int64_t row_stride, int64_t rows_out, int64_t lo, int64_t n, bool cfg,
+                   double cfg_scale, bool greedy, double inv_temperature, int64_t top_k, double top_p,
+                   std::uintptr_t uniforms, std::uintptr_t tokens, int dtype, int device, std::uintptr_t stream) {
+  require(rows_out >= 1 && rows_out <= 0x7fffffff, "sample_tokens: rows_out must be in [1, 2^31)");
+  require(n >= 1 && n <= kSamplingMaxBlock, "sample_tokens: the vocab block must hold 1 to 2^23 tokens");
+  require(lo >= 0 && row_stride >= 0, "sample_tokens: lo and row_stride must be non-negative");
+  require(logits != 0 && tokens != 0, "sample_tokens: null logits or tokens");
+  require(greedy || uniforms != 0, "sample_tokens: sampling needs uniforms");
+  require(greedy || (inv_temperature > 0.0 && inv_temperature <= 3.4028234663852886e38),
+          "sample_tokens: inv_temperature must be a positive finite fp32 value");
+  require(top_k >= 1, "sample_tokens: top_k must be >= 1");
+  require(top_p > 0.0 && top_p <= 1.0, "sample_tokens: top_p must be in (0, 1]");
+  const int elem_bytes = static_cast<DType>(dtype) == DType::Float32 ? 4 : 2;
+  const SampleArgs args{reinterpret_cast<const void*>(logits),
+                        row_stride,
+                        cfg ? rows_out * row_stride : 0,
+                        lo,
+                        n,
+                        cfg,
+                        greedy,
+                        static_cast<float>(cfg_scale),
+                        greedy ? 1.0f : static_cast<float>(inv_temperature),
+                        top_k,
+                        top_p,
+                        reinterpret_cast<const float*>(uniforms),
+                        reinterpret_cast<int64_t*>(tokens)};
+  // Vector loads need every row to start on a 16-byte boundary.
+  const bool aligned = logits % 16 == 0 && (row_stride * elem_bytes) % 16 == 0;
+  DeviceGuard guard(device);
+  const cudaStream_t s = as_stream(stream);
+  switch (static_cast<DType>(dtype)) {
+    case DType::Float32:
+      return launch<float>(args, rows_out, aligned, s);
+    case DType::Float16:
+      return launch<__half>(args, rows_out, aligned, s);
+    case DType::BFloat16:
+      return launch<__nv_bfloat16>(args, rows_out, aligned, s);
+  }
+  require(false, "sample_tokens: unknown dtype code " + std::to_string(dtype));
+}
+
+}  // namespace unimm

@@ -1,0 +1,349 @@
+"""sample_tokens: the reference's rules by construction, its distribution, bad input; on a GPU the
+CUDA kernel against the reference token for token, and inside a CUDA graph."""
+
+import pytest
+import torch
+
+from conftest import DEVICE, seeded
+from unimm import _ext
+from unimm.kernels import BackendUnavailable, sample_tokens
+from unimm.kernels.reference import sampling as reference
+
+
+def random(shape, seed, dtype=torch.float32, scale=1.0, device=DEVICE):
+    return (torch.randn(shape, generator=device_generator(seed)) * scale).to(device, dtype)
+
+
+def device_generator(seed):
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def exact_probabilities(logits, temperature=1.0, top_k=None, top_p=None):
+    """float64 probabilities of one row after temperature, top-k and top-p, renormalised."""
+    z = logits.double() / temperature
+    p = torch.softmax(z, -1)
+    keep = torch.ones_like(p, dtype=torch.bool)
+    if top_k is not None and top_k < len(z):
+        keep &= z >= z.topk(top_k).values[-1]
+    if top_p is not None:
+        masses = torch.where(keep, p, torch.zeros_like(p))
+        order = masses.argsort(descending=True)
+        running = masses[order].cumsum(0) / masses.sum()
+        size = int((running < top_p - 1e-12).sum()) + 1
+        keep &= z >= z[order[size - 1]]
+    p = torch.where(keep, p, torch.zeros_like(p))
+    return p / p.sum()
+
+
+# ---- rules by construction ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_greedy_is_argmax(dtype):
+    logits = random((7, 300), 1, dtype, scale=3)
+    assert torch.equal(sample_tokens(logits, temperature=0), logits.float().argmax(-1))
+    assert torch.equal(sample_tokens(logits, temperature=0, top_k=3, top_p=0.1), logits.float().argmax(-1))
+    block = sample_tokens(logits, temperature=0, vocab_range=(50, 120))
+    assert torch.equal(block, 50 + logits[:, 50:120].float().argmax(-1))
+
+
+def test_greedy_ties_go_to_lowest_index():
+    logits = torch.zeros(3, 10, device=DEVICE)
+    logits[0, [2, 5, 7]] = 1.0
+    logits[1, [9, 4]] = float("inf")
+    logits[2] = float("-inf")  # a fully masked row: its first id
+    assert sample_tokens(logits, temperature=0).tolist() == [2, 4, 0]
+    assert sample_tokens(logits, temperature=0, vocab_range=(3, 10)).tolist() == [5, 4, 3]
+
+
+def test_top_k_one_and_tiny_top_p_are_argmax():
+    logits = random((64, 500), 2, scale=2)
+    want = logits.argmax(-1)
+    for seed in range(3):
+        assert torch.equal(sample_tokens(logits, top_k=1, generator=device_generator(seed)), want)
+        assert torch.equal(sample_tokens(logits, top_p=1e-9, generator=device_generator(seed)), want)
+        assert torch.equal(sample_tokens(logits, temperature=5.0, top_k=50, top_p=1e-9, generator=device_generator(seed)), want)
+
+
+def test_vocab_range_confines_ids():
+    logits = torch.zeros(4096, 100, device=DEVICE)
+    logits[:, :30] = 50.0  # the most likely tokens lie outside the block
+    tokens = sample_tokens(logits, vocab_range=(40, 47), generator=device_generator(3))
+    assert tokens.min() >= 40 and tokens.max() < 47
+    assert set(tokens.tolist()) == set(range(40, 47))  # uniform over the block: all show up
+
+
+def test_cfg_scale_one_samples_the_cond_half():
+    # Multiples of 1/64 in a small range: u + 1 * (c - u) == c exactly in fp32.
+    gen = seeded(4)
+    cond = torch.randint(-512, 512, (16, 200), generator=gen).float().div(64).to(DEVICE)
+    uncond = torch.randint(-512, 512, (16, 200), generator=gen).float().div(64).to(DEVICE)
+    options = dict(temperature=0.8, top_k=40, top_p=0.9, vocab_range=(5, 180))
+    guided = sample_tokens(torch.cat([cond, uncond]), cfg_scale=1.0, generator=device_generator(5), **options)
+    assert torch.equal(guided, sample_tokens(cond, generator=device_generator(5), **options))
+
+
+def test_guidance_formula():
+    cond, uncond = random((6, 400), 6, scale=2), random((6, 400), 7, scale=2)
+    cond[:, :3] = uncond[:, :3] = float("-inf")  # masked in both halves: stays masked
+    scale = 2.5
+    guided = reference.guided_logits(torch.cat([cond, uncond]), cfg_scale=scale)
+    want = uncond.double() + scale * (cond.double() - uncond.double())
+    assert guided.dtype == torch.float32 and guided.shape == (6, 400)
+    assert (guided[:, :3] == float("-inf")).all()
+    torch.testing.assert_close(guided[:, 3:].double(), want[:, 3:], rtol=1e-6, atol=1e-5)
+    # Sampling with guidance is sampling the guided logits.
+    options = dict(temperature=1.2, top_k=100, top_p=0.8)
+    with_cfg = sample_tokens(torch.cat([cond, uncond]), cfg_scale=scale, generator=device_generator(8), **options)
+    assert torch.equal(with_cfg, sample_tokens(guided, generator=device_generator(8), **options))
+    assert (with_cfg >= 3).all()
+
+
+def test_reproducible_with_generator():
+    logits = random((32, 1000), 9)
+    first = sample_tokens(logits, top_p=0.95, generator=device_generator(10))
+    assert torch.equal(first, sample_tokens(logits, top_p=0.95, generator=device_generator(10)))
+    assert not torch.equal(first, sample_tokens(logits, top_p=0.95, generator=device_generator(11)))
+    torch.manual_seed(12)
+    default = sample_tokens(logits)
+    torch.manual_seed(12)
+    assert torch.equal(default, sample_tokens(logits))
+
+
+def test_strided_rows_and_empty():
+    wide = random((6, 333), 13)
+    rows = wide[::2, 7:300]  # row stride 666, offset start
+    want = sample_tokens(rows.contiguous(), top_k=20, generator=device_generator(14))
+    assert torch.equal(sample_tokens(rows, top_k=20, generator=device_generator(14)), want)
+    assert sample_tokens(wide[:0]).shape == (0,)
+    assert sample_tokens(wide[:0], cfg_scale=3.0).shape == (0,)
+
+
+# ---- distribution -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, None, None), (0.7, None, None), (1.5, 4, None), (1.0, None, 0.75), (1.3, 5, 0.6), (1.0, 2, 0.999),
+])
+def test_frequencies_match_renormalised_softmax(temperature, top_k, top_p):
+    row = torch.tensor([1.2, -0.3, 0.8, 2.0, -1.5, 0.1, 1.9])
+    draws = 40_000
+    tokens = sample_tokens(row.expand(draws, -1).to(DEVICE), temperature=temperature, top_k=top_k, top_p=top_p,
+                           generator=device_generator(15))
+    freq = torch.bincount(tokens.cpu(), minlength=len(row)).double() / draws
+    want = exact_probabilities(row, temperature, top_k, top_p)
+    assert (freq[want == 0] == 0).all()
+    assert (freq - want).abs().max() < 0.012  # ~5 standard deviations at p = 1/2
+
+
+def test_top_p_keeps_ties_at_the_edge():
+    row = torch.tensor([[3.0, 1.0, 3.0, 0.0, 1.0, 3.0]])
+    # The three 3.0 tokens hold ~0.9 of the mass; top_p 0.5 cuts inside the tie, which stays whole.
+    tokens = sample_tokens(row.expand(3000, -1).to(DEVICE), top_p=0.5, generator=device_generator(16))
+    assert set(tokens.tolist()) == {0, 2, 5}
+    tokens = sample_tokens(row.expand(3000, -1).to(DEVICE), top_k=2, generator=device_generator(17))
+    assert set(tokens.tolist()) == {0, 2, 5}
+
+
+def test_extreme_logits():
+    huge = torch.tensor([[1e4, -1e4, 0.0, float("-inf"), 9900.0]]).expand(4000, -1).to(DEVICE)
+    tokens = sample_tokens(huge, generator=device_generator(18))
+    assert (tokens == 0).all()  # the others weigh below 2^-41 of it: exactly 0
+    tokens = sample_tokens(huge, temperature=1e4, generator=device_generator(19))
+    freq = torch.bincount(tokens.cpu(), minlength=5).double() / 4000
+    assert freq[3] == 0 and (freq - exact_probabilities(huge[0].cpu(), 1e4)).abs().max() < 0.03
+    infinite = torch.tensor([[float("inf"), 5.0, float("inf"), float("-inf")]]).expand(2000, -1).to(DEVICE)
+    tokens = sample_tokens(infinite, top_k=3, generator=device_generator(20))
+    assert set(tokens.tolist()) == {0, 2}  # +inf logits share all the mass
+    masked = torch.full((2000, 5), float("-inf"), device=DEVICE)
+    assert set(sample_tokens(masked, vocab_range=(1, 4), generator=device_generator(21)).tolist()) == {1, 2, 3}
+
+
+def test_fixed_point_weights_are_exact_probabilities():
+    z = torch.tensor([[0.0, -1.0, -30.0, float("-inf"), -5.5]])
+    q = reference.fixed_point_weights(z)
+    assert q[0, 0] == 2**40 and q[0, 2] == 0 and q[0, 3] == 0
+    assert q[0, 1] == round(float(torch.exp(torch.tensor(-1.0))) * 2**40)
+    assert reference.nucleus_need(0.5, torch.tensor([7])).item() == 4
+    assert reference.nucleus_need(1e-30, torch.tensor([7])).item() == 1
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, options, error, match", [
+    (lambda x: x.tolist(), {}, TypeError, "logits must be a torch.Tensor"),
+    (lambda x: x.long(), {}, TypeError, "logits must be float32"),
+    (lambda x: x.double(), {}, TypeError, "logits must be float32"),
+    (lambda x: x[0], {}, ValueError, "logits must be 2-D"),
+    (lambda x: x[:, :0], {}, ValueError, "empty vocab"),
+    (lambda x: x, {"temperature": -0.5}, ValueError, "temperature must be finite and >= 0"),
+    (lambda x: x, {"temperature": float("nan")}, ValueError, "temperature must be finite"),
+    (lambda x: x, {"temperature": 1e-45}, ValueError, "temperature .* is too small"),
+    (lambda x: x, {"temperature": "1"}, TypeError, "temperature must be a real number"),
+    (lambda x: x, {"top_k": 0}, ValueError, "top_k must be >= 1"),
+    (lambda x: x, {"top_k": 2.0}, TypeError, "top_k must be an int"),
+    (lambda x: x, {"top_k": True}, TypeError, "top_k must be an int"),
+    (lambda x: x, {"top_p": 0.0}, ValueError, r"top_p must be in \(0, 1\]"),
+    (lambda x: x, {"top_p": 1.5}, ValueError, r"top_p must be in \(0, 1\]"),
+    (lambda x: x, {"top_p": "0.9"}, TypeError, "top_p must be a real number"),
+    (lambda x: x, {"vocab_range": (5, 5)}, ValueError, "vocab_range must be"),
+    (lambda x: x, {"vocab_range": (-1, 5)}, ValueError, "vocab_range must be"),
+    (lambda x: x, {"vocab_range": (0, 21)}, ValueError, "vocab_range must be"),
+    (lambda x: x, {"vocab_range": (0.0, 5)}, TypeError, "vocab_range must be a pair of ints"),
+    (lambda x: x, {"vocab_range": (0, 5, 9)}, TypeError, "vocab_range must be a pair of ints"),
+    (lambda x: x[:3], {"cfg_scale": 2.0}, ValueError, "even row count"),
+    (lambda x: x, {"cfg_scale": float("inf")}, ValueError, "cfg_scale must be finite"),
+    (lambda x: x, {"cfg_scale": "2"}, TypeError, "cfg_scale must be a real number"),
+    (lambda x: x, {"generator": 3}, TypeError, "generator must be a torch.Generator"),
+    (lambda x: x.to("meta"), {"generator": torch.Generator()}, ValueError, "generator is on cpu"),
+])
+def test_bad_input(make, options, error, match):
+    with pytest.raises(error, match=match):
+        sample_tokens(make(random((4, 20), 30)), **options)
+
+
+def test_nan_raises_on_cpu():
+    logits = random((4, 20), 31, device="cpu")
+    logits[2, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        sample_tokens(logits)
+    assert sample_tokens(logits, vocab_range=(8, 20), generator=device_generator(32)).shape == (4,)  # outside the block
+    guided = reference.guided_logits(logits)  # the GPU rule: NaN counts as -inf
+    assert guided[2, 7] == float("-inf")
+
+
+def test_forced_cuda_on_cpu_fails_loudly(monkeypatch):
+    monkeypatch.setenv("UNIMM_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailable, match="sample_tokens"):
+        sample_tokens(random((2, 10), 33, device="cpu"))
+    monkeypatch.setenv("UNIMM_BACKEND", "triton")
+    with pytest.raises(BackendUnavailable, match="sample_tokens has no triton kernel"):
+        sample_tokens(random((2, 10), 33, device="cpu"))
+
+
+def test_compile_sees_one_op():
+    logits = random((4, 50), 34)
+    uniforms = torch.rand(2, generator=device_generator(35)).to(DEVICE)
+    for args in [(logits, uniforms, 0.9, 10, 0.8, 3, 40, 1.5), (logits, None, 0.0, 50, 1.0, 0, 50, None)]:
+        out = torch.library.opcheck(torch.ops.unimm.sample_tokens.default, args)
+        assert all(v == "SUCCESS" for v in out.values())
+
+
+def test_build_constants_match_the_reference():
+    if not _ext.has("sample_tokens"):
+        pytest.skip("unimm._C has no sample_tokens")
+    assert _ext.lib().SAMPLING_FIXED_POINT_BITS == reference.FIXED_POINT_BITS
+    assert _ext.lib().SAMPLING_MAX_BLOCK == reference.MAX_BLOCK
+
+
+# ---- GPU ----------------------------------------------------------------------------------------
+
+def _cuda_live():
+    if not _ext.has("sample_tokens") or _ext.serves_device(DEVICE) is not None:
+        pytest.skip("CUDA sample_tokens not live")
+
+
+def _op(logits, uniforms, temperature, top_k, top_p, vocab_range, cfg_scale):
+    lo, hi = vocab_range
+    return torch.ops.unimm.sample_tokens(logits, uniforms, temperature, min(top_k or hi - lo, hi - lo),
+                                         1.0 if top_p is None else top_p, lo, hi, cfg_scale)
+
+
+GPU_CASES = [  # temperature, top_k, top_p, vocab_range, cfg_scale
+    (1.0, None, None, None, None), (0.8, 50, None, None, None), (1.0, None, 0.9, None, None),
+    (0.7, 4096, 0.95, None, 3.0), (1.3, 1000, 0.5, (128_256, 160_000), None), (1.0, None, 0.99, (3, 150_001), 1.5),
+    (1.0, 1, None, None, 7.5), (0.9, 20, 0.8, (77, 32_845), 2.0), (2.0, None, 0.3, None, None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature, top_k, top_p, vocab_range, cfg_scale", GPU_CASES)
+def test_gpu_matches_reference(monkeypatch, dtype, temperature, top_k, top_p, vocab_range, cfg_scale):
+    _cuda_live()
+    rows, vocab = 32, 160_003  # odd vocab: unaligned rows run the scalar-load kernel
+    for width, scale in [(160_000, 4.0), (vocab, 1.5)]:
+        logits = random((rows, vocab), rows + width, dtype, scale=scale)[:, :width]
+        span = vocab_range or (0, width)
+        uniforms = torch.rand(rows // 2 if cfg_scale else rows, generator=device_generator(width), device=DEVICE)
+        want = reference.sample_tokens(logits, uniforms, temperature=temperature, top_k=top_k, top_p=top_p,
+                                       vocab_range=span, cfg_scale=cfg_scale)
+        monkeypatch.setenv("UNIMM_BACKEND", "cuda")
+        got = _op(logits, uniforms, temperature, top_k, top_p, span, cfg_scale)
+        monkeypatch.delenv("UNIMM_BACKEND")
+        assert got.dtype == torch.int64 and got.shape == want.shape
+        assert ((got >= span[0]) & (got < span[1])).all()
+        assert (got != want).sum() <= 1  # a mismatch needs a uniform within float rounding of a CDF edge
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_agreement_rate_and_greedy(monkeypatch, dtype):
+    _cuda_live()
+    logits = random((512, 32_768), 40, dtype, scale=2.0)
+    logits[:, ::97] = float("-inf")
+    logits[7] = logits[7].round()  # many ties
+    uniforms = torch.rand(256, generator=device_generator(41), device=DEVICE)
+    monkeypatch.setenv("UNIMM_BACKEND", "cuda")
+    for options in [dict(temperature=1.0, top_k=1000, top_p=0.9, cfg_scale=2.0),
+                    dict(temperature=0.5, top_k=None, top_p=0.7, cfg_scale=None)]:
+        u = uniforms if options["cfg_scale"] else torch.cat([uniforms, uniforms])
+        got = _op(logits, u, options["temperature"], options["top_k"], options["top_p"], (0, 32_768),
+                  options["cfg_scale"])
+        want = reference.sample_tokens(logits, u, **options)
+        assert (got == want).double().mean() >= 0.995
+    assert torch.equal(sample_tokens(logits, temperature=0), logits.float().argmax(-1))
+    assert torch.equal(sample_tokens(logits, temperature=0, cfg_scale=3.0),
+                       reference.sample_tokens(logits, None, temperature=0, cfg_scale=3.0))
+
+
+@pytest.mark.gpu
+def test_gpu_non_finite_rows_stay_in_range(monkeypatch):
+    _cuda_live()
+    logits = random((6, 5000), 42)
+    logits[0] = float("nan")
+    logits[1] = float("-inf")
+    logits[2, 100:200] = float("nan")
+    logits[3, 17] = float("inf")
+    monkeypatch.setenv("UNIMM_BACKEND", "cuda")
+    for options in [dict(), dict(top_k=10, top_p=0.5), dict(temperature=0)]:
+        tokens = sample_tokens(logits, vocab_range=(10, 4000), generator=device_generator(43), **options)
+        assert ((tokens >= 10) & (tokens < 4000)).all()
+        assert not ((tokens[2] >= 100) & (tokens[2] < 200))
+        assert tokens[3] == 17
+
+
+@pytest.mark.gpu
+def test_gpu_writes_every_row_and_rejects_bad_launch():
+    _cuda_live()
+    C = _ext.lib()
+    logits = random((300, 1000), 44)
+    uniforms = torch.rand(300, generator=device_generator(45), device=DEVICE)
+    tokens = torch.full((300,), -1, dtype=torch.int64, device=DEVICE)
+    C.sample_tokens(logits.data_ptr(), 1000, 300, 0, 1000, False, 0.0, False, 1.0, 50, 0.9, uniforms.data_ptr(),
+                    tokens.data_ptr(), 0, DEVICE.index or 0, torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    assert ((tokens >= 0) & (tokens < 1000)).all()
+    with pytest.raises(ValueError, match="top_p must be in"):
+        C.sample_tokens(logits.data_ptr(), 1000, 300, 0, 1000, False, 0.0, False, 1.0, 50, 1.5, uniforms.data_ptr(),
+                        tokens.data_ptr(), 0, 0, 0)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture(monkeypatch):
+    _cuda_live()
+    monkeypatch.setenv("UNIMM_BACKEND", "cuda")
+    logits = random((16, 100_000), 46, torch.bfloat16, scale=3.0)
+    uniforms = torch.rand(8, device=DEVICE)
+    args = (0.9, 200, 0.95, (0, 100_000), 4.0)
+    _op(logits, uniforms, *args)  # warm-up outside the graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_tokens = _op(logits, uniforms, *args)
+        drawn = sample_tokens(logits, top_k=200, cfg_scale=4.0)  # uniforms drawn inside the graph
+    for seed in range(3):
+        logits.copy_(random((16, 100_000), 47 + seed, torch.bfloat16, scale=3.0))
+        uniforms.copy_(torch.rand(8, generator=device_generator(seed), device=DEVICE))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_tokens, _op(logits, uniforms, *args))
+        assert ((drawn >= 0) & (drawn < 100_000)).all()

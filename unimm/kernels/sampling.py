@@ -1,0 +1,188 @@
+"""Next-token sampling from logits: classifier-free guidance, vocab block, temperature, top-k, top-p.
+
+Public: ``sample_tokens(logits, *, temperature, top_k, top_p, vocab_range, cfg_scale, generator)``;
+its exact meaning, rule by rule, is ``unimm.kernels.reference.sampling``. Randomness is one fp32
+uniform per output row drawn with torch (``torch.rand(rows, generator=generator)``) and handed to
+the kernel, so the kernel holds no RNG state: equal generator states give equal tokens, and a
+decode step that samples can be captured in a CUDA graph (with a CUDA generator or the default).
+
+Backends (see ``dispatch``):
+  * cuda: ``csrc/sampling.cu``, one CTA of 1024 threads per output row. It never writes the
+    guided logits: every pass re-reads the vocab block of the cond (and uncond) row with 16-byte
+    loads and recomputes ``z = (u + s (c - u)) * inv_t``. Passes: (1) the row max (and, for
+    temperature 0, the argmax: done); (2) top-k by radix select on the order-preserving uint32 key
+    of z: a first pass bins tokens by value into 256 bins over [min, max] (value bins spread a
+    row's tokens where key bits would pile them into a few exponents), then up to four passes of
+    8-bit digits of the key inside the chosen bin, each skipped once the chosen bin is wholly
+    kept; (3) top-p by the same select weighted by token mass; (4) the survivors' total mass when
+    top-p did not give it; (5) the inverse-CDF draw: tiles of 8192 tokens in index order, a block
+    prefix scan per tile, stopping at the tile that holds the target. No sort, no V-sized
+    scratch, no host synchronisation. Token weights are integers (``round(p * 2**40)``), so every
+    histogram and scan is exact and independent of thread order: the kernel is deterministic and
+    agrees with the reference token for token except where ``exp`` rounds differently on the
+    GPU. Histograms add weights as two 32-bit halves with carry (shared-memory 64-bit adds are
+    compare-and-swap loops).
+  * reference: the CPU path, and any CUDA call the kernel cannot serve.
+
+On CPU tensors NaN logits raise ValueError. On CUDA tensors nothing is checked (that would need a
+host sync): NaN counts as -inf, a row whose block is all -inf is sampled uniformly (temperature 0:
+its first id), and the ids returned are always inside the vocab block.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from unimm import _ext
+from unimm.kernels import dispatch
+from unimm.kernels.reference import sampling as reference
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, vocab_range: tuple[int, int] | None = None,
+                  cfg_scale: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of ``logits``.
+
+    Args:
+        logits: ``[R, V]`` float32, float16 or bfloat16 (any row stride).
+        temperature: 0 is greedy (argmax, lowest id on ties; top_k / top_p are then ignored and no
+            random number is drawn); otherwise logits are scaled by ``float32(1 / temperature)``.
+        top_k: keep the ``top_k`` highest logits (ties with the k-th all kept); None or
+            ``>= hi - lo`` keeps all.
+        top_p: nucleus: keep the smallest set of most likely tokens (of the top-k survivors)
+            holding probability ``>= top_p``, at least one token; None or 1 keeps all.
+        vocab_range: ``(lo, hi)``: sample from columns ``[lo, hi)`` only (e.g. the image codes of an
+            expanded vocabulary); returned ids are absolute, in ``[lo, hi)``.
+        cfg_scale: classifier-free guidance scale ``s``: rows are ``[cond; uncond]`` halves
+            (R even) and the guided logits are ``uncond + s * (cond - uncond)`` (in fp32).
+        generator: torch generator for the uniforms, on the device of ``logits``.
+
+    Returns:
+        int64 ``[R]``, or ``[R // 2]`` with ``cfg_scale``.
+
+    Raises:
+        TypeError: ``logits`` not a float32 / float16 / bfloat16 tensor, an option of the wrong type.
+        ValueError: ``logits`` not 2-D, an option out of range, odd R with ``cfg_scale``, a generator on
+            another device, NaN in ``logits`` (CPU tensors only).
+    """
+    lo, hi = _check_args(logits, temperature, top_k, top_p, vocab_range, cfg_scale, generator)
+    rows_out = logits.shape[0] // 2 if cfg_scale is not None else logits.shape[0]
+    if rows_out == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    if logits.device.type == "cpu" and logits[:, lo:hi].isnan().any():
+        raise ValueError("logits contain NaN")
+    uniforms = None
+    if temperature != 0:
+        uniforms = torch.rand(rows_out, generator=generator, device=logits.device)
+    return torch.ops.unimm.sample_tokens(
+        logits, uniforms, float(temperature), hi - lo if top_k is None else min(int(top_k), hi - lo),
+        1.0 if top_p is None else float(top_p), lo, hi, None if cfg_scale is None else float(cfg_scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_args(logits, temperature, top_k, top_p, vocab_range, cfg_scale, generator) -> tuple[int, int]:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _DTYPES:
+        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D [rows, vocab], got shape {tuple(logits.shape)}")
+    vocab = logits.shape[1]
+    if vocab == 0:
+        raise ValueError("logits has an empty vocab dimension")
+    if not _is_real(temperature):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if temperature > 0 and not math.isfinite(reference.inverse_temperature(temperature)):
+        raise ValueError(f"temperature {temperature} is too small: 1 / temperature overflows float32 "
+                         "(use 0 for greedy)")
+    if top_k is not None:
+        if not _is_int(top_k):
+            raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None:
+        if not _is_real(top_p):
+            raise TypeError(f"top_p must be a real number or None, got {type(top_p).__name__}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if vocab_range is None:
+        lo, hi = 0, vocab
+    else:
+        if not (isinstance(vocab_range, (tuple, list)) and len(vocab_range) == 2 and all(map(_is_int, vocab_range))):
+            raise TypeError(f"vocab_range must be a pair of ints (lo, hi), got {vocab_range!r}")
+        lo, hi = int(vocab_range[0]), int(vocab_range[1])
+        if not 0 <= lo < hi <= vocab:
+            raise ValueError(f"vocab_range must be (lo, hi) with 0 <= lo < hi <= V = {vocab}, got {tuple(vocab_range)}")
+    if hi - lo > reference.MAX_BLOCK:
+        raise ValueError(f"the vocab block holds {hi - lo} tokens; at most {reference.MAX_BLOCK} are supported")
+    if cfg_scale is not None:
+        if not _is_real(cfg_scale):
+            raise TypeError(f"cfg_scale must be a real number or None, got {type(cfg_scale).__name__}")
+        if not math.isfinite(cfg_scale):
+            raise ValueError(f"cfg_scale must be finite, got {cfg_scale}")
+        if logits.shape[0] % 2:
+            raise ValueError(f"cfg_scale needs [cond; uncond] rows, so an even row count; logits has {logits.shape[0]}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if generator.device.type != logits.device.type or (
+                logits.device.type == "cuda" and generator.device.index not in (None, logits.device.index)):
+            raise ValueError(f"generator is on {generator.device} but logits are on {logits.device}")
+    return lo, hi
+
+
+# ---------------------------------------------------------------------------------------------
+# Op (opaque to torch.compile and CUDA graphs)
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("unimm::sample_tokens", mutates_args=())
+def _sample_tokens_op(logits: torch.Tensor, uniforms: torch.Tensor | None, temperature: float, top_k: int,
+                      top_p: float, lo: int, hi: int, cfg_scale: float | None) -> torch.Tensor:
+    cuda_missing = None if _ext.has("sample_tokens") else "unimm._C has no sample_tokens"
+    backend = dispatch.select("sample_tokens", logits.device, implemented=("cuda",), unsupported={"cuda": cuda_missing})
+    if backend == "cuda":
+        return _sample_cuda(logits, uniforms, temperature, top_k, top_p, lo, hi, cfg_scale)
+    return reference.sample_tokens(logits, uniforms, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   vocab_range=(lo, hi), cfg_scale=cfg_scale)
+
+
+@_sample_tokens_op.register_fake
+def _(logits, uniforms, temperature, top_k, top_p, lo, hi, cfg_scale):
+    rows_out = logits.shape[0] // 2 if cfg_scale is not None else logits.shape[0]
+    return logits.new_empty(rows_out, dtype=torch.int64)
+
+
+def _sample_cuda(logits, uniforms, temperature, top_k, top_p, lo, hi, cfg_scale) -> torch.Tensor:
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    rows_out = logits.shape[0] // 2 if cfg_scale is not None else logits.shape[0]
+    tokens = torch.empty(rows_out, dtype=torch.int64, device=logits.device)
+    greedy = temperature == 0
+    _ext.lib().sample_tokens(
+        logits.data_ptr(), logits.stride(0), rows_out, lo, hi - lo, cfg_scale is not None,
+        0.0 if cfg_scale is None else cfg_scale, greedy, 1.0 if greedy else reference.inverse_temperature(temperature),
+        top_k, top_p, 0 if greedy else uniforms.data_ptr(), tokens.data_ptr(), _ext.DTYPE_CODES[logits.dtype],
+        logits.device.index, _ext.stream_handle(logits.device))
+    return tokens
