@@ -1,0 +1,325 @@
+"""Renders the newest ``benchmarks/results/*.json`` of every kernel family into ``docs/PERFORMANCE.md``
+(one table per family) and a bar plot of unimm's speedups over the anchors (``docs/performance.png``).
+
+Every bench script writes the same outline (``_common.write_results``): ``family``,
+``environment``, ``peaks``, ``dtype``, ``target`` / ``target_met`` (/ ``target_parts``),
+``shapes`` and ``results``, one entry per case and implementation (``impl``) with
+``available`` and either ``median_ms`` or, for forward / backward timings, ``forward`` and
+``backward`` dicts holding it. A case is what ``layout``, ``shape`` and ``rows`` name. The
+table gives, per case (and direction), each implementation's median time, unimm's speedup over
+each anchor (the anchor's median / unimm's; the implementations not named ``unimm...``), and
+unimm's throughput fields (TFLOP/s, GB/s, tokens/s, % of the measured peaks). Smoke runs
+(``smoke: true``, CPU times of tiny shapes) are skipped.
+
+    python benchmarks/render_performance.py [--results benchmarks/results] [--out docs/PERFORMANCE.md]
+        [--plot docs/performance.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+
+from PIL import Image, ImageDraw, ImageFont
+
+from _common import markdown_table
+
+BENCHMARKS_DIR = pathlib.Path(__file__).resolve().parent
+ROOT = BENCHMARKS_DIR.parent
+CASE_KEYS = ("layout", "shape", "rows")  # what names a case, in column order
+DIRECTIONS = ("forward", "backward")
+UNIMM = "unimm"
+# unimm's throughput fields and their column names, in column order
+THROUGHPUT = {"tflops": "TFLOP/s", "pct_bf16_peak": "% matmul peak", "mfu_pct": "MFU %", "gbps": "GB/s",
+              "weight_gbps": "weights GB/s", "pct_copy_peak": "% copy peak", "tokens_per_s": "tokens/s"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+def load_latest(results_dir: pathlib.Path) -> tuple[dict[str, tuple[pathlib.Path, dict]], list[str]]:
+    """family -> (path, payload) of its newest non-smoke result file (by the run's UTC date, then
+    file name), and a note for every file that was skipped."""
+    latest, notes = {}, []
+    for path in sorted(pathlib.Path(results_dir).glob("*.json")):
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            notes.append(f"{path.name}: not readable JSON ({error})")
+            continue
+        if not isinstance(payload, dict) or not {"family", "environment", "results"} <= payload.keys():
+            notes.append(f"{path.name}: not a benchmark result (no family / environment / results)")
+            continue
+        if payload.get("smoke"):
+            notes.append(f"{path.name}: a smoke run, skipped")
+            continue
+        key = (payload["environment"].get("date") or "", path.name)
+        family = payload["family"]
+        if family not in latest or key > latest[family][0]:
+            latest[family] = (key, path, payload)
+    return {family: (path, payload) for family, (_, path, payload) in sorted(latest.items())}, notes
+
+
+def case_of(result: dict) -> tuple:
+    return tuple((key, result[key]) for key in CASE_KEYS if key in result)
+
+
+def timings(result: dict) -> dict[str, dict]:
+    """direction -> the dict holding ``median_ms`` ("" when the result has one timing)."""
+    if not result.get("available"):
+        return {}
+    if "median_ms" in result:
+        return {"": result}
+    return {d: result[d] for d in DIRECTIONS if isinstance(result.get(d), dict) and "median_ms" in result[d]}
+
+
+def is_anchor(impl: str) -> bool:
+    return not impl.startswith(UNIMM)
+
+
+def case_rows(payload: dict) -> list[tuple[tuple, str, dict[str, dict]]]:
+    """(case, direction, impl -> timing dict) in the order the results list them; n/a impls absent."""
+    order, table = [], {}
+    for result in payload["results"]:
+        case = case_of(result)
+        if case not in table:
+            order.append(case)
+            table[case] = {}
+        for direction, stats in timings(result).items():
+            table[case].setdefault(direction, {})[result["impl"]] = stats
+    return [(case, direction, rows) for case in order for direction, rows in table[case].items()]
+
+
+def speedups(payload: dict) -> list[tuple[str, str, float]]:
+    """(case label, anchor, unimm's speedup over it) for every case, direction and available anchor."""
+    out = []
+    for case, direction, rows in case_rows(payload):
+        unimm = rows.get(UNIMM)
+        if unimm is None:
+            continue
+        for impl, stats in rows.items():
+            if is_anchor(impl) and stats["median_ms"] > 0 and unimm["median_ms"] > 0:
+                label = " ".join(str(value) for _, value in case) + (f" {direction}" if direction else "")
+                out.append((label, impl, stats["median_ms"] / unimm["median_ms"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _verdict(value) -> str:
+    return {True: "met", False: "NOT met", None: "not judged"}.get(value, str(value))
+
+
+def _parts(parts, prefix: str = "") -> list[str]:
+    """``target_parts`` (possibly nested dicts of True / False / None) as "name: verdict" strings."""
+    out = []
+    for name, value in (parts or {}).items():
+        if isinstance(value, dict):
+            out += _parts(value, f"{prefix}{name} ")
+        else:
+            out.append(f"{prefix}{name}: {_verdict(value)}")
+    return out
+
+
+def family_table(payload: dict) -> str:
+    """The family's markdown table: one line per case (and direction)."""
+    results = payload["results"]
+    impls = list(dict.fromkeys(r["impl"] for r in results))
+    impls = [i for i in impls if not is_anchor(i)] + [i for i in impls if is_anchor(i)]
+    anchors = [i for i in impls if is_anchor(i)]
+    case_columns = [key for key in CASE_KEYS if any(key in r for r in results)]
+    has_direction = any(not ("median_ms" in r) and r.get("available") for r in results)
+    unavailable = {(case_of(r), r["impl"]) for r in results if not r.get("available")}
+    unimm_fields = [key for key in THROUGHPUT
+                    if any(key in stats for r in results if r["impl"] == UNIMM for stats in timings(r).values())]
+
+    columns = case_columns + (["direction"] if has_direction else []) + [f"{i} ms" for i in impls]
+    columns += [f"unimm vs {a}" for a in anchors] + [f"unimm {THROUGHPUT[key]}" for key in unimm_fields]
+    lines = []
+    for case, direction, rows in case_rows(payload):
+        line = {key: str(value) for key, value in case}
+        if has_direction:
+            line["direction"] = direction or "-"
+        for impl in impls:
+            stats = rows.get(impl)
+            line[f"{impl} ms"] = ("n/a" if (case, impl) in unavailable else "-") if stats is None \
+                else _fmt(stats["median_ms"], ".3f")
+        unimm = rows.get(UNIMM)
+        for anchor in anchors:
+            ok = unimm is not None and anchor in rows and unimm["median_ms"] > 0
+            line[f"unimm vs {anchor}"] = f"{rows[anchor]['median_ms'] / unimm['median_ms']:.2f}x" if ok else "-"
+        for key in unimm_fields:
+            value = None if unimm is None else unimm.get(key)
+            line[f"unimm {THROUGHPUT[key]}"] = _fmt(value, ".3g")
+        lines.append(line)
+    return markdown_table(lines, columns)
+
+
+def family_section(family: str, path: pathlib.Path, payload: dict, root: pathlib.Path) -> str:
+    env, peaks = payload["environment"], payload.get("peaks") or {}
+    device = env.get("device", "?")
+    if env.get("compute_capability"):
+        device += f" (sm_{env['compute_capability'].replace('.', '')}, {env.get('sm_count')} SMs)"
+    versions = ", ".join(f"{name} {env[name]}" for name in ("torch", "triton", "cuda", "unimm") if env.get(name))
+    lines = [f"## {family}", "",
+             f"- run: {env.get('date', '?')} on {device}, {versions}, commit `{str(env.get('git_sha', '?'))[:12]}`",
+             f"- file: `{_relative(path, root)}`"]
+    if payload.get("dtype"):
+        lines.append(f"- dtype: {payload['dtype']}")
+    if peaks:
+        lines.append(f"- measured peaks: bf16 matmul {_fmt(peaks.get('bf16_matmul_tflops'), '.0f')} TFLOP/s, "
+                     f"copy {_fmt(peaks.get('copy_gbps'), '.0f')} GB/s")
+    if payload.get("target"):
+        parts = _parts(payload.get("target_parts"))
+        lines.append(f"- target: {payload['target']} -- **{_verdict(payload.get('target_met'))}**"
+                     + (f" ({'; '.join(parts)})" if parts else ""))
+    shapes = payload.get("shapes") or {}
+    if shapes:
+        lines.append("- shapes: " + "; ".join(
+            f"`{name}` " + ", ".join(f"{key}={value}" for key, value in spec.items()) if isinstance(spec, dict)
+            else f"`{name}` {spec}" for name, spec in shapes.items()))
+    layouts = payload.get("layouts") or {}
+    if layouts:
+        lines.append("- layouts: " + "; ".join(
+            f"`{name}` {spec.get('description', '')}".rstrip() for name, spec in layouts.items()))
+    lines += ["", family_table(payload)]
+    missing = [f"{r['impl']} at {' '.join(str(v) for _, v in case_of(r))}: {r.get('reason', '?')}"
+               for r in payload["results"] if not r.get("available")]
+    if missing:
+        lines += ["", "n/a:"] + [f"- {line}" for line in missing]
+    return "\n".join(lines)
+
+
+def _relative(path: pathlib.Path, start: pathlib.Path) -> str:
+    return pathlib.Path(os.path.relpath(pathlib.Path(path).resolve(), pathlib.Path(start).resolve())).as_posix()
+
+
+def bench_scripts() -> list[str]:
+    return sorted(path.name for path in BENCHMARKS_DIR.glob("bench_*.py"))
+
+
+def render_page(latest: dict, notes: list[str], plot: pathlib.Path | None, out: pathlib.Path,
+                results_dir: pathlib.Path) -> str:
+    """The whole PERFORMANCE.md."""
+    head = ["# Performance", "",
+            "Generated by `python benchmarks/render_performance.py` from the newest "
+            "`benchmarks/results/*.json` of each kernel family; do not edit by hand.", ""]
+    how = ["To measure, on a machine with a CUDA GPU:", "", "```"]
+    how += [f"python benchmarks/{script}" for script in bench_scripts()]
+    how += ["python benchmarks/render_performance.py", "```", "",
+            "Each script writes `benchmarks/results/<family>-<device>-<date>.json` (see "
+            "[benchmarks/README.md](../benchmarks/README.md) for what they time and against which anchors)."]
+    if not latest:
+        where = _relative(results_dir, ROOT) if pathlib.Path(results_dir).resolve().is_relative_to(ROOT) \
+            else str(results_dir)
+        return "\n".join(head + [f"No kernel has been measured on a GPU yet: `{where}/` holds no results.", ""]
+                         + how + [""])
+    body = ["unimm vs X = X's median time / unimm's median time on the same inputs (above 1x: unimm is "
+            "faster); n/a: the implementation could not run that case (reason below the table).", ""]
+    if plot is not None:
+        body += [f"![unimm's speedup over each anchor]({_relative(plot, out.parent)})", ""]
+    for family, (path, payload) in latest.items():
+        body += [family_section(family, path, payload, out.parent), ""]
+    if notes:
+        body += ["Files not shown:", ""] + [f"- {note}" for note in notes] + [""]
+    return "\n".join(head + body + how + [""])
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot
+# ---------------------------------------------------------------------------------------------
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def plot_speedups(latest: dict, path: pathlib.Path) -> pathlib.Path | None:
+    """Horizontal bars of unimm's speedup over every anchor, a panel per family, on a log2 axis
+    with the 1x line marked; green where unimm is faster. None (no file) when there is nothing
+    to plot."""
+    panels = [(family, speedups(payload)) for family, (_, payload) in latest.items()]
+    panels = [(family, bars) for family, bars in panels if bars]
+    if not panels:
+        return None
+    font, title_font = _font(12), _font(14)
+    bar_h, gap, label_w, plot_w, right = 16, 4, 360, 480, 60
+    values = [value for _, bars in panels for _, _, value in bars]
+    low = math.floor(math.log2(min(min(values), 1.0)))
+    high = math.ceil(math.log2(max(max(values), 1.0)))
+    if high == low:
+        high = low + 1
+    height = sum(30 + len(bars) * (bar_h + gap) for _, bars in panels) + 40
+    canvas = Image.new("RGB", (label_w + plot_w + right, height), "white")
+    draw = ImageDraw.Draw(canvas)
+
+    def x_of(value):
+        return label_w + (math.log2(value) - low) / (high - low) * plot_w
+
+    every = max(1, math.ceil((high - low) / 8))  # at most ~9 labelled powers of two
+    powers = [p for p in range(low, high + 1) if p % every == 0 or p == 0]
+    y = 10
+    for family, bars in panels:
+        draw.text((10, y), family, fill="black", font=title_font)
+        y += 24
+        bottom = y + len(bars) * (bar_h + gap)
+        for power in powers:
+            x = x_of(2.0**power)
+            draw.line([x, y - 2, x, bottom], fill="#dddddd")
+        for label, anchor, value in bars:
+            x0, x1 = x_of(1.0), x_of(value)
+            draw.rectangle([min(x0, x1), y, max(x0, x1), y + bar_h], fill="#2ca02c" if value >= 1 else "#d62728")
+            draw.text((label_w - 8, y + bar_h / 2), f"{label} vs {anchor}", fill="black", font=font, anchor="rm")
+            draw.text((max(x0, x1) + 4, y + bar_h / 2), f"{value:.3g}x", fill="black", font=font, anchor="lm")
+            y += bar_h + gap
+        draw.line([x_of(1.0), bottom - len(bars) * (bar_h + gap) - 2, x_of(1.0), bottom], fill="black", width=2)
+        y += 6
+    for power in powers:
+        draw.text((x_of(2.0**power), y), f"{2.0**power:.2g}x", fill="black", font=font, anchor="ma")
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=pathlib.Path, default=BENCHMARKS_DIR / "results",
+                        help="directory of result JSON files (default benchmarks/results)")
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "PERFORMANCE.md",
+                        help="markdown page to write (default docs/PERFORMANCE.md)")
+    parser.add_argument("--plot", type=pathlib.Path, default=ROOT / "docs" / "performance.png",
+                        help="speedup plot to write beside it (default docs/performance.png)")
+    args = parser.parse_args(argv)
+    latest, notes = load_latest(args.results)
+    plot = plot_speedups(latest, args.plot)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render_page(latest, notes, plot, args.out, args.results))
+    print(f"wrote {args.out}" + (f" and {plot}" if plot else "")
+          + f" from {len(latest)} famil{'y' if len(latest) == 1 else 'ies'}: {', '.join(latest) or 'none measured'}")
+    for note in notes:
+        print(f"skipped {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
