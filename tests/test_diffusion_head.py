@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import DEVICE, seeded
 from unimm.kernels import diffusion
@@ -213,3 +214,29 @@ def test_learns_a_conditional_distribution(monkeypatch):
     centre_error = samples.median(dim=1).values - conds @ mixing
     assert centre_error.square().mean().sqrt() < 0.1, centre_error
     assert 0.7 * spread < samples.std(dim=1).median() < 1.5 * spread
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("epilogue", ["plain", "silu", "gated"])
+def test_fused_linear_epilogues(epilogue, dtype):
+    from conftest import available_backends
+
+    if "triton" not in available_backends():
+        pytest.skip("triton backend not live here")
+    rows, k, n = 37, 45, 70  # odd sizes: partial tiles on every axis
+    x = torch.randn(rows, k, generator=seeded(20)).to(DEVICE, dtype)
+    weight = (torch.randn(n, k, generator=seeded(21)) / k ** 0.5).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=seeded(22)).to(DEVICE, dtype)
+    mods = torch.randn(rows, 3 * n, generator=seeded(23)).to(DEVICE, dtype)
+    residual, gate = mods[:, :n].contiguous(), mods[:, 2 * n:]  # gate: a strided column slice
+    want = x.double() @ weight.double().T + bias.double()
+    if epilogue == "silu":
+        want = F.silu(want)
+    if epilogue == "gated":
+        want = residual.double() + gate.double() * want
+    got = diffusion.fused_linear(x, weight, bias, silu=epilogue == "silu",
+                                 residual=residual if epilogue == "gated" else None,
+                                 gate=gate if epilogue == "gated" else None)
+    assert got.dtype == dtype and got.shape == (rows, n) and torch.isfinite(got).all()
+    error = ((got.double() - want).norm() / want.norm()).item()
+    assert error < (1e-5 if dtype == torch.float32 else 2e-3), error

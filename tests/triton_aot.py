@@ -165,14 +165,64 @@ def diffusion_cases():
                dict(AFFINE=True, BLOCK=block), aligned, dict(num_warps=min(16, block // 256), num_stages=1),
                dict(pipelined=False, wgmma=False))
     signature = dict(x_ptr="*fp32", out_ptr="*bf16", noise_ptr="*fp32", step_ptr="*fp32", new_x_ptr="*fp32",
-                     token_dim="i32", stride_out="i32", rows="i32", cfg_scale="fp32", noise_scale="fp32")
-    yield ("denoise step bf16", diffusion._step_kernel, signature, dict(GUIDED=True, BLOCK=16),
+                     token_dim="i32", stride_out="i32", rows="i32", cfg_scale="fp32", noise_scale="fp32", clip="fp32")
+    yield ("denoise step bf16", diffusion._step_kernel, signature, dict(GUIDED=True, CLIP=True, BLOCK=16),
            {"x_ptr", "out_ptr", "noise_ptr", "step_ptr", "new_x_ptr"}, dict(num_warps=1, num_stages=1),
            dict(pipelined=False, wgmma=False))
+    from unimm.kernels._triton_common import dot_precision
+
+    # the head's GEMMs: few rows (weight streaming) to many rows (CFG-doubled 2048 tokens)
+    for dtype, rows, silu, gated in ((torch.bfloat16, 32, True, False), (torch.bfloat16, 128, False, True),
+                                     (torch.bfloat16, 2048, True, False), (torch.bfloat16, 4096, False, True),
+                                     (torch.float32, 64, False, False)):
+        t = TRITON_TYPES[dtype]
+        config = diffusion._linear_config(rows, dtype, interpret=False)
+        launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+        signature = dict(x_ptr=f"*{t}", w_ptr=f"*{t}", b_ptr=f"*{t}", res_ptr=f"*{t}", gate_ptr=f"*{t}",
+                         out_ptr=f"*{t}", rows="i32", n="i32", k="i32", stride_x="i32", stride_w="i32",
+                         stride_res="i32", stride_gate="i32", stride_out="i32")
+        aligned = {name for name in signature if name != "rows"}
+        # tiles of 64+ rows go to wgmma on Hopper; fewer rows to mma.sync
+        yield (f"head linear {t} rows={rows}", diffusion._linear_kernel, signature,
+               dict(SILU=silu, GATED_RESIDUAL=gated, PRECISION=dot_precision(dtype), **config), aligned, launch,
+               dict(pipelined=True, wgmma=dtype != torch.float32 and config["BLOCK_M"] >= 64))
+
+
+def decode_cases():
+    from unimm.kernels import decode
+    from unimm.kernels._triton_common import dot_precision
+
+    for dtype, head_dim, group in ((torch.bfloat16, 64, 4), (torch.bfloat16, 128, 4), (torch.bfloat16, 128, 1),
+                                   (torch.bfloat16, 128, 8), (torch.bfloat16, 256, 2), (torch.bfloat16, 128, 16),
+                                   (torch.bfloat16, 256, 32), (torch.float16, 64, 7), (torch.float32, 128, 4),
+                                   (torch.float32, 64, 16)):
+        t = TRITON_TYPES[dtype]
+        config = decode._triton_config(group, head_dim, interpret=False)
+        launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+        signature = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", lens_ptr="*i32", out_ptr=f"*{t}",
+                         part_out_ptr="*fp32", part_lse_ptr="*fp32", max_len="i32", kv_heads="i32", group="i32",
+                         q_tiles="i32", q_heads="i32", keys_per_split="i32", num_splits="i32",
+                         **{f"stride_{n}": "i32" for n in ("qb", "qh", "kb", "kn", "kh", "vb", "vn", "vh", "ob", "oh")},
+                         scale="fp32", softcap="fp32")
+        aligned = {n for n, kind in signature.items() if kind.startswith("*") or n.startswith("stride_")}
+        constexprs = dict(HAS_SOFTCAP=True, SPLIT=True, HEAD_DIM=head_dim, PRECISION=dot_precision(dtype), **config)
+        path = "dot" if config["USE_DOT"] else "broadcast"
+        # the dot path's loads feed tl.dot, which triton pipelines; its 16 to 64 query rows are
+        # too few for wgmma (64-row tiles), so mma.sync serves them
+        yield (f"decode split {t} d={head_dim} group={group} ({path})", decode._decode_split_kernel, signature,
+               constexprs, aligned, launch, dict(pipelined=config["USE_DOT"], wgmma=False))
+    for dtype, head_dim in ((torch.bfloat16, 64), (torch.bfloat16, 128), (torch.bfloat16, 256), (torch.float32, 128)):
+        t = TRITON_TYPES[dtype]
+        signature = dict(part_out_ptr="*fp32", part_lse_ptr="*fp32", lens_ptr="*i32", out_ptr=f"*{t}", q_heads="i32",
+                         max_len="i32", keys_per_split="i32", num_splits="i32", stride_ob="i32", stride_oh="i32")
+        yield (f"decode combine {t} d={head_dim}", decode._decode_combine_kernel, signature,
+               dict(HEAD_DIM=head_dim, BLOCK_S=decode._COMBINE_BLOCK_SPLITS),
+               {"part_out_ptr", "part_lse_ptr", "lens_ptr", "out_ptr", "stride_ob", "stride_oh"},
+               dict(num_warps=4, num_stages=1), dict(pipelined=False, wgmma=False))
 
 
 FAMILIES = {"vq": vq_cases, "cross_entropy": cross_entropy_cases, "attention": attention_cases,
-            "diffusion": diffusion_cases}
+            "diffusion": diffusion_cases, "decode": decode_cases}
 
 
 def main(families: list[str]) -> None:

@@ -3,10 +3,13 @@ schedule and learned variance range, its training loss, and the sampling loop.
 
 The sampling loop is the hot path: ~100 denoising steps of a small MLP on every image token.
   * reference: the eager loop over ``SimpleMLPAdaLN`` (what ``UNIMM_BACKEND=reference`` runs);
-  * triton: the same network with the adaLN-modulated LayerNorm (``_modulated_layernorm_kernel``)
-    and the whole per-step update (guidance, x0, posterior mean, learned variance, noise:
-    ``_step_kernel``) fused; the timestep MLP of every step is computed once per call; on a GPU
-    the whole loop is captured in a CUDA graph per (rows, steps, guidance) and replayed.
+  * triton: the same network with the adaLN-modulated LayerNorm (``_modulated_layernorm_kernel``),
+    each residual block's MLP as two fused GEMMs (``_linear_kernel``: bias + SiLU in the first
+    one's epilogue, bias + gate + residual in the second's) and the whole per-step update
+    (guidance, x0, posterior mean, learned variance, noise: ``_step_kernel``) fused; the timestep
+    MLP of every step is computed once per call and every block's adaLN modulation of a step in
+    one GEMM over the concatenated weights; on a GPU the whole loop is captured in a CUDA graph
+    per (rows, steps, guidance) and replayed.
 Schedule tables live on the device; the loop makes no host synchronisation and no host-to-device
 copy. Its meaning is the reference loop: both take the same ``noise`` and agree to rounding.
 """
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from unimm.kernels import dispatch
+from unimm.kernels._triton_common import cdiv, dot_precision
 
 try:
     import triton
@@ -205,19 +209,24 @@ def _fused_steps(net, cond, noise, timesteps, table, cfg_scale, temperature, cli
     guided = cfg_scale != 1.0
     c_emb = F.linear(cond, net.cond_proj.weight, net.cond_proj.bias)
     t_emb = net.time_embed(timesteps)  # every step's timestep embedding in one call
+    # every adaLN modulation of a step reads the same SiLU(y): one GEMM over all their weights
+    modulations = [block.adaLN_modulation[1] for block in net.res_blocks] + [net.final_layer.adaLN_modulation[1]]
+    mod_weight = torch.cat([m.weight for m in modulations])
+    mod_bias = torch.cat([m.bias for m in modulations])
+    width = net.input_proj.weight.shape[0]
     x = noise[0].float().clone()
     for i in reversed(range(num_steps)):
         model_in = torch.cat([x, x]) if guided else x
-        y = F.silu(t_emb[i] + c_emb)  # every adaLN modulation starts from SiLU(y)
-        h = F.linear(model_in.to(dtype), net.input_proj.weight, net.input_proj.bias)
-        for block in net.res_blocks:
-            shift, scale, gate = F.linear(y, block.adaLN_modulation[1].weight, block.adaLN_modulation[1].bias).chunk(3, -1)
+        mods = fused_linear(F.silu(t_emb[i] + c_emb), mod_weight, mod_bias).split(width, dim=-1)
+        h = fused_linear(model_in.to(dtype), net.input_proj.weight, net.input_proj.bias)
+        for k, block in enumerate(net.res_blocks):
+            shift, scale, gate = mods[3 * k:3 * k + 3]
             normed = modulated_layernorm(h, shift, scale, block.in_ln.weight, block.in_ln.bias)
-            hidden = F.silu(F.linear(normed, block.mlp[0].weight, block.mlp[0].bias))
-            h = torch.addcmul(h, gate, F.linear(hidden, block.mlp[2].weight, block.mlp[2].bias))
+            hidden = fused_linear(normed, block.mlp[0].weight, block.mlp[0].bias, silu=True)
+            h = fused_linear(hidden, block.mlp[2].weight, block.mlp[2].bias, residual=h, gate=gate)
         final = net.final_layer
-        shift, scale = F.linear(y, final.adaLN_modulation[1].weight, final.adaLN_modulation[1].bias).chunk(2, -1)
-        out = F.linear(modulated_layernorm(h, shift, scale, None, None), final.linear.weight, final.linear.bias)
+        shift, scale = mods[-2:]
+        out = fused_linear(modulated_layernorm(h, shift, scale, None, None), final.linear.weight, final.linear.bias)
         x = denoise_step(x, out, noise[num_steps - i], table[i], cfg_scale, temperature if i > 0 else 0.0,
                          clip_denoised)
     return x
@@ -272,6 +281,38 @@ def modulated_layernorm(x, shift, scale, weight, bias):
     return out
 
 
+def _linear_config(rows: int, dtype: torch.dtype, interpret: bool) -> dict:
+    """Tiles for the head's GEMMs: [rows, w] x [w, w'] with w ~ 1k-2k. Few rows (one token batch
+    at small batch size) stream the weights: narrow column tiles put more programs on the SMs;
+    many rows use square tiles for reuse. 32-bit operands halve BLOCK_K to fit shared memory."""
+    if interpret:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=1, num_stages=1)
+    block_m = min(128, max(16, triton.next_power_of_2(rows)))
+    block_n = 32 if rows <= 64 else 64 if rows <= 256 else 128
+    block_k = 64 if dtype != torch.float32 else 32
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3)
+
+
+def fused_linear(x, weight, bias, *, silu=False, residual=None, gate=None):
+    """``x @ weight.T + bias`` ([rows, K] x [N, K] -> [rows, N], fp32 accumulation, x's dtype),
+    then in the epilogue either ``SiLU`` or ``residual + gate * result`` (the residual block's
+    gated skip). ``gate`` may be a strided column slice (the adaLN modulations of a step)."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty((rows, n), device=x.device, dtype=x.dtype)
+    gated = residual is not None
+    config = _linear_config(rows, x.dtype, dispatch.TRITON_INTERPRET)
+    grid = (cdiv(rows, config["BLOCK_M"]), cdiv(n, config["BLOCK_N"]))
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _linear_kernel[grid](
+            x, weight, bias, residual if gated else out, gate if gated else out, out, rows, n, k,
+            x.stride(0), weight.stride(0), (residual if gated else out).stride(0), (gate if gated else out).stride(0),
+            out.stride(0), SILU=silu, GATED_RESIDUAL=gated, PRECISION=dot_precision(x.dtype), **config,
+        )
+    return out
+
+
 def denoise_step(x, out, noise, step, cfg_scale, noise_scale, clip_denoised=None):
     """One ancestral step, fused: guidance on eps, x0 = a x - b eps (clamped to
     ``[-clip_denoised, clip_denoised]`` when given), posterior mean, learned log-variance between
@@ -310,6 +351,37 @@ if triton is not None:
         scale = tl.load(scale_ptr + row * stride_scale + cols, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_out + cols, (normed * (1.0 + scale) + shift).to(out_ptr.dtype.element_ty),
                  mask=ok)
+
+    @triton.jit
+    def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gate_ptr, out_ptr, rows, n, k,
+                       stride_x, stride_w, stride_res, stride_gate, stride_out,
+                       SILU: tl.constexpr, GATED_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        row_ok, col_ok = offs_m < rows, offs_n < n
+        x_tile = x_ptr + offs_m[:, None].to(tl.int64) * stride_x + offs_k[None, :]
+        w_tile = w_ptr + offs_n[None, :].to(tl.int64) * stride_w + offs_k[:, None]  # [K, N] view of W
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            k_ok = offs_k + k0 < k
+            a = tl.load(x_tile, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            x_tile += BLOCK_K
+            w_tile += BLOCK_K
+        acc += tl.load(b_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if SILU:
+            acc = acc * tl.sigmoid(acc)
+        both = row_ok[:, None] & col_ok[None, :]
+        if GATED_RESIDUAL:
+            rows64 = offs_m[:, None].to(tl.int64)
+            gate = tl.load(gate_ptr + rows64 * stride_gate + offs_n[None, :], mask=both, other=0.0).to(tl.float32)
+            res = tl.load(res_ptr + rows64 * stride_res + offs_n[None, :], mask=both, other=0.0).to(tl.float32)
+            acc = res + gate * acc
+        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_out + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=both)
 
     @triton.jit
     def _step_kernel(x_ptr, out_ptr, noise_ptr, step_ptr, new_x_ptr, token_dim, stride_out, rows, cfg_scale,
