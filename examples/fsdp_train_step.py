@@ -11,7 +11,8 @@ The step's loss and full (gathered, unsharded) gradients go to ``--out`` (``torc
     torchrun --standalone --nproc_per_node 2 examples/fsdp_train_step.py --out step.pt
     python examples/fsdp_train_step.py --out step.pt        # one process, no FSDP: the reference
 
-On CPUs ranks talk over gloo (FSDP2 runs there: device mesh ``"cpu"``), on GPUs over NCCL.
+On GPUs (one per process) ranks talk over NCCL; with ``--device cpu`` over gloo (FSDP2 runs
+there on a ``"cpu"`` device mesh).
 """
 
 from __future__ import annotations
@@ -99,10 +100,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="file for {'loss', 'grads', 'world_size', 'sharded_params'} (torch.save)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda: one GPU per process, NCCL; cpu: gloo (default: cuda when available)")
     args = parser.parse_args()
 
     distributed = "WORLD_SIZE" in os.environ  # set by torchrun
-    cuda = torch.cuda.is_available()
+    cuda = args.device == "cuda"
     if distributed:
         dist.init_process_group("nccl" if cuda else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
