@@ -31,6 +31,9 @@ token's weight: a mismatch needs ``u`` within ~1e-7 of a CDF edge.
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 
 FIXED_POINT_BITS = 40  # p in [0, 1] -> integer q in [0, 2**40]: exact for p >= 2**-16, 0 below 2**-41
@@ -38,8 +41,11 @@ MAX_BLOCK = 1 << 23  # vocab block size limit: the integer weights of a row then
 
 
 def inverse_temperature(temperature: float) -> float:
-    """``float32(1 / temperature)`` as a Python float (exactly representable in fp32)."""
-    return float(torch.tensor(1.0 / temperature, dtype=torch.float32))
+    """``float32(1 / temperature)`` (round to nearest) as a Python float; inf when that overflows."""
+    try:
+        return struct.unpack("f", struct.pack("f", 1.0 / temperature))[0]
+    except OverflowError:
+        return math.inf
 
 
 def guided_logits(logits: torch.Tensor, *, vocab_range: tuple[int, int] | None = None,
