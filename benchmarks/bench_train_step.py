@@ -157,8 +157,14 @@ def build(impl: str, spec: dict, weights: dict, dtype: torch.dtype, device: torc
 
     if impl == "transformers+liger" and apply_liger_kernel_to_llama is None:
         raise RuntimeError(_liger_error)
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(hf_config(spec)).to(dtype)
+    # built in the dtype, as from_pretrained does: .to(dtype) would round RoPE's fp32 inv_freq too
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(hf_config(spec))
+    finally:
+        torch.set_default_dtype(previous)
     model.load_state_dict(weights)
     if impl == "transformers+liger":
         if device.type != "cuda":
