@@ -305,3 +305,15 @@ def test_second_backward(backend):
     first = hidden.grad.clone()
     loss.backward()  # the saved gradients are reused, not consumed
     torch.testing.assert_close(hidden.grad, 2 * first)
+
+
+def test_reference_ignores_an_enclosing_autocast(monkeypatch):
+    monkeypatch.setenv("UNIMM_BACKEND", "reference")
+    hidden = torch.randn(9, 16, generator=seeded(40))
+    weight = torch.randn(33, 16, generator=seeded(41))
+    targets = torch.randint(0, 33, (9,), generator=seeded(42))
+    plain = linear_cross_entropy(hidden, weight, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = linear_cross_entropy(hidden, weight, targets)
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-6)

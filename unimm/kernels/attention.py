@@ -66,8 +66,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Attention
         unsupported={"triton": None if q.dtype in _KERNEL_DTYPES else f"dtype {q.dtype} is served by the reference only"},
     )
     if backend == "reference" or q.numel() == 0 or num_keys == 0:
-        return reference.attention(q, k, v, mask, scale=scale, softcap=softcap,
-                                   compute_dtype=torch.promote_types(q.dtype, torch.float32))
+        with torch.autocast(q.device.type, enabled=False):  # compute in fp32, not an enclosing autocast's dtype
+            return reference.attention(q, k, v, mask, scale=scale, softcap=softcap,
+                                       compute_dtype=torch.promote_types(q.dtype, torch.float32))
     config = _config(head_dim, q.dtype, dispatch.TRITON_INTERPRET)
     first, last = mask.tile_bounds(config["dkdv"]["BLOCK_M"], config["dkdv"]["BLOCK_N"], num_keys)
     out, _ = _attention_op(q, k, v, mask.kv_start, mask.kv_end, first, last, scale,

@@ -88,10 +88,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         unsupported={"triton": None if hidden.dtype in _KERNEL_DTYPES else f"dtype {hidden.dtype} is served by the reference only"},
     )
     if backend == "reference":
-        loss, lse = reference.linear_cross_entropy(
-            rows, weight, flat_targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, token_weights=flat_weights,
-            vocab_range=(lo, hi), return_lse=True, compute_dtype=torch.promote_types(hidden.dtype, torch.float32))
+        # the reference's matmuls must run in its compute dtype, not an enclosing autocast's
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss, lse = reference.linear_cross_entropy(
+                rows, weight, flat_targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
+                label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, token_weights=flat_weights,
+                vocab_range=(lo, hi), return_lse=True, compute_dtype=torch.promote_types(hidden.dtype, torch.float32))
     else:
         wants = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (rows, weight, bias)]
         grads_now = wants if reduction != "none" else [False, False, False]
