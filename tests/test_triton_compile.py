@@ -26,7 +26,7 @@ def reports():
 
 def test_every_case_compiled(reports):
     assert {r["arch"] for r in reports} == {80, 90}
-    assert {r["family"] for r in reports} == {"vq", "cross_entropy", "attention", "diffusion"}
+    assert {r["family"] for r in reports} == {"vq", "cross_entropy", "attention", "diffusion", "decode"}
 
 
 def test_fits_the_chip(reports):

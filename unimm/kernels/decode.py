@@ -244,7 +244,7 @@ def _triton_config(group: int, head_dim: int, interpret: bool) -> dict:
 
     Groups of >= 16 query heads take their scores and outputs from ``tl.dot`` (BLOCK_G rows per
     program, at most 64); smaller groups a broadcast multiply-sum over a [BLOCK_G, BLOCK_N, D]
-    product, sized to at most 64 fp32 values per thread.
+    product of at most 64 fp32 values per thread and at most 32 keys (64 spill on sm_90a).
     """
     use_dot = group >= 16
     block_g = min(64, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
@@ -253,7 +253,7 @@ def _triton_config(group: int, head_dim: int, interpret: bool) -> dict:
     if use_dot:
         block_n = 64 if head_dim * block_g <= 128 * 32 else 32
     else:
-        block_n = max(1, min(64, 64 * 128 // (block_g * head_dim)))
+        block_n = max(1, min(32, 64 * 128 // (block_g * head_dim)))
     return dict(USE_DOT=use_dot, BLOCK_G=block_g, BLOCK_N=block_n, num_warps=4, num_stages=2)
 
 
