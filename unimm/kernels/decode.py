@@ -49,7 +49,7 @@ _CUDA_HEAD_DIMS = (64, 128, 256)
 # per-program setup than they save).
 _PROGRAMS_PER_SM = 4
 _MIN_SPLIT_STEPS = 2
-_MAX_SPLITS = 256
+_MAX_SPLITS = 256  # csrc/ops.h kDecodeMaxSplits (the CUDA combine kernel's weights buffer)
 _COMBINE_BLOCK_SPLITS = 16
 
 
