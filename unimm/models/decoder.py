@@ -437,6 +437,44 @@ class Decoder(nn.Module):
         return linear_cross_entropy(hidden, self.lm_head.weight, targets, softcap=self.config.final_softcap,
                                     **ce_options)
 
+    # ---- generation -----------------------------------------------------------------------
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, stop_tokens=None,
+                 generator: torch.Generator | None = None, prompt_lens=None, attention_mask=None, pad_id: int = 0,
+                 vocab_range: tuple[int, int] | None = None, max_len: int | None = None,
+                 cuda_graphs: bool = True) -> torch.Tensor:
+        """Token ids ``[B, S + n]``: the prompts followed by up to ``max_new_tokens`` new tokens
+        (``n`` steps were run: fewer when every row stopped early), as transformers' ``generate``.
+
+        Prefill writes a static ``KVCache``; each decode step is one ``[B, 1]`` forward captured
+        in a CUDA graph on GPU (``cuda_graphs=False``: eager; CPU is always eager), then
+        ``sample_tokens`` (``unimm.models.generate``).
+
+        Args:
+            input_ids: int ``[B, S]`` prompts, right-padded when ragged (padding ids are ignored).
+            max_new_tokens: tokens to generate per row (>= 0).
+            temperature: 0 is greedy (argmax, lowest id on ties); otherwise sampling, with
+            top_k, top_p: the usual truncations (``sample_tokens``).
+            stop_tokens: an id or ids; a row that samples one stops (the stop token is kept) and
+                is padded with ``pad_id`` after it.
+            generator: a ``torch.Generator`` on the model's device: equal seeds, equal tokens.
+            prompt_lens: int ``[B]`` lengths of right-padded prompts; or
+            attention_mask: ``[B, S]`` of 1 (prompt) then 0 (padding), transformers style.
+            pad_id: written after a row's last token.
+            vocab_range: ``(lo, hi)``: sample ids in ``[lo, hi)`` only (e.g. an image-code block).
+            max_len: the cache length; default (and minimum) ``S + max_new_tokens``.
+            cuda_graphs: capture the decode step in a CUDA graph when on a GPU.
+
+        Row b holds its prompt (``prompt_lens[b]`` tokens), its new tokens right after it, then
+        ``pad_id``.
+        """
+        from unimm.models.generate import generate_ids
+        return generate_ids(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            stop_tokens=stop_tokens, generator=generator, prompt_lens=prompt_lens,
+                            attention_mask=attention_mask, pad_id=pad_id, vocab_range=vocab_range, max_len=max_len,
+                            cuda_graphs=cuda_graphs)
+
     # ---- helpers --------------------------------------------------------------------------
 
     def _embed(self, input_ids, inputs_embeds, decoding: bool) -> torch.Tensor:

@@ -236,6 +236,65 @@ class UnifiedModel(nn.Module):
         cap = self.decoder.config.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
+    # ---- generation -------------------------------------------------------------------------
+
+    def generate(self, prompts, *, max_new_tokens: int, stop_tokens=None, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, image=None, start_image: bool = False,
+                 uncond_prompts=None, generator: torch.Generator | None = None, pad_id: int = 0,
+                 max_len: int | None = None, cuda_graphs: bool = True) -> list[list]:
+        """Continues each prompt with text and images; returns the continuation of each, as segments.
+
+        Prompts are packed as in training (one per row, bidirectional spans and image spans
+        included) and prefilled into a static KV cache; then every step produces one token per
+        row (``unimm.models.generate``):
+
+        * text: ``sample_tokens`` over text and special tokens (never image codes) with
+          ``temperature`` / ``top_k`` / ``top_p``, until ``max_new_tokens`` text tokens or a stop token;
+        * images, of the one kind ``image`` (an ``unimm.models.generate.ImageSpec``) describes:
+          the engine writes the structure tokens of ``image.format`` itself (BOI, size, EOL after
+          each row, EOF, EOI), samples codes over the code block alone (discrete), or continuous
+          tokens with the ``DiffusionHead`` / ``RegressionHead`` (fed back through the input
+          projector ``image.encoder``), with classifier-free guidance at ``image.cfg_scale``.
+          2D and next-position embeddings are added as in training; with ``image.random_order``
+          each image's order is drawn from ``generator`` and its begin token carries the
+          next-position embedding of its first token.
+        * interleaving: a text step that samples the format's begin token starts an image (up
+          to ``image.max_images`` per row; after that the begin token is never sampled); after
+          the image, text resumes. ``start_image=True`` starts an image right after the prompt
+          (text-to-image); with ``max_new_tokens=0`` the row ends with the image.
+
+        Args:
+            prompts: a list of prompts, each a list of ``Text`` / ``DiscreteImage`` /
+                ``ContinuousImage`` / ``HybridImage`` segments (their ``loss`` flags are ignored;
+                continuous targets are read as inputs).
+            max_new_tokens: text tokens per row (a sampled begin token counts; image tokens do not).
+            stop_tokens: an id or ids that end a row's generation (kept in its last ``Text``).
+            temperature, top_k, top_p: text sampling; temperature 0 is greedy.
+            image: an ``ImageSpec`` or None (text only).
+            start_image: begin with an image (needs ``image``).
+            uncond_prompts: guidance's unconditional prompts: one per prompt, or a callable
+                ``prompt -> prompt``; default ``unimm.models.generate.unconditional_prompt`` (the
+                prompt's text reduced to its first token, BOS; images kept), i.e. what caption
+                dropout leaves in training. Guided rows run as ``[cond; uncond]``; the uncond
+                rows are fed the tokens chosen for their cond row.
+            generator: a ``torch.Generator`` on the model's device: same seed, same result.
+            pad_id: the id fed to rows that finished while others go on.
+            max_len: the KV-cache length; default (and minimum) the longest prompt plus what the
+                call may generate (``max_new_tokens`` + ``max_images`` full image spans).
+            cuda_graphs: capture the decode step in a CUDA graph on a GPU (CPU: always eager).
+
+        Returns:
+            One list of segments per prompt: ``Text(ids)`` runs, ``DiscreteImage(codes [h, w])``
+            and ``ContinuousImage(features [L, F])`` (raster order; ``order`` holds the generation
+            order of a random-order image, so ``pack(prompt + continuation)`` is the sequence
+            the model produced).
+        """
+        from unimm.models.generate import generate_segments
+        return generate_segments(self, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, image=image,
+                                 start_image=start_image, uncond_prompts=uncond_prompts, generator=generator,
+                                 pad_id=pad_id, max_len=max_len, cuda_graphs=cuda_graphs)
+
     # ---- training ---------------------------------------------------------------------------
 
     def forward(self, batch: Batch, *, generator: torch.Generator | None = None) -> dict:

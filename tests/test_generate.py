@@ -1,0 +1,436 @@
+"""Generation engine: KV-cached decoding against no-cache loops (text, image spans, bidirectional
+prefixes, ragged batches, CFG), image structure, continuous images (diffusion replayed token by
+token, regression, random order), interleaved text -> image -> text, sampler statistics, bad
+inputs; on a GPU, CUDA-graph decoding against eager decoding.
+
+Tiny random fp32 models on the reference backend.
+"""
+
+import pytest
+import torch
+
+from conftest import seeded
+from unimm.kernels import AttentionMask
+from unimm.models import (
+    ContinuousImage, Decoder, DiffusionHead, DiscreteImage, RegressionHead, Text, UnifiedModel, pack,
+)
+from unimm.models.generate import ImageSpec, unconditional_prompt
+from unimm.models.sequence import EMU3_FORMAT, METAMORPH_FORMAT, PLAIN_FORMAT, UNIFLUID_FORMAT, ImageFormat
+
+HIDDEN = 32
+TEXT_VOCAB = 64
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    monkeypatch.setenv("UNIMM_BACKEND", "reference")
+
+
+def tiny_decoder(family="llama", vocab=TEXT_VOCAB, seed=0, device="cpu"):
+    config = dict(model_type=family, vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    if family == "gemma2":
+        config.update(query_pre_attn_scalar=16, sliding_window=4, final_logit_softcapping=5.0)
+    torch.manual_seed(seed)
+    decoder = Decoder.from_config(config).to(device)
+    with torch.no_grad():  # a larger init spreads the logits, so greedy choices are far from ties
+        for param in decoder.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.3)
+    return decoder
+
+
+def discrete_model(family="llama", grid=False, codes=16, device="cpu"):
+    options = dict(image_grid=(3, 3), next_position_embeddings=True) if grid else {}
+    return UnifiedModel.from_decoder(tiny_decoder(family, device=device), num_image_codes=codes, **options).to(device)
+
+
+def continuous_model(head, *, grid=True, format_dims=4):
+    options = dict(image_grid=(3, 3), next_position_embeddings=True) if grid else {}
+    model = UnifiedModel.from_decoder(tiny_decoder("gemma2"), feature_dims={"image": format_dims},
+                                      continuous_head=head, **options)
+    with torch.no_grad():  # MAR zero-initialises the head's output layers: give them values
+        for param in head.parameters():
+            param.add_(torch.randn(param.shape, generator=seeded(param.numel())) * 0.3)
+    return model
+
+
+# ---- plain decoder: ids in, ids out ---------------------------------------------------------
+
+def no_cache_greedy(decoder, prompt: torch.Tensor, steps: int) -> list[int]:
+    """Argmax loop with one full forward over the growing sequence per step."""
+    seq = prompt.tolist()
+    for _ in range(steps):
+        logits = decoder.logits(decoder(torch.tensor([seq]))[0, -1])
+        seq.append(int(logits.argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_decoder_greedy_matches_no_cache_loop_ragged(family):
+    decoder = tiny_decoder(family)
+    ids = torch.randint(0, TEXT_VOCAB, (3, 7), generator=seeded(1))
+    lens = [7, 3, 5]
+    out = decoder.generate(ids, 6, prompt_lens=lens)
+    assert out.shape == (3, 13) and out.dtype == torch.long
+    with torch.no_grad():
+        for b, n in enumerate(lens):
+            assert out[b, :n].tolist() == ids[b, :n].tolist()
+            assert out[b, n:n + 6].tolist() == no_cache_greedy(decoder, ids[b, :n], 6)
+            assert (out[b, n + 6:] == 0).all()
+    mask = (torch.arange(7) < torch.tensor(lens)[:, None]).long()
+    assert torch.equal(decoder.generate(ids, 6, attention_mask=mask), out)
+    assert torch.equal(decoder.generate(ids, 6, prompt_lens=lens, cuda_graphs=False, max_len=40), out)
+
+
+def test_decoder_stop_tokens_pad_and_stop_early():
+    decoder = tiny_decoder()
+    ids = torch.randint(0, TEXT_VOCAB, (2, 4), generator=seeded(2))
+    free = decoder.generate(ids, 8)
+    stop = int(free[0, 6])  # row 0's third new token
+    first = free[0, 4:].tolist().index(stop)
+    out = decoder.generate(ids, 8, stop_tokens=[stop], pad_id=63)
+    assert out[0, :5 + first].tolist() == free[0, :5 + first].tolist()
+    assert (out[0, 5 + first:] == 63).all()
+    row1 = free[1, 4:].tolist()
+    if stop in row1:
+        assert out.shape[1] == 4 + max(first, row1.index(stop)) + 1  # stopped as soon as every row had
+    else:
+        assert out[1].tolist() == free[1].tolist()
+    every = decoder.generate(ids, 8, stop_tokens=list(range(TEXT_VOCAB)))
+    assert every.shape == (2, 5) and torch.equal(every, free[:, :5])  # all rows stop at step 1: no more steps
+    assert decoder.generate(ids, 0).tolist() == ids.tolist()
+
+
+def test_decoder_vocab_range_and_sampling_reproducible():
+    decoder = tiny_decoder()
+    ids = torch.randint(0, TEXT_VOCAB, (3, 5), generator=seeded(3))
+    out = decoder.generate(ids, 6, temperature=1.0, top_k=5, vocab_range=(10, 20), generator=seeded(4))
+    assert ((out[:, 5:] >= 10) & (out[:, 5:] < 20)).all()
+    assert torch.equal(out, decoder.generate(ids, 6, temperature=1.0, top_k=5, vocab_range=(10, 20),
+                                             generator=seeded(4)))
+    nucleus = decoder.generate(ids, 6, temperature=0.9, top_p=0.5, generator=seeded(5))
+    assert nucleus.shape == (3, 11)
+
+
+def test_sampled_tokens_follow_the_softmax():
+    """Many rows of one prompt, one token each: the empirical distribution is the softmax of
+    logits / temperature; top-k never leaves the k best."""
+    decoder = tiny_decoder(vocab=8)
+    prompt = torch.tensor([[1, 5, 2]])
+    rows = 6000
+    with torch.no_grad():
+        probs = torch.softmax(decoder.logits(decoder(prompt))[0, -1] / 0.7, -1)
+    out = decoder.generate(prompt.expand(rows, 3), 1, temperature=0.7, generator=seeded(6))[:, -1]
+    freq = torch.bincount(out, minlength=8).double() / rows
+    assert (freq - probs.double()).abs().max() < 0.035  # > 4 standard deviations of any frequency
+    top3 = decoder.generate(prompt.expand(500, 3), 1, temperature=1.0, top_k=3, generator=seeded(7))[:, -1]
+    assert set(top3.tolist()) <= set(probs.topk(3).indices.tolist())
+
+
+# ---- unified model: references ----------------------------------------------------------------
+
+def packed(model, document):
+    return pack([document], 256, vocab=model.vocab)
+
+
+def growing_hidden(model, batch, p: int) -> torch.Tensor:
+    """Hidden state at position p - 1 of a full forward over the first p tokens of the batch row."""
+    embeds = model.embed(batch.input_ids, features=batch.input_features, image_positions=batch.image_positions,
+                         next_image_positions=batch.next_image_positions)
+    mask = AttentionMask.from_intervals(batch.mask.kv_start[:, :p], batch.mask.kv_end[:, :p].clamp_max(p))
+    return model.decoder(inputs_embeds=embeds[:, :p], positions=batch.positions[:, :p], mask=mask)[0, -1]
+
+
+def check_against_no_cache(model, prompt, continuation, *, uncond=None, cfg_scale=1.0, check_text=True):
+    """Every image code (and text token) of ``continuation`` is the argmax of a no-cache forward
+    over the growing sequence (guided with ``uncond`` at ``cfg_scale``); structure tokens come
+    from ``pack``. Returns the number of tokens checked."""
+    cond = packed(model, prompt + continuation)
+    plain = packed(model, prompt)
+    start, length = plain.placements[0][2], cond.placements[0][2]
+    ucond = packed(model, uncond + continuation) if uncond is not None else None
+    shift = (ucond.placements[0][2] - length) if ucond is not None else 0
+    lo = model.vocab.image_codes[0]
+    text_positions = set()
+    position = start
+    for segment in continuation:
+        count = packed(model, [segment]).placements[0][2]
+        if isinstance(segment, Text):
+            text_positions.update(range(position, position + count))
+        position += count
+    checked = 0
+    with torch.no_grad():
+        for p in range(start, length):
+            token = int(cond.input_ids[0, p])
+            is_code = token >= lo
+            if not is_code and not (check_text and p in text_positions):
+                continue
+            block = model.vocab.image_codes if is_code else (0, lo)
+            logits = model.logits(growing_hidden(model, cond, p), block)
+            if is_code and ucond is not None:
+                unguided = model.logits(growing_hidden(model, ucond, p + shift), block)
+                logits = unguided + cfg_scale * (logits - unguided)
+            assert int(logits.argmax()) + block[0] == token, f"position {p}"
+            checked += 1
+    return checked
+
+
+# ---- unified model: text, discrete images --------------------------------------------------
+
+@pytest.mark.parametrize("family, grid", [("llama", False), ("gemma2", True)])
+def test_unified_greedy_matches_no_cache_loop(family, grid):
+    """Ragged prompts, one with a bidirectional image + question prefix; text-to-image then text."""
+    model = discrete_model(family, grid=grid)
+    codes = torch.randint(0, 16, (2, 2), generator=seeded(8))
+    prompts = [[Text([1, 2, 3, 4, 5])],
+               [DiscreteImage(codes, loss=False, bidirectional=True, format=PLAIN_FORMAT),
+                Text([6, 7], loss=False, bidirectional=True)]]
+    spec = ImageSpec("discrete", shape=(2, 3), temperature=0.0)
+    out = model.generate(prompts, max_new_tokens=3, image=spec, start_image=True)
+    assert len(out) == 2
+    for prompt, continuation in zip(prompts, out):
+        assert [type(s) for s in continuation] == [DiscreteImage, Text]
+        image = continuation[0]
+        assert image.codes.shape == (2, 3) and image.format == EMU3_FORMAT
+        assert len(continuation[1].ids) == 3
+        ids = packed(model, continuation).input_ids[0]  # BOI size_2 size_x size_3 (3 codes EOL) x2 EOF EOI text
+        v = model.vocab
+        assert ids[:4].tolist() == [v.special_id(n) for n in ("boi", "size_2", "size_x", "size_3")]
+        assert ids[7] == ids[11] == v.special_id("eol") and ids[12] == v.special_id("eof")
+        assert ids[13] == v.special_id("eoi")
+        assert check_against_no_cache(model, prompt, continuation) == 9
+
+    text = model.generate(prompts, max_new_tokens=4)  # text only: never an image code
+    for prompt, continuation in zip(prompts, text):
+        assert len(continuation) == 1 and len(continuation[0].ids) == 4
+        assert max(continuation[0].ids) < model.vocab.image_codes[0]
+        assert check_against_no_cache(model, prompt, continuation) == 4
+
+
+def test_cfg_greedy_matches_guided_no_cache_loop():
+    model = discrete_model()
+    prompts = [[Text([9, 3, 4, 7])], [Text([9, 5])]]
+    uncond = [[Text([9])], [Text([9, 1, 1])]]
+    spec = ImageSpec("discrete", shape=(2, 2), cfg_scale=3.0, temperature=0.0, format=PLAIN_FORMAT)
+    out = model.generate(prompts, max_new_tokens=0, image=spec, start_image=True, uncond_prompts=uncond)
+    for prompt, u, continuation in zip(prompts, uncond, out):
+        assert [type(s) for s in continuation] == [DiscreteImage]
+        assert check_against_no_cache(model, prompt, continuation, uncond=u, cfg_scale=3.0) == 4
+    # default unconditional prompt: the prompt's first token (BOS)
+    assert unconditional_prompt(prompts[0])[0].ids == [9]
+    again = model.generate(prompts, max_new_tokens=0, image=spec, start_image=True,
+                           uncond_prompts=lambda prompt: [Text([9])])
+    default = model.generate(prompts, max_new_tokens=0, image=spec, start_image=True)
+    assert all(torch.equal(a[0].codes, b[0].codes) for a, b in zip(again, default))
+
+
+def test_cfg_scale_one_equals_unguided_sampling():
+    model = discrete_model()
+    prompts = [[Text([1, 2, 3])], [Text([4])]]
+    spec = dict(kind="discrete", shape=(3, 3), temperature=1.0, top_k=8, top_p=0.9)
+    unguided = model.generate(prompts, max_new_tokens=2, image=ImageSpec(**spec), start_image=True,
+                              temperature=1.0, generator=seeded(9))
+    scale_one = model.generate(prompts, max_new_tokens=2, image=ImageSpec(**spec, cfg_scale=1.0), start_image=True,
+                               temperature=1.0, generator=seeded(9), uncond_prompts=[[Text([0])], [Text([0])]])
+    for a, b in zip(unguided, scale_one):
+        assert torch.equal(a[0].codes, b[0].codes) and a[1].ids == b[1].ids
+    guided = model.generate(prompts, max_new_tokens=0, image=ImageSpec(**spec, cfg_scale=4.0), start_image=True,
+                            generator=seeded(9))
+    assert all(g[0].codes.shape == (3, 3) for g in guided)
+
+
+def test_interleaved_text_image_text_with_scripted_text_choices(monkeypatch):
+    """Rows leave and re-enter text at different steps (mixed steps: text, structure and codes at
+    once). Text choices are scripted through the logits; codes are the model's greedy ones."""
+    model = discrete_model(grid=True)
+    vocab, lo = model.vocab, model.vocab.image_codes[0]
+    boi, stop = vocab.special_id("boi"), 2
+    # per text step, the members' tokens: row 0 starts its image at once, row 1 two steps later
+    script = iter([[boi, 5], [6], [boi], [7], [stop], [8], [stop]])
+    real_logits = model.logits
+
+    def scripted(hidden, vocab_range=None):
+        logits = real_logits(hidden, vocab_range)
+        if vocab_range == (0, lo):
+            chosen = torch.tensor(next(script))
+            assert chosen.numel() == hidden.shape[0]
+            logits = torch.full_like(logits, -1e4)
+            logits[torch.arange(chosen.numel()), chosen] = 0.0
+        return logits
+
+    monkeypatch.setattr(model, "logits", scripted)
+    prompts = [[Text([1, 3])], [Text([4, 4, 4])]]
+    spec = ImageSpec("discrete", shape=(1, 2), temperature=0.0, format=PLAIN_FORMAT)
+    out = model.generate(prompts, max_new_tokens=10, stop_tokens=[stop], image=spec)
+    assert [type(s) for s in out[0]] == [DiscreteImage, Text] and out[0][1].ids == [7, stop]
+    assert [type(s) for s in out[1]] == [Text, DiscreteImage, Text]
+    assert out[1][0].ids == [5, 6] and out[1][2].ids == [8, stop]
+    monkeypatch.setattr(model, "logits", real_logits)
+    for prompt, continuation in zip(prompts, out):
+        assert check_against_no_cache(model, prompt, continuation, check_text=False) == 2
+
+    # out of images (max_images=1), a scripted begin token is banned: the argmax falls elsewhere
+    script = iter([[boi], [boi]])
+    monkeypatch.setattr(model, "logits", scripted)
+    once = model.generate(prompts[:1], max_new_tokens=2, image=spec)
+    assert [type(s) for s in once[0]] == [DiscreteImage, Text] and once[0][1].ids == [0]
+
+
+# ---- unified model: continuous images ------------------------------------------------------
+
+def test_diffusion_random_order_replays_token_by_token():
+    """UniFluid: BOI then 2x3 continuous tokens in a random order with CFG. Each token is what
+    ``DiffusionHead.sample`` makes from the teacher-forced hidden states of the returned image,
+    replayed with the same generator; features come back in raster order."""
+    head = DiffusionHead(4, HIDDEN, 16, 1)
+    model = continuous_model(head)
+    prompt = [Text([1, 2, 3], loss=False, bidirectional=True)]
+    uncond = [Text([1])]
+    spec = ImageSpec("continuous", shape=(2, 3), format=UNIFLUID_FORMAT, random_order=True, cfg_scale=2.5,
+                     diffusion_steps=4, diffusion_temperature=0.9, clip_denoised=3.0)
+    [out] = model.generate([prompt], max_new_tokens=0, image=spec, start_image=True, uncond_prompts=[uncond],
+                           generator=seeded(10))
+    [image] = out
+    assert isinstance(image, ContinuousImage) and image.features.shape == (6, 4) and image.shape == (2, 3)
+    order = image.order
+    assert sorted(order.tolist()) == list(range(6))
+
+    replay = seeded(10)
+    assert torch.equal(torch.randperm(6, generator=replay), order)
+    target = dict(features=image.features, role="target", shape=(2, 3), order=order, format=UNIFLUID_FORMAT)
+    with torch.no_grad():
+        conds = []
+        for context in (prompt, uncond):
+            batch = packed(model, context + [ContinuousImage(**target)])
+            embeds = model.embed(batch.input_ids, features=batch.input_features,
+                                 image_positions=batch.image_positions, next_image_positions=batch.next_image_positions)
+            hidden = model.decoder(inputs_embeds=embeds, positions=batch.positions, mask=batch.mask)
+            conds.append(hidden.reshape(-1, HIDDEN)[batch.target_features.positions])
+        for t in range(6):
+            token = head.sample(torch.cat([conds[0][t:t + 1], conds[1][t:t + 1]]), num_steps=4, cfg_scale=2.5,
+                                temperature=0.9, generator=replay, clip_denoised=3.0)
+            torch.testing.assert_close(token[0], image.features[order[t]], rtol=1e-4, atol=1e-4)
+
+    again = model.generate([prompt], max_new_tokens=0, image=spec, start_image=True, uncond_prompts=[uncond],
+                           generator=seeded(10))
+    assert torch.equal(again[0][0].features, image.features)
+    other = model.generate([prompt], max_new_tokens=0, image=spec, start_image=True, uncond_prompts=[uncond],
+                           generator=seeded(11))
+    assert not torch.equal(other[0][0].features, image.features)
+
+
+def test_regression_metamorph_then_text_matches_teacher_forcing():
+    """MetaMorph: <image_start> 4 regressed tokens <image_end>, then greedy text; raster order
+    without a grid; two ragged prompts at once."""
+    model = continuous_model(RegressionHead(4, HIDDEN), grid=False)
+    prompts = [[Text([1, 2, 3, 4], loss=False)], [Text([5, 6], loss=False)]]
+    spec = ImageSpec("regression", num_tokens=4)
+    assert spec.format == METAMORPH_FORMAT
+    out = model.generate(prompts, max_new_tokens=2, image=spec, start_image=True)
+    for prompt, continuation in zip(prompts, out):
+        image, text = continuation
+        assert image.features.shape == (4, 4) and image.order is None and len(text.ids) == 2
+        doc = prompt + [ContinuousImage(image.features, role="target", format=METAMORPH_FORMAT), text]
+        with torch.no_grad():
+            batch = packed(model, doc)
+            embeds = model.embed(batch.input_ids, features=batch.input_features)
+            hidden = model.decoder(inputs_embeds=embeds, positions=batch.positions, mask=batch.mask)
+            predicted = model.continuous_head(hidden.reshape(-1, HIDDEN)[batch.target_features.positions])
+        torch.testing.assert_close(predicted, image.features, rtol=1e-4, atol=1e-5)
+        assert check_against_no_cache(model, prompt, continuation) == 2
+
+
+def test_continuous_raster_order_without_begin_token():
+    """An image format without a begin token: the prompt's last token carries the next-position
+    embedding of the first image token (checked by teacher forcing with a regression head)."""
+    model = continuous_model(RegressionHead(4, HIDDEN))
+    fmt = ImageFormat(begin=None, end="eoi")
+    spec = ImageSpec("regression", shape=(2, 2), format=fmt)
+    prompt = [Text([7, 8], loss=False)]
+    [[image]] = model.generate([prompt], max_new_tokens=0, image=spec, start_image=True)
+    with torch.no_grad():
+        batch = packed(model, prompt + [ContinuousImage(image.features, role="target", shape=(2, 2), format=fmt)])
+        embeds = model.embed(batch.input_ids, features=batch.input_features, image_positions=batch.image_positions,
+                             next_image_positions=batch.next_image_positions)
+        hidden = model.decoder(inputs_embeds=embeds, positions=batch.positions, mask=batch.mask)
+        predicted = model.continuous_head(hidden.reshape(-1, HIDDEN)[batch.target_features.positions])
+    torch.testing.assert_close(predicted, image.features, rtol=1e-4, atol=1e-5)
+
+
+# ---- bad inputs ---------------------------------------------------------------------------
+
+def test_bad_inputs_raise():
+    decoder = tiny_decoder()
+    ids = torch.randint(0, TEXT_VOCAB, (2, 5), generator=seeded(12))
+    with pytest.raises(ValueError, match=r"max_len=6 is too small: the longest prompt \(5 tokens\)"):
+        decoder.generate(ids, 4, max_len=6)
+    with pytest.raises(ValueError, match=r"vocab_range must be \(lo, hi\) with 0 <= lo < hi <= vocab_size = 64"):
+        decoder.generate(ids, 2, vocab_range=(0, 65))
+    with pytest.raises(ValueError, match="right-padded"):
+        decoder.generate(ids, 2, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match=r"prompt lengths must be in \[1, 5\]"):
+        decoder.generate(ids, 2, prompt_lens=[0, 5])
+    with pytest.raises(ValueError, match="not both"):
+        decoder.generate(ids, 2, prompt_lens=[5, 5], attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="stop_tokens must be token ids"):
+        decoder.generate(ids, 2, stop_tokens=[64])
+    with pytest.raises(ValueError, match="temperature must be"):
+        decoder.generate(ids, 2, temperature=-1.0)
+    with pytest.raises(ValueError, match="max_new_tokens must be"):
+        decoder.generate(ids, -1)
+    with pytest.raises(TypeError, match="input_ids must be an integer tensor"):
+        decoder.generate(ids.float(), 2)
+
+    with pytest.raises(ValueError, match="shape .* is required for discrete images"):
+        ImageSpec("discrete")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ImageSpec("pixels", shape=(2, 2))
+    with pytest.raises(ValueError, match="random_order applies to continuous images only"):
+        ImageSpec("discrete", shape=(2, 2), random_order=True)
+    model = discrete_model()
+    prompts = [[Text([1, 2])], [Text([3])]]
+    spec = ImageSpec("discrete", shape=(2, 2), cfg_scale=2.0)
+    with pytest.raises(ValueError, match=r"uncond_prompts must be one prompt per prompt \(2\)"):
+        model.generate(prompts, max_new_tokens=0, image=spec, start_image=True, uncond_prompts=[[Text([0])]])
+    with pytest.raises(ValueError, match="start_image=True needs image"):
+        model.generate(prompts, max_new_tokens=0, start_image=True)
+    with pytest.raises(ValueError, match=r"max_len=10 is too small"):
+        model.generate(prompts, max_new_tokens=0, image=spec, start_image=True, max_len=10)
+    with pytest.raises(ValueError, match=r"prompts\[1\]: .*image codes"):
+        model.generate([[Text([1])], [Text([90])]], max_new_tokens=1)
+    with pytest.raises(ValueError, match="continuous images need a DiffusionHead"):
+        model.generate(prompts, max_new_tokens=0, image=ImageSpec("continuous", shape=(2, 2)), start_image=True)
+    with pytest.raises(ValueError, match="exceeds the model's image_grid"):
+        discrete_model(grid=True).generate(prompts, max_new_tokens=0, image=ImageSpec("discrete", shape=(4, 1)))
+    with pytest.raises(ValueError, match="discrete images need image codes"):
+        UnifiedModel.from_decoder(tiny_decoder(), feature_dims={"image": 4}).generate(
+            prompts, max_new_tokens=0, image=ImageSpec("discrete", shape=(1, 1)))
+    unordered = continuous_model(DiffusionHead(4, HIDDEN, 16, 1), grid=False)
+    with pytest.raises(ValueError, match="random_order needs a model with next_position_embeddings"):
+        unordered.generate(prompts, max_new_tokens=0, image=ImageSpec("continuous", shape=(1, 2), random_order=True))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        model.generate(prompts, max_new_tokens=1, generator="seed")
+
+
+# ---- GPU: CUDA graphs ------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_equals_eager(monkeypatch):
+    monkeypatch.delenv("UNIMM_BACKEND")
+    device = torch.device("cuda")
+    decoder = tiny_decoder("gemma2", device=device)
+    ids = torch.randint(0, TEXT_VOCAB, (3, 9), generator=seeded(13)).to(device)
+    lens = [9, 4, 6]
+    graphed = decoder.generate(ids, 12, prompt_lens=lens)
+    eager = decoder.generate(ids, 12, prompt_lens=lens, cuda_graphs=False)
+    assert torch.equal(graphed, eager)
+
+    model = discrete_model("llama", grid=True, device=device)
+    spec = ImageSpec("discrete", shape=(3, 3), cfg_scale=3.0, temperature=1.0, top_k=6)
+    prompts = [[Text([1, 2, 3])], [Text([4, 5])]]
+    runs = [model.generate(prompts, max_new_tokens=3, image=spec, start_image=True, temperature=1.0,
+                           generator=torch.Generator(device).manual_seed(14), cuda_graphs=graphs)
+            for graphs in (True, False)]
+    for a, b in zip(*runs):
+        assert torch.equal(a[0].codes, b[0].codes) and a[1].ids == b[1].ids
