@@ -1,4 +1,4 @@
-"""Generation: the kernels of one decode step against the PyTorch a generation loop would otherwise use.
+"""Generation: one decode step's kernels, and whole generation calls, against what a generation loop would otherwise use.
 
 The script is a set of parts (``--parts``, default all), each with its own shapes, named
 ``<part>/<shape>`` in ``--shapes``. A part is an entry of ``PARTS``: its shapes, its smoke shapes,
@@ -24,10 +24,33 @@ rotated through copies so that every call reads them from HBM, as a decode step 
 
 Target (issue): decode_attention at >= 85% of the measured copy bandwidth for caches of >= 4k rows.
 
-Parts ``discrete`` and ``continuous`` (whole generation steps) are to come; they add an entry to
-``PARTS``.
+Part ``discrete`` (issue 7, benchmark a): Emu3-style text-to-image on a Llama-3.2-1B-shaped model
+with random weights (``Decoder.from_config``; hidden 2048, 16 layers, 32 / 8 heads of 64, tied
+embeddings) and a 161,280-entry vocabulary whose last 32,768 are image codes: 16 prompts of 32 text
+tokens, one 24 x 24 image each (608 tokens with Emu3's structure tokens), CFG 4.0 against the
+prompt BOS alone, top-k 2000 at temperature 1. One timed call generates all 16 images, prefill
+included:
+  * unimm: ``UnifiedModel.generate`` (static KV cache, decode step in a CUDA graph, codes sampled
+    over the code block by ``sample_tokens``, [cond; uncond] rows in one batch);
+  * unimm[eager]: the same with ``cuda_graphs=False``; its codes must equal unimm's (same
+    generator), recorded as ``same_codes_as_eager``;
+  * transformers: ``LlamaForCausalLM.generate`` on the same weights with ``guidance_scale`` and
+    ``negative_prompt_ids`` (its UnbatchedClassifierFreeGuidanceLogitsProcessor, one more forward
+    per step over the unconditional prompts) and Emu3's layout as a logits processor (structure
+    tokens forced, codes elsewhere, as Emu3's PrefixConstrainedLogitsProcessor), SDPA attention,
+    its default dynamic cache; n/a when transformers does not import.
+Reported: seconds per call, images/s, ms per step (call time / 608), speedup of unimm over each.
 
-    python benchmarks/bench_generate.py [--parts decode_attention] [--shapes decode_attention/llama-3-8b-b16-4k] [--out DIR]
+Part ``continuous`` (issue 7, benchmark b): UniFluid-style text-to-image on the same backbone
+(text vocabulary only) with a MAR-B-sized ``DiffusionHead`` (width 1024, depth 6, 16-channel
+tokens): 16 images of 16 x 16 continuous tokens in a random order with next-position embeddings,
+100 diffusion steps per token, CFG 3.0, with and without CUDA graphs. Reported: seconds per image
+and ms per step beside LlamaGen on vLLM's published 0.6 s/image (GPT-XL, A100; a printed reference,
+not run here). The untrained head's clean-token estimates are clipped (``clip_denoised``) so that
+the tokens fed back stay finite; that costs one clamp per step.
+
+    python benchmarks/bench_generate.py [--parts decode_attention,discrete,continuous]
+        [--shapes decode_attention/llama-3-8b-b16-4k,discrete/llama-3.2-1b-v161k-16x24x24] [--out DIR]
     python benchmarks/bench_generate.py --smoke --out DIR   # tiny shapes on the CPU: checks the script
 """
 
@@ -43,6 +66,8 @@ import torch.nn.functional as F
 from _common import add_unimm_speedups, markdown_table, parse_run, print_outcome, start_run, verdict, write_results
 from unimm.kernels import BackendUnavailable, decode_attention
 from unimm.kernels.reference.decode import decode_attention as reference_decode_attention
+from unimm.models import Decoder, DiffusionHead, DiscreteImage, ImageSpec, Text, UnifiedModel, VocabLayout, pack
+from unimm.models.sequence import DEFAULT_SPECIAL_TOKENS, EMU3_FORMAT, UNIFLUID_FORMAT
 
 WARMUP, REPEAT = 10, 50
 SMOKE_WARMUP, SMOKE_REPEAT = 1, 3  # the smoke run checks the script, it measures nothing
@@ -67,7 +92,8 @@ class Part:
     """One benchmark of the script. ``bench(name, spec, run)`` returns result dicts (each with
     ``shape``, ``impl`` and ``available``, plus ``reason`` when not available);
     ``judge(results, shapes, run)`` says whether the target is met (None: not judged);
-    ``describe(spec)`` is the shape's JSON record; ``row(result, spec)`` its table row."""
+    ``describe(spec)`` is the shape's JSON record; ``row(result, spec)`` its table row;
+    ``legend`` says what the table's columns mean."""
     shapes: dict
     smoke_shapes: dict
     bench: Callable
@@ -75,6 +101,7 @@ class Part:
     judge: Callable
     describe: Callable
     row: Callable
+    legend: str
 
 
 def set_backend(backend: str | None) -> None:
@@ -218,13 +245,291 @@ def decode_table_row(result: dict, spec: tuple) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Parts discrete and continuous: whole generation calls
+# ---------------------------------------------------------------------------------------------
+
+# backbone shapes; the vocabulary comes with the part's shape
+GEN_MODELS = {
+    "llama-3.2-1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, head_dim=64, intermediate=8192),
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128),
+}
+LLAMA3_ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+GEN_TIMING = dict(warmup=1, repeat=3)  # one call is a whole generation: seconds
+GEN_SMOKE_TIMING = dict(warmup=0, repeat=1)
+GEN_ANCHOR_TIMING = dict(warmup=1, repeat=2)  # transformers' generate: tens of seconds a call
+BOS = 1  # the prompts' first token; the unconditional prompt is BOS alone (caption dropout)
+
+DISCRETE_TARGET = ("discrete: unimm (CUDA graphs) above transformers generate with CFG and above unimm without "
+                   "CUDA graphs in images/s")
+# Emu3-style text-to-image: a 161,280-entry vocabulary whose last 32,768 are codes, 24 x 24 codes per
+# image with Emu3's structure tokens (608 tokens per span), CFG 4, top-k 2000
+DISCRETE_SHAPES = {"llama-3.2-1b-v161k-16x24x24": dict(model="llama-3.2-1b", vocab=161280, image_codes=32768,
+                                                        images=16, grid=(24, 24), prompt_len=32, cfg_scale=4.0,
+                                                        top_k=2000)}
+DISCRETE_SMOKE_SHAPES = {"tiny-2x3x3": dict(model="tiny", vocab=301, image_codes=100, images=2, grid=(3, 3),
+                                            prompt_len=5, cfg_scale=4.0, top_k=20)}
+DISCRETE_ANCHORS = ("transformers", "unimm[eager]")
+
+CONTINUOUS_TARGET = "continuous: report only, s/image beside LlamaGen on vLLM's published 0.6 s/image"
+LLAMAGEN_VLLM = "LlamaGen GPT-XL (775M) on vLLM, A100, published: 0.6 s/image"
+# UniFluid-style: 16 x 16 continuous tokens per image (BOI then the tokens, random order, next-position
+# embeddings), a MAR-B-sized diffusion head (width 1024, depth 6) on 16-channel tokens, 100 steps, CFG
+CONTINUOUS_SHAPES = {"llama-3.2-1b-16x16x16-mar-b": dict(model="llama-3.2-1b", text_vocab=128256, images=16,
+                                                          grid=(16, 16), token_dim=16, head=(1024, 6),
+                                                          diffusion_steps=100, prompt_len=32, cfg_scale=3.0)}
+CONTINUOUS_SMOKE_SHAPES = {"tiny-2x2x3": dict(model="tiny", text_vocab=150, images=2, grid=(2, 3), token_dim=4,
+                                              head=(32, 2), diffusion_steps=5, prompt_len=5, cfg_scale=3.0)}
+# an untrained head's clean-token estimates are unbounded (DiffusionHead.sample): keep what is fed back finite
+CLIP_DENOISED = 5.0
+
+
+def gen_hf_config(model: str, vocab: int):
+    import transformers
+
+    shape = GEN_MODELS[model]
+    return transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], head_dim=shape["head_dim"], max_position_embeddings=131072,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE),
+        pad_token_id=0, bos_token_id=BOS, eos_token_id=None)
+
+
+def gen_decoder(model: str, vocab: int, run: Run) -> Decoder:
+    """A randomly initialised Llama-shaped unimm decoder (transformers' config, so the anchor matches)."""
+    torch.manual_seed(0)
+    with torch.device(run.device):
+        return Decoder.from_config(gen_hf_config(model, vocab)).to(run.dtype).eval()
+
+
+def gen_prompts(spec: dict, vocab_size: int) -> torch.Tensor:
+    """``[images, prompt_len]`` text ids: BOS, then random text tokens (below the special tokens)."""
+    ids = torch.randint(2, vocab_size, (spec["images"], spec["prompt_len"]), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = BOS
+    return ids
+
+
+def time_generation(run: Run, fn, timing: dict) -> dict:
+    return run.timer(fn, **(GEN_SMOKE_TIMING if run.smoke else timing))
+
+
+def hf_generate_discrete(decoder: Decoder, vocab: VocabLayout, spec: dict, prompts: torch.Tensor, run: Run):
+    """transformers' ``generate`` on the same weights: sampling with top-k, CFG through
+    ``guidance_scale`` + ``negative_prompt_ids`` (its UnbatchedClassifierFreeGuidanceLogitsProcessor: a
+    second forward per step over the unconditional prompts, with their own cache) and Emu3's layout
+    (structure tokens forced, codes elsewhere) as a logits processor, as Emu3's own generation does."""
+    import transformers
+
+    class Emu3Layout(transformers.LogitsProcessor):
+        """Emu3's PrefixConstrainedLogitsProcessor, vectorised over the batch: the token at each
+        step of the image span is its structure token, or any image code."""
+
+        def __init__(self, layout: list[int], prompt_len: int, codes_start: int):
+            self.layout, self.prompt_len, self.codes_start = layout, prompt_len, codes_start
+
+        def __call__(self, input_ids, scores):
+            forced = self.layout[input_ids.shape[1] - self.prompt_len]
+            if forced >= 0:
+                scores.fill_(float("-inf"))
+                scores[:, forced] = 0.0
+            else:
+                scores[:, :self.codes_start] = float("-inf")
+            return scores
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(run.dtype)  # as from_pretrained builds it: RoPE's inv_freq stays fp32
+    try:
+        with torch.device(run.device):
+            model = transformers.LlamaForCausalLM(gen_hf_config(spec["model"], vocab.size))
+    finally:
+        torch.set_default_dtype(previous)
+    state = {name if name == "lm_head.weight" else f"model.{name}": tensor
+             for name, tensor in decoder.state_dict().items()}
+    model.load_state_dict(state)
+    model.eval()
+    layout = emu3_layout(vocab, spec["grid"])
+    cond = prompts.to(run.device)
+    uncond = torch.full((cond.shape[0], 1), BOS, dtype=torch.long, device=run.device)
+    processor = Emu3Layout(layout, cond.shape[1], vocab.image_codes[0])
+
+    def call():
+        with torch.no_grad():
+            return model.generate(cond, attention_mask=torch.ones_like(cond), max_new_tokens=len(layout),
+                                  min_new_tokens=len(layout), do_sample=True, top_k=spec["top_k"], top_p=1.0,
+                                  temperature=1.0, guidance_scale=spec["cfg_scale"], negative_prompt_ids=uncond,
+                                  logits_processor=transformers.LogitsProcessorList([processor]),
+                                  pad_token_id=0)
+    return call, layout
+
+
+def emu3_layout(vocab: VocabLayout, grid: tuple[int, int]) -> list[int]:
+    """The tokens of one image span as ``pack`` lays them out: structure ids, -1 at codes."""
+    batch = pack([[DiscreteImage(torch.zeros(grid, dtype=torch.long), loss=False, format=EMU3_FORMAT)]],
+                 4 * grid[0] * grid[1] + 16, vocab=vocab)
+    ids = batch.input_ids[0, :batch.placements[0][2]]
+    return torch.where(ids >= vocab.image_codes[0], -1, ids).tolist()
+
+
+def bench_discrete(name: str, spec: dict, run: Run) -> list[dict]:
+    text_size = spec["vocab"] - spec["image_codes"] - len(DEFAULT_SPECIAL_TOKENS)
+    vocab = VocabLayout(text_size, DEFAULT_SPECIAL_TOKENS, spec["image_codes"])
+    decoder = gen_decoder(spec["model"], vocab.size, run)
+    model = UnifiedModel(decoder, vocab)
+    prompts = gen_prompts(spec, text_size)
+    image = ImageSpec("discrete", shape=spec["grid"], format=EMU3_FORMAT, cfg_scale=spec["cfg_scale"],
+                      temperature=1.0, top_k=spec["top_k"])
+    span = len(emu3_layout(vocab, spec["grid"]))
+    segments = [[Text(row.tolist())] for row in prompts]
+
+    def unimm(cuda_graphs: bool):
+        def call():
+            generator = torch.Generator(run.device).manual_seed(0)
+            return model.generate(segments, max_new_tokens=0, image=image, start_image=True,
+                                  uncond_prompts=[[Text([BOS])]] * len(segments), generator=generator,
+                                  cuda_graphs=cuda_graphs)
+        return call
+
+    results, codes = [], {}
+    for impl, graphs in (("unimm", True), ("unimm[eager]", False)):
+        call = unimm(graphs)
+        out = call()
+        codes[impl] = torch.stack([continuation[0].codes for continuation in out])
+        timing = time_generation(run, call, GEN_TIMING)
+        results.append(discrete_result(name, impl, spec, span, timing))
+    results[0]["same_codes_as_eager"] = bool(torch.equal(codes["unimm"], codes["unimm[eager]"]))
+    results[0]["codes_shape"] = list(codes["unimm"].shape)
+
+    result = dict(shape=name, impl="transformers")
+    try:
+        call, layout = hf_generate_discrete(decoder, vocab, spec, prompts, run)
+        out = call()
+        generated = out[:, prompts.shape[1]:]
+        layout_ok = generated.shape[1] == len(layout) and all(
+            (generated[:, i] == token).all() if token >= 0 else (generated[:, i] >= vocab.image_codes[0]).all()
+            for i, token in enumerate(layout))
+        timing = time_generation(run, call, GEN_ANCHOR_TIMING)
+        result = discrete_result(name, "transformers", spec, span, timing)
+        result["layout_ok"] = bool(layout_ok)
+    except (ImportError, RuntimeError, TypeError, ValueError) as error:  # not importable, out of memory, API drift
+        result.update(available=False, reason=f"{type(error).__name__}: {error}".splitlines()[0])
+        print(f"{name:>30} {'transformers':>14}  n/a: {result['reason']}")
+    results.append(result)
+    add_unimm_speedups(results, DISCRETE_ANCHORS)
+    return results
+
+
+def discrete_result(name: str, impl: str, spec: dict, span: int, timing: dict) -> dict:
+    seconds = timing["median_ms"] / 1e3
+    result = dict(shape=name, impl=impl, available=True, **timing, tokens_per_image=span,
+                  images_per_s=spec["images"] / seconds, ms_per_step=timing["median_ms"] / span)
+    print(f"{name:>30} {impl:>14}  {seconds:8.3f} s/call  {result['images_per_s']:8.2f} images/s  "
+          f"{result['ms_per_step']:7.3f} ms/step")
+    return result
+
+
+def judge_discrete(results: list[dict], shapes: dict, run: Run) -> bool | None:
+    if run.peaks is None:
+        return None
+    by_impl = {r["impl"]: r for r in results if r.get("available")}
+    if "unimm" not in by_impl or any(anchor not in by_impl for anchor in DISCRETE_ANCHORS):
+        return None
+    return all(by_impl["unimm"]["speedup"][anchor] > 1.0 for anchor in DISCRETE_ANCHORS)
+
+
+def describe_generation_shape(spec: dict) -> dict:
+    return dict(spec, **GEN_MODELS[spec["model"]])
+
+
+def discrete_table_row(result: dict, spec: dict) -> dict:
+    available = result["available"]
+    speedup = result.get("speedup", {})
+    return {
+        "shape": f"{spec['model']} V={spec['vocab']} {spec['images']} x {spec['grid'][0]}x{spec['grid'][1]} codes "
+                 f"CFG {spec['cfg_scale']} top-k {spec['top_k']}",
+        "impl": result["impl"],
+        "median s/call": show(result.get("median_ms", 0) / 1e3, ".3f") if available else "n/a",
+        "images/s": show(result.get("images_per_s"), ".2f"),
+        "ms/step": show(result.get("ms_per_step"), ".3f"),
+        "speedup vs transformers": show(speedup.get("transformers"), ".2f"),
+        "speedup vs unimm[eager]": show(speedup.get("unimm[eager]"), ".2f"),
+    }
+
+
+def bench_continuous(name: str, spec: dict, run: Run) -> list[dict]:
+    vocab = VocabLayout(spec["text_vocab"], DEFAULT_SPECIAL_TOKENS, 0)
+    decoder = gen_decoder(spec["model"], vocab.size, run)
+    width, depth = spec["head"]
+    torch.manual_seed(0)
+    with torch.device(run.device):
+        head = DiffusionHead(spec["token_dim"], decoder.config.hidden_size, width, depth)
+        model = UnifiedModel(decoder, vocab, feature_dims={"image": spec["token_dim"]}, continuous_head=head,
+                             image_grid=spec["grid"], next_position_embeddings=True).to(run.dtype)
+    tokens = spec["grid"][0] * spec["grid"][1]
+    image = ImageSpec("continuous", shape=spec["grid"], format=UNIFLUID_FORMAT, cfg_scale=spec["cfg_scale"],
+                      diffusion_steps=spec["diffusion_steps"], random_order=True, clip_denoised=CLIP_DENOISED)
+    segments = [[Text(row.tolist())] for row in gen_prompts(spec, vocab.text_size)]
+    span = tokens + 1  # BOI, then the tokens
+
+    results = []
+    for impl, graphs in (("unimm", True), ("unimm[eager]", False)):
+        def call(graphs=graphs):
+            generator = torch.Generator(run.device).manual_seed(0)
+            return model.generate(segments, max_new_tokens=0, image=image, start_image=True,
+                                  uncond_prompts=[[Text([BOS])]] * len(segments), generator=generator,
+                                  cuda_graphs=graphs)
+        out = call()
+        finite = all(bool(torch.isfinite(c[0].features).all()) for c in out)
+        timing = time_generation(run, call, GEN_TIMING)
+        seconds = timing["median_ms"] / 1e3
+        result = dict(shape=name, impl=impl, available=True, **timing, tokens_per_image=span,
+                      s_per_image=seconds / spec["images"], ms_per_step=timing["median_ms"] / span,
+                      features_shape=list(out[0][0].features.shape), finite=finite)
+        print(f"{name:>30} {impl:>14}  {seconds:8.3f} s/call  {result['s_per_image']:7.3f} s/image  "
+              f"{result['ms_per_step']:7.3f} ms/step")
+        results.append(result)
+    add_unimm_speedups(results, ("unimm[eager]",))
+    print(f"reference: {LLAMAGEN_VLLM} (not run here)")
+    return results
+
+
+def judge_continuous(results: list[dict], shapes: dict, run: Run) -> None:
+    """The issue sets no target: latency per image is reported beside LlamaGen on vLLM's."""
+    return None
+
+
+def continuous_table_row(result: dict, spec: dict) -> dict:
+    return {
+        "shape": f"{spec['model']} {spec['images']} x {spec['grid'][0]}x{spec['grid'][1]} tokens, head "
+                 f"{spec['head'][0]}/{spec['head'][1]}, {spec['diffusion_steps']} steps, CFG {spec['cfg_scale']}",
+        "impl": result["impl"],
+        "median s/call": show(result["median_ms"] / 1e3, ".3f"),
+        "s/image": show(result["s_per_image"], ".3f"),
+        "ms/step": show(result["ms_per_step"], ".3f"),
+        "speedup vs unimm[eager]": show(result.get("speedup", {}).get("unimm[eager]"), ".2f"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # Parts and the run
 # ---------------------------------------------------------------------------------------------
 
 PARTS = {
     "decode_attention": Part(shapes=DECODE_SHAPES, smoke_shapes=DECODE_SMOKE_SHAPES, bench=bench_decode_attention,
                              target=DECODE_TARGET, judge=judge_decode_attention, describe=describe_decode_shape,
-                             row=decode_table_row),
+                             row=decode_table_row,
+                             legend="speedup vs X = X's median time / this row's; GB/s = K and V bytes the call "
+                                    "must read / median time"),
+    "discrete": Part(shapes=DISCRETE_SHAPES, smoke_shapes=DISCRETE_SMOKE_SHAPES, bench=bench_discrete,
+                     target=DISCRETE_TARGET, judge=judge_discrete, describe=describe_generation_shape,
+                     row=discrete_table_row,
+                     legend="one call generates every image of the batch (prefill included); ms/step = call time / "
+                            "tokens per image span; speedup vs X = X's median time / this row's"),
+    "continuous": Part(shapes=CONTINUOUS_SHAPES, smoke_shapes=CONTINUOUS_SMOKE_SHAPES, bench=bench_continuous,
+                       target=CONTINUOUS_TARGET, judge=judge_continuous, describe=describe_generation_shape,
+                       row=continuous_table_row,
+                       legend="one call generates every image of the batch (prefill included); ms/step = call time "
+                              f"/ tokens per image span; reference: {LLAMAGEN_VLLM}"),
 }
 SHAPES = {f"{part}/{name}": spec for part, entry in PARTS.items() for name, spec in entry.shapes.items()}
 SMOKE_SHAPES = {f"{part}/{name}": spec for part, entry in PARTS.items() for name, spec in entry.smoke_shapes.items()}
@@ -296,8 +601,7 @@ def main():
         entry = PARTS[part]
         table = entry.smoke_shapes if args.smoke else entry.shapes
         rows = [entry.row(r, table[r["shape"]]) for r in results]
-        print(f"\n{part}: speedup vs X = X's median time / this row's; GB/s = K and V bytes the call must read "
-              "/ median time\n")
+        print(f"\n{part}: {entry.legend}\n")
         print(markdown_table(rows, list(rows[0])))
 
 

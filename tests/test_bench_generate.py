@@ -12,12 +12,14 @@ def test_bench_generate_smoke(tmp_path):
     assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()
     assert payload["family"] == "generate" and payload["smoke"] and payload["dtype"] == "fp32"
     assert payload["peaks"] is None and payload["target_met"] is None  # CPU times are not judged
-    assert set(payload["parts"]) == {"decode_attention"}
+    assert set(payload["parts"]) == {"decode_attention", "discrete", "continuous"}
+    assert all(part["target_met"] is None for part in payload["parts"].values())
     part = payload["parts"]["decode_attention"]
     assert part["target_met"] is None and "85%" in part["target"]
-    assert set(payload["shapes"]) == {f"decode_attention/{shape}" for shape in part["shapes"]}
+    assert set(payload["shapes"]) == {f"{name}/{shape}" for name, entry in payload["parts"].items()
+                                      for shape in entry["shapes"]}
 
-    results = payload["results"]
+    results = [r for r in payload["results"] if r["part"] == "decode_attention"]
     expected = {(shape, case, impl) for shape in part["shapes"] for case in ("ragged", "full") for impl in IMPLS}
     assert {(r["shape"], r["case"], r["impl"]) for r in results} == expected and len(results) == len(expected)
     for r in results:
@@ -31,8 +33,24 @@ def test_bench_generate_smoke(tmp_path):
         if r["impl"] == "unimm":
             assert set(r["speedup"]) == {"sdpa"}
 
-    # the markdown table comes last: header, separator, one line per result
-    table = stdout.rstrip().splitlines()[-(len(results) + 2):]
+    # whole generation calls: unimm with and without CUDA graphs (on the CPU both eager), transformers
+    discrete = {r["impl"]: r for r in payload["results"] if r["part"] == "discrete"}
+    assert set(discrete) == {"unimm", "unimm[eager]", "transformers"}
+    assert all(r["available"] and r["images_per_s"] > 0 and r["ms_per_step"] > 0 for r in discrete.values())
+    assert discrete["unimm"]["same_codes_as_eager"] and discrete["unimm"]["codes_shape"] == [2, 3, 3]
+    assert discrete["transformers"]["layout_ok"]  # its logits processor wrote Emu3's structure tokens
+    assert set(discrete["unimm"]["speedup"]) == {"transformers", "unimm[eager]"}
+    continuous = {r["impl"]: r for r in payload["results"] if r["part"] == "continuous"}
+    assert set(continuous) == {"unimm", "unimm[eager]"}
+    for r in continuous.values():
+        assert r["s_per_image"] > 0 and r["features_shape"] == [6, 4] and r["finite"]
+    assert "LlamaGen" in stdout and "0.6 s/image" in stdout
+
+    # one markdown table per part, the last part's last: header, separator, one line per result
+    table = stdout.rstrip().splitlines()[-(len(continuous) + 2):]
     assert all(line.startswith("|") and line.endswith("|") for line in table)
     assert len({line.count("|") for line in table}) == 1
-    assert "median ms" in table[0] and "GB/s" in table[0] and set(table[1]) <= set("|-")
+    assert "s/image" in table[0] and set(table[1]) <= set("|-")
+    decode_table = stdout.split("\ndecode_attention: ")[1].split("\n\n")[1].splitlines()
+    assert len(decode_table) == len(results) + 2
+    assert "median ms" in decode_table[0] and "GB/s" in decode_table[0] and set(decode_table[1]) <= set("|-")
