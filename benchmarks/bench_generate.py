@@ -1,4 +1,4 @@
-"""Generation: one decode step's kernels, and whole generation calls, against what a generation loop would otherwise use.
+"""Generation: a decode step's kernels and whole generation calls, against what a generation loop would otherwise use.
 
 The script is a set of parts (``--parts``, default all), each with its own shapes, named
 ``<part>/<shape>`` in ``--shapes``. A part is an entry of ``PARTS``: its shapes, its smoke shapes,

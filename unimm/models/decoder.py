@@ -467,7 +467,7 @@ class Decoder(nn.Module):
             cuda_graphs: capture the decode step in a CUDA graph when on a GPU.
 
         Row b holds its prompt (``prompt_lens[b]`` tokens), its new tokens right after it, then
-        ``pad_id``.
+        ``pad_id``; the result is on the model's device.
         """
         from unimm.models.generate import generate_ids
         return generate_ids(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
