@@ -266,3 +266,41 @@ def test_metrics_and_summary(tmp_path):
     assert lines[2] == "| captions | 0.9325 | -      |"
     assert lines[3] == "| images   | -      | 1      |"
     assert all(len(line) == len(lines[0]) for line in lines)
+
+
+# ---- the whole pipeline ----------------------------------------------------------------------------
+
+def test_demo_smoke_run(tmp_path, monkeypatch, capsys):
+    """``unimm demo --config smoke``: every stage runs, the outputs exist, the loss falls."""
+    from unimm.cli import main
+
+    monkeypatch.setenv("UNIMM_BACKEND", "reference")  # CPU: the plain PyTorch path, not Triton's interpreter
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    assert main(["demo", "--config", "smoke", "--steps", "24", "--out", str(tmp_path), "--seed", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "| captions " in printed and "images_from_codes" in printed and "loss " in printed
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for name in ("samples.png", "loss.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.size[0] > 100 and image.size[1] > 100
+    assert metrics["config"]["steps"] == 24 and metrics["seed"] == 1 and metrics["device"] == "cpu"
+    history = metrics["loss"]["history"]
+    assert len(history["loss"]) == 24 and all(math.isfinite(v) for v in history["loss"])
+    first, last = np.mean(history["loss"][:4]), np.mean(history["loss"][-4:])
+    assert last < 0.8 * first, (first, last)  # it learns
+    assert np.mean(history["image_code_loss"][-4:]) < np.mean(history["image_code_loss"][:4])
+    assert np.mean(history["text_loss"][-4:]) < np.mean(history["text_loss"][:4])
+    for task in ("captions", "images_from_codes", "images_from_continuous"):
+        assert set(metrics["accuracy"][task]) == {"colour", "shape", "position", "all"}
+    assert metrics["tokenizers"]["vq"]["psnr_db"] > 15 and metrics["tokenizers"]["continuous"]["psnr_db"] > 15
+    assert len(metrics["examples"]) == 4 and metrics["seconds"]["train"] > 0
+
+
+def test_demo_command_line_checks(capsys):
+    from unimm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--steps", "0"])
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--config", "huge"])
