@@ -172,7 +172,7 @@ def loss_curves(curves: dict[str, tuple[list[float], list[float]]], path: str | 
 
     # axes, grid and ticks
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for tick in _nice_ticks(x_low, x_high):
+    for tick in _nice_ticks(x_low, x_high, count=8):
         x, _ = px(tick, y_low)
         draw.line([x, top, x, height - bottom], fill="#e6e6e6")
         draw.text((x, height - bottom + 6), _format_tick(tick), fill="black", font=font, anchor="ma")
