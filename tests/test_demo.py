@@ -275,7 +275,6 @@ def test_demo_smoke_run(tmp_path, monkeypatch, capsys):
     from unimm.cli import main
 
     monkeypatch.setenv("UNIMM_BACKEND", "reference")  # CPU: the plain PyTorch path, not Triton's interpreter
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     assert main(["demo", "--config", "smoke", "--steps", "24", "--out", str(tmp_path), "--seed", "1"]) == 0
     printed = capsys.readouterr().out
     assert "| captions " in printed and "images_from_codes" in printed and "loss " in printed

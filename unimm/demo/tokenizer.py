@@ -215,7 +215,8 @@ class PatchFeatureTokenizer(nn.Module):
         self.dims = dims
         self.token_dim = dims or patch_dim
         self.register_buffer("mean", torch.zeros(patch_dim))
-        self.register_buffer("basis", torch.eye(patch_dim, self.token_dim))  # [patch_dim, token_dim], orthonormal columns
+        # [patch_dim, token_dim], orthonormal columns
+        self.register_buffer("basis", torch.eye(patch_dim, self.token_dim))
         self.register_buffer("scale", torch.ones(self.token_dim))
         self.register_buffer("fitted", torch.tensor(False))
 

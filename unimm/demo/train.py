@@ -137,7 +137,8 @@ PRESETS = {
 # ---------------------------------------------------------------------------------------------
 
 class Documents:
-    """Builds the training documents and the generation prompts from token ids."""
+    """Builds the training documents and the generation prompts (lists of ``sequence`` segments)
+    from word ids, VQ codes on a ``code_grid`` and continuous tokens on a ``feature_grid``."""
 
     def __init__(self, words: data.WordTokenizer, code_grid: int, feature_grid: int):
         self.words = words
@@ -169,7 +170,6 @@ class Documents:
                                 format=FEATURE_FORMAT)]
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Generation (UnifiedModel.generate: KV cache, CUDA graphs on a GPU, CFG rows)
 # ---------------------------------------------------------------------------------------------
@@ -181,8 +181,7 @@ def _draw_prompts(docs: Documents, captions: list[str]) -> tuple[list, list]:
 
 
 @torch.no_grad()
-def generate_captions(model: UnifiedModel, docs: Documents, features: torch.Tensor, config: DemoConfig,
-                      max_words: int = 12) -> list[str]:
+def generate_captions(model: UnifiedModel, docs: Documents, features: torch.Tensor, max_words: int = 12) -> list[str]:
     """Greedy captions of images given as continuous tokens ``[N, L, F]``."""
     rows = model.generate([docs.caption_prefix(f) for f in features], max_new_tokens=max_words,
                           stop_tokens=docs.words.eos_id, temperature=0.0)
@@ -223,6 +222,9 @@ def generate_features(model: UnifiedModel, docs: Documents, captions: list[str],
 # ---------------------------------------------------------------------------------------------
 
 def build_model(config: DemoConfig, words: data.WordTokenizer, grid: int) -> UnifiedModel:
+    """A Llama-style decoder over the caption words, expanded with the special tokens and the image
+    codes, with the continuous tokens' input projector and diffusion head, and learnable 2D
+    positions for image grids up to ``grid`` x ``grid``."""
     decoder = Decoder(DecoderConfig(
         family="llama", vocab_size=words.vocab_size, hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size, num_layers=config.num_layers, num_heads=config.num_heads,
@@ -354,7 +356,7 @@ def evaluate(config: DemoConfig, model: UnifiedModel, prepared: Prepared, seed: 
     batches = list(_batches(list(range(len(test))), config.eval_batch))
     captions, code_images, feature_images = [], [], []
     for indices in report.progress(batches, desc="eval: captions", disable=quiet):
-        captions += generate_captions(model, docs, prepared.test_features[indices].to(device), config)
+        captions += generate_captions(model, docs, prepared.test_features[indices].to(device))
     for indices in report.progress(batches, desc="eval: images from codes", disable=quiet):
         codes = generate_codes(model, docs, [test.captions[i] for i in indices], config, generator)
         code_images.append(to_uint8(prepared.vq.decode(codes)))
@@ -378,8 +380,8 @@ def _percent_row(task: str, accuracy: dict) -> dict:
 def run(config: DemoConfig, out: str | pathlib.Path, *, device: str | torch.device | None = None, seed: int = 0,
         quiet: bool = False) -> dict:
     """Prepares, trains and evaluates; writes ``samples.png``, ``loss.png`` and ``metrics.json``
-    under ``out`` and returns the metrics. ``device``: default CUDA when available, else CPU.
-    ``quiet``: no progress bars, no printing."""
+    under ``out`` and returns the metrics. ``device``: default CUDA when available, else CPU (on
+    CUDA, fp32 matmuls may then use TF32, process-wide). ``quiet``: no progress bars, no printing."""
     started = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
