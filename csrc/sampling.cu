@@ -12,6 +12,7 @@
 #include <string>
 
 #include "common.h"
+#include "convert.cuh"
 #include "ops.h"
 
 namespace unimm {
@@ -33,21 +34,6 @@ constexpr float kMassWindow = 32.0f;  // tokens more than this below the max wei
 
 static_assert(kBins == 32 * kBinsPerLane, "one warp scans the bins");
 static_assert(kSamplingFixedPointBits == 40, "kMassWindow assumes 40 fixed-point bits");
-
-template <typename T>
-__device__ __forceinline__ float to_float(T value);
-template <>
-__device__ __forceinline__ float to_float<float>(float value) {
-  return value;
-}
-template <>
-__device__ __forceinline__ float to_float<__half>(__half value) {
-  return __half2float(value);
-}
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 value) {
-  return __bfloat162float(value);
-}
 
 // kChunk consecutive elements from a 16-byte aligned address.
 template <typename T>

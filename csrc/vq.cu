@@ -14,27 +14,13 @@
 #include <cmath>
 
 #include "common.h"
+#include "convert.cuh"
 #include "ops.h"
 
 namespace unimm {
 namespace {
 
 constexpr int kThreads = 128;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T value);
-template <>
-__device__ __forceinline__ float to_float<float>(float value) {
-  return value;
-}
-template <>
-__device__ __forceinline__ float to_float<__half>(__half value) {
-  return __half2float(value);
-}
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 value) {
-  return __bfloat162float(value);
-}
 
 // Rows per thread: enough to amortise each shared-memory code read, at most 64 fp32 registers of z.
 __host__ __device__ constexpr int rows_per_thread(int padded_dim) { return padded_dim <= 8 ? 8 : 64 / padded_dim; }
