@@ -87,7 +87,19 @@ def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
     return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.int64)
 
 
-class PatchVQTokenizer(nn.Module):
+class _PatchTokenizer(nn.Module):
+    """What both tokenizers share: a ``fitted`` flag (a buffer, so it travels in state dicts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("fitted", torch.tensor(False))
+
+    def _check_fitted(self):
+        if not bool(self.fitted):
+            raise RuntimeError("the tokenizer has not been fitted: call fit(images) first")
+
+
+class PatchVQTokenizer(_PatchTokenizer):
     """Discrete patch tokens: the index of the nearest of ``num_codes`` patch vectors.
 
     Args:
@@ -106,7 +118,6 @@ class PatchVQTokenizer(nn.Module):
         self.patch_size = patch_size
         self.grid = image_size // patch_size
         self.quantizer = VectorQuantizer(num_codes, patch_size * patch_size * 3)
-        self.register_buffer("fitted", torch.tensor(False))
 
     @property
     def num_codes(self) -> int:
@@ -147,10 +158,6 @@ class PatchVQTokenizer(nn.Module):
         self.fitted.fill_(True)
         return errors
 
-    def _check_fitted(self):
-        if not bool(self.fitted):
-            raise RuntimeError("the tokenizer has not been fitted: call fit(images) first")
-
     @torch.no_grad()
     def encode(self, images) -> torch.Tensor:
         """Images -> int64 codes ``[N, grid, grid]``."""
@@ -189,7 +196,7 @@ def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator |
     return points[picks].clone()
 
 
-class PatchFeatureTokenizer(nn.Module):
+class PatchFeatureTokenizer(_PatchTokenizer):
     """Continuous patch tokens: standardised patch vectors, optionally on fewer dimensions.
 
     Args:
@@ -218,7 +225,6 @@ class PatchFeatureTokenizer(nn.Module):
         # [patch_dim, token_dim], orthonormal columns
         self.register_buffer("basis", torch.eye(patch_dim, self.token_dim))
         self.register_buffer("scale", torch.ones(self.token_dim))
-        self.register_buffer("fitted", torch.tensor(False))
 
     @property
     def tokens_per_image(self) -> int:
@@ -245,10 +251,6 @@ class PatchFeatureTokenizer(nn.Module):
         self.scale.copy_(variance.clamp_min(1e-12).sqrt().float())
         self.fitted.fill_(True)
         return kept
-
-    def _check_fitted(self):
-        if not bool(self.fitted):
-            raise RuntimeError("the tokenizer has not been fitted: call fit(images) first")
 
     @torch.no_grad()
     def encode(self, images) -> torch.Tensor:
