@@ -422,16 +422,23 @@ def _add_text(doc: _Document, segment: Text, vocab: VocabLayout) -> None:
     doc.add(ids, Head.TEXT, weight, segment.bidirectional)
 
 
+def _open_image(doc: _Document, fmt: ImageFormat, shape, vocab: VocabLayout, weight: float,
+                bidirectional: bool) -> tuple[int, int | None]:
+    """Numbers a new image in ``doc`` and writes its begin and size tokens; returns (image index
+    in the document, end-of-line id or None)."""
+    image = doc.num_images
+    doc.num_images += 1
+    doc.add(torch.cat([_specials(vocab, fmt.begin), _size_ids(vocab, fmt, shape, doc)]), Head.TEXT, weight,
+            bidirectional)
+    return image, vocab.special_id(fmt.end_of_line) if fmt.end_of_line else None
+
+
 def _add_discrete(doc: _Document, segment: DiscreteImage, vocab: VocabLayout) -> None:
     weight = _check_flags(doc, segment, segment.loss, segment.weight)
     codes = _check_codes(doc, segment.codes, vocab, "DiscreteImage")
     fmt, (h, w) = segment.format, codes.shape
-    image = doc.num_images
-    doc.num_images += 1
     bidirectional = segment.bidirectional
-    doc.add(torch.cat([_specials(vocab, fmt.begin), _size_ids(vocab, fmt, (h, w), doc)]), Head.TEXT, weight,
-            bidirectional)
-    eol = vocab.special_id(fmt.end_of_line) if fmt.end_of_line else None
+    image, eol = _open_image(doc, fmt, (h, w), vocab, weight, bidirectional)
     ids, kinds, grid, _ = _grid_body(vocab.code_ids(codes.reshape(-1)), Head.IMAGE_CODE, torch.arange(h * w), w, eol,
                                      image)
     doc.add(ids, kinds, weight, bidirectional, grid)
@@ -465,13 +472,9 @@ def _add_continuous(doc: _Document, segment: ContinuousImage, vocab: VocabLayout
         if fmt.end_of_line is not None:
             raise doc.error("a permuted image cannot have end-of-line tokens (its rows are not contiguous)")
         features = features[order.to(features.device)]
-    image = doc.num_images
-    doc.num_images += 1
     bidirectional = segment.bidirectional
-    doc.add(torch.cat([_specials(vocab, fmt.begin), _size_ids(vocab, fmt, shape, doc)]), Head.TEXT, weight,
-            bidirectional)
+    image, eol = _open_image(doc, fmt, shape, vocab, weight, bidirectional)
     cells = None if shape is None else (order if order is not None else torch.arange(length))
-    eol = vocab.special_id(fmt.end_of_line) if fmt.end_of_line else None
     if eol is not None and shape is None:
         raise doc.error("the image format writes end-of-line tokens but the image has no shape")
     ids, kinds, grid, offsets = _grid_body(torch.full((length,), placeholder_id, dtype=torch.long), Head.CONTINUOUS,
@@ -490,12 +493,8 @@ def _add_hybrid(doc: _Document, segment: HybridImage, vocab: VocabLayout, placeh
     codes = _check_codes(doc, segment.codes, vocab, "HybridImage")
     _check_features(doc, segment.features, "HybridImage")
     fmt, (h, w), features = segment.format, codes.shape, segment.features
-    image = doc.num_images
-    doc.num_images += 1
     bidirectional = segment.bidirectional
-    doc.add(torch.cat([_specials(vocab, fmt.begin), _size_ids(vocab, fmt, (h, w), doc)]), Head.TEXT, weight,
-            bidirectional)
-    eol = vocab.special_id(fmt.end_of_line) if fmt.end_of_line else None
+    image, eol = _open_image(doc, fmt, (h, w), vocab, weight, bidirectional)
     ids, kinds, grid, offsets = _grid_body(vocab.code_ids(codes.reshape(-1)), Head.IMAGE_CODE, torch.arange(h * w),
                                            w, eol, image)
     start = doc.add(ids, kinds, weight, bidirectional, grid)
