@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -133,7 +134,15 @@ def main() -> None:
         torch.save(dict(loss=loss.cpu(), grads=grads, world_size=world, sharded_params=sharded), args.out)
         print(f"world size {world}: loss {loss.item():.6f}, {len(grads)} gradients written to {args.out}")
     if distributed:
+        dist.barrier()  # rank 0 has saved
         dist.destroy_process_group()
+        if not cuda:
+            # gloo's worker threads can still own work objects (FSDP2's async collectives) when
+            # the interpreter finalises, and destroying them then aborts the process ("terminate
+            # called without an active exception"; pytorch/pytorch#179291): the step is done and
+            # saved, so leave without finalising
+            sys.stdout.flush()
+            os._exit(0)
 
 
 if __name__ == "__main__":
