@@ -73,7 +73,7 @@ class DemoConfig:
     temperature / top-k, diffusion steps and temperature.
     """
 
-    steps: int = 1200
+    steps: int = 1500
     train_images: int = 6000
     eval_images: int = 300
     grid_images: int = 16
