@@ -1,7 +1,7 @@
 """Hugging Face drop-in: ``apply(model)`` runs a transformers causal LM on unimm's kernels.
 
 Supported: ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``Gemma2ForCausalLM`` (tested with
-transformers 5.23; written for >= 4.48). After ``apply(model)``:
+transformers 5.24; written for >= 4.48). After ``apply(model)``:
 
   * **Loss.** ``model(..., labels=labels)`` runs the base model, then
     ``unimm.kernels.linear_cross_entropy`` on the final hidden states and ``lm_head.weight``
@@ -94,32 +94,45 @@ def _register_attention() -> None:
 # Patched forwards
 # ---------------------------------------------------------------------------------------------
 
-def _base_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                        inputs_embeds=None, **kwargs):
+def _base_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                        **kwargs):
     """The base model's forward, with the call's mask turned into key intervals once and handed
     to every attention layer as the ``unimm_mask`` keyword (transformers passes extra keywords
-    down to the attention function); transformers' own mask building then sees None."""
+    down to the attention function); transformers' own mask building then sees None. Every other
+    keyword (the KV cache among them, under whichever name this transformers uses) passes through
+    untouched."""
     original = type(self).forward
     if self.config._attn_implementation != IMPLEMENTATION:  # switched back after apply()
         return original(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
+                        inputs_embeds=inputs_embeds, **kwargs)
     tokens = input_ids if input_ids is not None else inputs_embeds
     if tokens is None:
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
     batch, seq_len = tokens.shape[:2]
-    past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+    cache = _given_cache(kwargs)
+    past_len = cache.get_seq_length() if cache is not None else 0
     intervals = _call_intervals(attention_mask, position_ids, past_len, batch, seq_len, tokens.device)
     return original(self, input_ids=input_ids, attention_mask=None, position_ids=position_ids,
-                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, unimm_mask=intervals, **kwargs)
+                    inputs_embeds=inputs_embeds, unimm_mask=intervals, **kwargs)
 
 
-def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                       inputs_embeds=None, labels=None, **kwargs):
+# transformers >= 5.24 names the KV cache ``cache`` (``past_key_values`` deprecated); before, only
+# ``past_key_values``. The cache is read under whichever name the caller used, never by version.
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def _given_cache(kwargs: dict):
+    """The KV cache a forward call was given, under either name; None when there is none."""
+    caches = [kwargs[name] for name in _CACHE_NAMES if kwargs.get(name) is not None]
+    return caches[0] if caches else None
+
+
+def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                       labels=None, **kwargs):
     """With labels: base model + fused linear cross-entropy, ``logits=None``. Without: unchanged."""
     if labels is None:
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids, past_key_values=past_key_values,
-                                  inputs_embeds=inputs_embeds, **kwargs)
+                                  position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     return_dict = kwargs.pop("return_dict", None)
@@ -129,10 +142,12 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
         raise ValueError("logits_to_keep cannot be combined with labels: the loss covers every position")
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
+                         inputs_embeds=inputs_embeds, **kwargs)
     loss = causal_lm_loss(self, outputs.last_hidden_state, labels, **kwargs)
-    output = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                    hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    # the output's cache field is named as this transformers names it (``cache`` or ``past_key_values``)
+    cache_field = next(name for name in _CACHE_NAMES if name in CausalLMOutputWithPast.__dataclass_fields__)
+    output = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                    attentions=outputs.attentions, **{cache_field: getattr(outputs, cache_field)})
     return output if return_dict else output.to_tuple()
 
 
