@@ -2,7 +2,14 @@
 
 Without a GPU, Triton kernels are tested on the CPU through triton's interpreter, which must be
 switched on before unimm defines its kernels: this file runs before any test module imports
-unimm. Tests marked ``gpu`` are skipped when no CUDA device is present.
+unimm.
+
+Device tests come in two tiers, both skipped when no CUDA device is present:
+  * ``gpu``: the fast tier, ``pytest -m gpu``: every kernel family at realistic bf16 shapes
+    against its reference, CUDA-graph capture, every ``unimm._C`` kernel; sized for a few
+    minutes from a cold Triton cache (each test module's GPU section states its compile count).
+  * ``gpu_full``: the long parameter sweeps (dtype x shape x option grids), run only when
+    selected: ``pytest -m gpu_full``.
 """
 
 import os
@@ -24,13 +31,26 @@ def available_backends() -> list[str]:
     return [b for b, reason in dispatch.live_backends(DEVICE).items() if reason is None]
 
 
+GPU_TIERS = ("gpu", "gpu_full")
+
+
 def pytest_collection_modifyitems(config, items):
-    if HAS_GPU:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    """Device tiers: ``gpu`` (the fast tier, run with ``-m gpu``; also part of a plain run on a
+    device) and ``gpu_full`` (the long sweeps, run only when ``-m`` names them). Both are skipped
+    without a GPU. A test carries at most one of the two markers."""
+    full_selected = "gpu_full" in (config.getoption("markexpr", "") or "")
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    not_selected = pytest.mark.skip(reason="a gpu_full sweep: run it with `pytest -m gpu_full` on a device")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        tiers = {marker.name for marker in item.iter_markers() if marker.name in GPU_TIERS}
+        if len(tiers) > 1:
+            raise pytest.UsageError(f"{item.nodeid} carries both gpu and gpu_full; a test belongs to one tier")
+        if not tiers:
+            continue
+        if not HAS_GPU:
+            item.add_marker(no_gpu)
+        elif tiers == {"gpu_full"} and not full_selected:
+            item.add_marker(not_selected)
 
 
 @pytest.fixture

@@ -242,7 +242,50 @@ def test_registered_ops():
     assert all(r == "SUCCESS" for r in out.values()), out
 
 
+# ---- GPU ----------------------------------------------------------------------------------------
+#
+# Fast tier (`pytest -m gpu`), counted for a cold Triton cache. Forward + backward is three kernels
+# (`_attn_fwd_kernel`, `_attn_bwd_dq_kernel`, `_attn_bwd_dkdv_kernel`), specialised on HEAD_DIM,
+# HAS_SOFTCAP, the tile config (by head_dim) and the int classes (1 / divisible by 16 / other) of
+# seq_len, num_keys, heads, group, the strides and the key-tile count:
+#   * test_gpu_bf16_real_sizes: three cases, each its own specialization = 9 compiles: packed
+#     documents with bidirectional image spans (D 128, GQA, sizes divisible by 16); Gemma-2's
+#     prefill after a cache (D 256, soft-cap, MHA so group == 1); an odd sliding-window prefill
+#     (D 64, MQA, 777 queries after 1224 cached keys: lengths and mask stride not divisible by 16).
+# Total: 9 Triton compiles (~15-25 s: the backward kernels are the largest of the package) plus
+# ~3 s of fp64 reference attention.
+# Full tier (`pytest -m gpu_full`): test_gpu_real_sizes, the dtype x head_dim x backend grid.
+
+def sliding_window(batch, seq_len, past_len, window):
+    """Row i (after ``past_len`` cached keys) sees the last ``window`` keys up to its own."""
+    end = torch.arange(past_len + 1, past_len + seq_len + 1, device=DEVICE).expand(batch, seq_len)
+    return AttentionMask.from_intervals((end - window).clamp_min(0), end)
+
+
+def gpu_bf16_case(name):
+    if name == "packed-spans-d128-gqa":
+        doc, span = random_layout(2, 1536, seed=13)
+        return qkv(2, 1536, 1536, 8, 2, 128, seed=14, dtype=torch.bfloat16), AttentionMask.from_spans(doc, span), {}
+    if name == "prefill-after-cache-d256-softcap":
+        mask = AttentionMask.causal(1, 512, past_len=1536, device=DEVICE)
+        return qkv(1, 512, 2048, 8, 8, 256, seed=15, dtype=torch.bfloat16), mask, dict(softcap=50.0, scale=256**-0.5)
+    if name == "odd-window-d64-mqa":
+        return qkv(1, 777, 2001, 4, 1, 64, seed=16, dtype=torch.bfloat16), sliding_window(1, 777, 1224, 300), {}
+    raise ValueError(name)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", ["packed-spans-d128-gqa", "prefill-after-cache-d256-softcap", "odd-window-d64-mqa"])
+def test_gpu_bf16_real_sizes(case):
+    """The backend a user gets (Triton), bf16 at real sizes, output and gradients against fp64."""
+    (q, k, v), mask, options = gpu_bf16_case(case)
+    out, _ = check(q, k, v, mask, **options)
+    if case.startswith("packed"):
+        doc_padding = mask.kv_end <= mask.kv_start
+        assert (out[doc_padding] == 0).all()  # rows that see nothing are 0
+
+
+@pytest.mark.gpu_full
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim, heads", [(64, (8, 8)), (128, (8, 2)), (256, (4, 4))])
 def test_gpu_real_sizes(backend, dtype, head_dim, heads):

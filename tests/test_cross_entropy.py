@@ -247,7 +247,85 @@ def test_triton_writes_every_output():
     torch.testing.assert_close(dx.double(), (coef[:, None].double() * expected)[:, 40:130], **close)
 
 
+# ---- GPU ----------------------------------------------------------------------------------------
+#
+# Fast tier (`pytest -m gpu`), counted for a cold Triton cache. A forward + backward in bf16 runs
+# `_lse_kernel` once (the backward of reduction "none" recomputes it with the same arguments) and
+# `_matmul_kernel` with three epilogues (dx, dW, dH): 4 specializations per combination of
+# constexprs (HAS_BIAS, HAS_SOFTCAP) and of int classes (1 / divisible by 16 / other):
+#   * test_gpu_bf16_real_sizes: every size divisible by 16 without and with soft-cap (vocab_range,
+#     label smoothing, z-loss, "none" are runtime values) = 8 compiles; the odd case (n, D, V and
+#     the strides not divisible by 16, with a bias) = 4 compiles.
+#   * test_gpu_bf16_kernels_write_every_output: the first case's sizes and flags, so it reuses its
+#     kernels: 0 (1 if a stride class were to differ).
+# Total: 12 Triton compiles (~20 s) plus ~5 s of fp64 reference matmuls.
+# Full tier (`pytest -m gpu_full`): test_gpu_real_sizes, the dtype x shape x option x backend grid.
+
+GPU_BF16_CASES = [  # (n, d, v, bias, options), automatic dispatch
+    (1024, 512, 32768, False, {}),
+    # an image-code block after a text vocabulary, Gemma-2's soft-cap and the other loss terms
+    (512, 1024, 40960, False, dict(vocab_range=(32768, 40960), softcap=30.0, label_smoothing=0.1, z_loss=1e-4,
+                                   reduction="none")),
+    (555, 520, 50001, True, {}),  # nothing divisible by 16
+]
+
+
+def in_vocab_range(targets, options):
+    if "vocab_range" in options:
+        lo, hi = options["vocab_range"]
+        keep = targets >= 0
+        targets[keep] = lo + targets[keep] % (hi - lo)
+    return targets
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("n, d, v, bias, options", GPU_BF16_CASES, ids=["plain", "code-block-softcap-none", "odd-bias"])
+def test_gpu_bf16_real_sizes(n, d, v, bias, options):
+    """Loss, lse and every gradient of the backend a user gets, bf16, against the fp64 reference."""
+    hidden, weight, targets, b = make_inputs(n, d, v, seed=n, dtype=torch.bfloat16, bias=bias, ignore=0.1)
+    check(hidden, weight, in_vocab_range(targets, options), b, **options)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_kernels_write_every_output():
+    """The bf16 kernels into NaN-poisoned outputs, at the first real-size case's sizes: every
+    split statistic and every dx element is written, and right."""
+    n, d, v = GPU_BF16_CASES[0][:3]
+    hidden, head, _, _ = make_inputs(n, d, v, seed=16, dtype=torch.bfloat16, scale=4.0)
+    column = torch.randint(0, v, (n,), generator=seeded(17)).to(DEVICE, torch.int32)
+    column[::7] = -1  # ignored rows
+    config = cross_entropy._lse_config(hidden.dtype, False)
+    splits, cols_per_split = cross_entropy.split_columns(cdiv(n, config["BLOCK_N"]), v, config["BLOCK_V"], DEVICE)
+    parts = torch.full((4, splits, n), float("nan"), device=DEVICE)
+    cross_entropy._lse_kernel[(cdiv(n, config["BLOCK_N"]), splits)](
+        hidden, head, head, column, parts, n, v, d, hidden.stride(0), hidden.stride(1), head.stride(0),
+        head.stride(1), cols_per_split, 1.0, HAS_BIAS=False, HAS_SOFTCAP=False, PRECISION="ieee", **config)
+    torch.cuda.synchronize()
+    assert not parts.isnan().any()
+    logits = hidden.double() @ head.double().T
+    lse, target_logit, logit_sum = cross_entropy._lse_stats(hidden, head, None, column, None)
+    close = dict(rtol=1e-4, atol=1e-3)  # fp32 sums of exact bf16 products against fp64
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits, -1), **close)
+    torch.testing.assert_close(logit_sum.double(), logits.sum(-1), **close)
+    picked = logits.gather(1, column.long().clamp_min(0)[:, None])[:, 0]
+    torch.testing.assert_close(target_logit.double(), torch.where(column >= 0, picked, 0.0), **close)
+
+    lo, hi = v // 8, v // 8 + v // 4  # a chunk of whole tiles away from column 0
+    coef = torch.rand(n, generator=seeded(18)).to(DEVICE) + 0.5
+    dx = torch.full((n, hi - lo), float("nan"), dtype=hidden.dtype, device=DEVICE)
+    matmul_config = cross_entropy._matmul_config(hidden.dtype, False)
+    cross_entropy._matmul(hidden, head[lo:hi].T, dx, cross_entropy.EPILOGUE_LOSS_GRAD, matmul_config,
+                          loss_terms=(lse, column, coef, lo, v, 0.0, 0.0))
+    torch.cuda.synchronize()
+    assert not dx.isnan().any()
+    expected = torch.softmax(logits, -1)
+    kept = (column >= 0).nonzero()[:, 0]
+    expected[kept, column.long()[kept]] -= 1.0
+    expected = (coef[:, None].double() * expected)[:, lo:hi]
+    assert relative_error(dx, expected) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu_full
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n, d, v, options", [
     (1000, 512, 32000, {}),
@@ -257,11 +335,7 @@ def test_triton_writes_every_output():
 ])
 def test_gpu_real_sizes(backend, dtype, n, d, v, options):
     hidden, weight, targets, _ = make_inputs(n, d, v, seed=n, dtype=dtype, ignore=0.1)
-    if "vocab_range" in options:
-        lo, hi = options["vocab_range"]
-        keep = targets >= 0
-        targets[keep] = lo + targets[keep] % (hi - lo)
-    check(hidden, weight, targets, **options)
+    check(hidden, weight, in_vocab_range(targets, options), **options)
 
 
 @pytest.mark.parametrize("grads_now", [[False, False, False], [True, True, True]])

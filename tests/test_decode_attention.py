@@ -209,13 +209,47 @@ def test_float32_on_cuda_is_not_the_cuda_kernel(monkeypatch):
 
 
 # ---- GPU ----------------------------------------------------------------------------------------
+#
+# Fast tier (`pytest -m gpu`), counted for a cold Triton cache. The reference and the CUDA kernel
+# (precompiled) cost no compile, so these tests run every live backend. Triton's
+# `_decode_split_kernel` specialises on HAS_SOFTCAP, SPLIT, HEAD_DIM, USE_DOT, BLOCK_G, BLOCK_N and
+# the int classes (1 / divisible by 16 / other) of max_len, kv_heads, group, q_tiles, q_heads,
+# keys_per_split, the split count and the strides (and 16-byte pointer alignment);
+# `_decode_combine_kernel` on HEAD_DIM and the classes of q_heads, max_len, keys_per_split, splits:
+#   * test_gpu_bf16_real_sizes: Llama-3-8B at (B 8, L 2048) = 2 compiles (split + combine); MQA
+#     (group 32: tl.dot) at D 64 = 2; Gemma-2 (D 256, soft-cap) = 2; Qwen2-7B (group 7, L 2001:
+#     the odd case) = 2.
+#   * test_gpu_cuda_graph_capture, test_gpu_lengths_are_clamped: the Llama-3-8B case's shape and
+#     dtype, so its kernels: 0. test_gpu_unaligned_cache_falls_back: the same shape with a cache
+#     view 2 bytes off alignment: 1 (the split kernel).
+#   * test_gpu_cuda_writes_every_output: the CUDA kernel only: 0.
+# Total: 9 Triton compiles (~15 s); the fp32 references are milliseconds.
+# Full tier (`pytest -m gpu_full`): test_gpu_real_sizes, the shape x dtype x backend grid.
+
+LLAMA3_8B = (8, 32, 8, 128, 2048)  # (batch, q_heads, kv_heads, head_dim, max_len)
+GPU_BF16_CASES = [  # (shape, softcap)
+    (LLAMA3_8B, None),
+    ((4, 32, 1, 64, 2048), None),  # MQA: one group of 32 query heads, Triton's tl.dot path
+    ((5, 8, 4, 256, 1504), 50.0),  # Gemma-2: D 256 and its soft-cap
+    ((3, 28, 4, 128, 2001), None),  # Qwen2-7B: group 7; an odd length
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, softcap", GPU_BF16_CASES, ids=["llama3-8b", "mqa-d64", "gemma2-softcap", "qwen2-odd"])
+def test_gpu_bf16_real_sizes(backend, shape, softcap):
+    """bf16 at real sizes on every live backend, NaN past every row's length, against fp32."""
+    q, k, v, lens = make_inputs(*shape, torch.bfloat16, seed=shape[0] + shape[4])
+    k, v = poison_past_lengths(k, lens), poison_past_lengths(v, lens)
+    assert_matches(decode_attention(q, k, v, lens, softcap=softcap), q, k, v, lens, softcap=softcap)
+
 
 # Llama-3.2-1B, Llama-3-8B, Qwen2-7B (group 7), Gemma-2 (D 256), MQA (group 32: four query tiles)
 GPU_SHAPES = [(16, 32, 8, 64, 1000), (4, 32, 8, 128, 4099), (3, 28, 4, 128, 2000), (5, 8, 4, 256, 1500),
               (2, 32, 1, 128, 3000), (64, 32, 8, 128, 300), (1, 32, 8, 64, 16384)]
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu_full
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "B{}-Hq{}-Hkv{}-D{}-L{}".format(*s))
 def test_gpu_real_sizes(backend, dtype, shape):
@@ -229,10 +263,12 @@ def test_gpu_real_sizes(backend, dtype, shape):
 def test_gpu_lengths_are_clamped(backend):
     """On a GPU, lengths outside [0, max_len] are not an error (that would need a host sync):
     they read as the nearest bound, and nothing outside the cache is read."""
-    q, k, v, _ = make_inputs(4, 8, 2, 64, 300, torch.bfloat16, seed=17)
-    lens = torch.tensor([-3, 1000, 300, 2**31 - 1], dtype=torch.int32, device=DEVICE)
+    batch, _, _, _, max_len = LLAMA3_8B
+    q, k, v, _ = make_inputs(*LLAMA3_8B, torch.bfloat16, seed=17)
+    lens = torch.tensor([-3, 5000, max_len, 2**31 - 1, 0, 1, max_len + 1, 700][:batch], dtype=torch.int32,
+                        device=DEVICE)
     got = decode_attention(q, k, v, lens)
-    assert_matches(got, q, k, v, lens.clamp(0, 300))
+    assert_matches(got, q, k, v, lens.clamp(0, max_len))
 
 
 @pytest.mark.gpu
@@ -240,7 +276,8 @@ def test_gpu_cuda_graph_capture(backend):
     """One captured call replays for new queries and new lengths written into the same tensors."""
     if backend == "reference":
         pytest.skip("the reference is not graph-safe (it is the CPU fallback)")
-    q, k, v, lens = make_inputs(8, 32, 8, 128, 2048, torch.bfloat16, seed=18)
+    q, k, v, lens = make_inputs(*LLAMA3_8B, torch.bfloat16, seed=18)
+    max_len = LLAMA3_8B[4]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -252,17 +289,21 @@ def test_gpu_cuda_graph_capture(backend):
         out = decode_attention(q, k, v, lens)
     for seed in (19, 20):
         q.copy_(random(q.shape, seed, q.dtype))
-        lens.copy_(torch.randint(0, 2049, lens.shape, generator=seeded(seed)).to(DEVICE, torch.int32))
+        lens.copy_(torch.randint(0, max_len + 1, lens.shape, generator=seeded(seed)).to(DEVICE, torch.int32))
+        out.fill_(float("nan"))  # the replay must write every output element again
         graph.replay()
         torch.cuda.synchronize()
         assert_matches(out, q, k, v, lens)
+        torch.testing.assert_close(out, decode_attention(q, k, v, lens), rtol=0, atol=0)  # replay == eager
 
 
 @pytest.mark.gpu
 def test_gpu_unaligned_cache_falls_back():
     """A cache view whose rows are not 16-byte aligned is served by Triton, not rejected."""
-    q, k, v, lens = make_inputs(2, 8, 2, 64, 100, torch.float16, seed=21)
-    shifted = random((2, 100 * 2 * 64 + 1), 22, torch.float16)[:, 1:].view(2, 100, 2, 64)
+    q, k, v, lens = make_inputs(*LLAMA3_8B, torch.bfloat16, seed=21)
+    batch, _, kv_heads, head_dim, max_len = LLAMA3_8B
+    flat = random((batch, max_len * kv_heads * head_dim + 1), 22, torch.bfloat16)
+    shifted = flat[:, 1:].view(batch, max_len, kv_heads, head_dim)
     assert decode._cuda_unsupported(q, shifted, v) is not None
     assert_matches(decode_attention(q, shifted, v, lens), q, shifted, v, lens)
 
@@ -270,10 +311,12 @@ def test_gpu_unaligned_cache_falls_back():
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_gpu_cuda_writes_every_output(head_dim):
+    """The raw CUDA entry point into NaN-poisoned outputs and workspaces, one split and several."""
     if not _ext.has("decode_attention") or _ext.serves_device(DEVICE) is not None:
         pytest.skip("CUDA backend not live")
     C = _ext.lib()
     q, k, v, lens = make_inputs(3, 12, 1, head_dim, 700, torch.bfloat16, seed=23, lens=[0, 700, 333])
+    k, v = poison_past_lengths(k, lens), poison_past_lengths(v, lens)
     for splits, keys_per_split in ((1, 704), (3, 256)):
         out = torch.full_like(q, float("nan"))
         part_out = torch.full((3, 12, splits, head_dim), float("nan"), device=DEVICE)

@@ -6,10 +6,12 @@ inputs; on a GPU, CUDA-graph decoding against eager decoding.
 Tiny random fp32 models on the reference backend.
 """
 
+import copy
+
 import pytest
 import torch
 
-from conftest import seeded
+from conftest import DEVICE, seeded
 from unimm.kernels import AttentionMask
 from unimm.models import (
     ContinuousImage, Decoder, DiffusionHead, DiscreteImage, RegressionHead, Text, UnifiedModel, pack,
@@ -414,11 +416,23 @@ def test_bad_inputs_raise():
 
 
 # ---- GPU: CUDA graphs ------------------------------------------------------------------------
+#
+# Fast tier (`pytest -m gpu`), counted for a cold Triton cache (automatic dispatch; sampling is the
+# CUDA kernel, no compile):
+#   * test_cuda_graph_decode_equals_eager: tiny fp32 models (head_dim 16: Triton decode). Gemma-2:
+#     prefill attention (soft-cap), the sliding layer's one-row attention step, the decode split
+#     kernel = 3 compiles; Llama with images and guidance: prefill attention and the decode split
+#     kernel = 2 (the caches are short: one split, no combine kernel).
+#   * test_cuda_graph_decode_bf16: a Gemma-2 block at head_dim 128 in bf16 (its full layer decodes
+#     with the CUDA kernel): prefill attention and the sliding layer's one-row step = 2 compiles.
+# Total: 7 Triton compiles (~8 s).
+# Full tier (`pytest -m gpu_full`): test_cuda_graph_continuous_generation (the diffusion head's
+# captured sampler inside captured decoding).
 
 @pytest.mark.gpu
 def test_cuda_graph_decode_equals_eager(monkeypatch):
     monkeypatch.delenv("UNIMM_BACKEND")
-    device = torch.device("cuda")
+    device = DEVICE
     decoder = tiny_decoder("gemma2", device=device)
     ids = torch.randint(0, TEXT_VOCAB, (3, 9), generator=seeded(13)).to(device)
     lens = [9, 4, 6]
@@ -434,3 +448,73 @@ def test_cuda_graph_decode_equals_eager(monkeypatch):
             for graphs in (True, False)]
     for a, b in zip(*runs):
         assert torch.equal(a[0].codes, b[0].codes) and a[1].ids == b[1].ids
+
+
+def gemma2_block(device, dtype=torch.bfloat16, vocab=32000):
+    """Two Gemma-2 layers (sliding window, then full attention) at a real head size: 8 query and 4
+    kv heads of 128, a window of 32 that decoding slides past, both soft-caps. The output head is
+    untied: a random model with tied embeddings mostly repeats its input token, which any
+    decode step, right or wrong, would predict."""
+    config = dict(model_type="gemma2", vocab_size=vocab, hidden_size=1024, intermediate_size=2048,
+                  num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
+                  query_pre_attn_scalar=128, sliding_window=32, max_position_embeddings=4096,
+                  tie_word_embeddings=False)
+    torch.manual_seed(20)
+    decoder = Decoder.from_config(config)
+    with torch.no_grad():  # unit-gain projections; a wider output head spreads the logits
+        for name, param in decoder.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, (3.0 if "lm_head" in name else 1.0) / param.shape[1] ** 0.5)
+    return decoder.to(device, dtype)
+
+
+def assert_near_argmax_in_fp32(decoder, out, lens, steps, margin):
+    """Teacher-forced through an fp32 copy (reference attention): every generated token's fp32
+    logit is within ``margin`` of the best one at its position."""
+    reference = copy.deepcopy(decoder).float()
+    with torch.no_grad():
+        for b, n in enumerate(lens):
+            seq = out[b, :n + steps]
+            logits = reference.logits(reference(seq[None])[0, n - 1:n + steps - 1]).float()
+            gap = logits.max(-1).values - logits.gather(1, seq[n:, None])[:, 0]
+            assert gap.max() <= margin, f"row {b}: a generated token is {gap.max():.3g} below the fp32 best"
+
+
+GEMMA2_BF16_MARGIN = 0.5  # the best logit stands ~12 above the mean (spread ~3); bf16 moved choices by < 0.05 (CPU)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_bf16(monkeypatch):
+    """bf16 decoding at a real head size: graphed equals eager (greedy and sampled), and the greedy
+    tokens are the fp32 model's choices up to bf16 rounding."""
+    monkeypatch.delenv("UNIMM_BACKEND")
+    device = DEVICE
+    decoder = gemma2_block(device)
+    ids = torch.randint(0, 32000, (3, 48), generator=seeded(21)).to(device)
+    lens, steps = [48, 17, 33], 40
+    greedy = decoder.generate(ids, steps, prompt_lens=lens)
+    assert torch.equal(greedy, decoder.generate(ids, steps, prompt_lens=lens, cuda_graphs=False))
+    sampled = [decoder.generate(ids, steps, prompt_lens=lens, temperature=0.8, top_k=50, top_p=0.9,
+                                generator=torch.Generator(device).manual_seed(22), cuda_graphs=graphs)
+               for graphs in (True, False)]
+    assert torch.equal(*sampled)
+    monkeypatch.setenv("UNIMM_BACKEND", "reference")
+    assert_near_argmax_in_fp32(decoder, greedy, lens, steps, margin=GEMMA2_BF16_MARGIN)
+
+
+@pytest.mark.gpu_full
+def test_cuda_graph_continuous_generation(monkeypatch):
+    """UniFluid-style continuous tokens (random order, guidance) on a GPU: the diffusion head samples
+    through its own captured loop inside captured decode steps; equal to eager decoding."""
+    monkeypatch.delenv("UNIMM_BACKEND")
+    device = DEVICE
+    model = continuous_model(DiffusionHead(4, HIDDEN, 16, 1)).to(device)
+    prompts = [[Text([1, 2, 3], loss=False, bidirectional=True)], [Text([4, 5])]]
+    spec = ImageSpec("continuous", shape=(2, 3), format=UNIFLUID_FORMAT, random_order=True, cfg_scale=2.5,
+                     diffusion_steps=8, diffusion_temperature=0.9, clip_denoised=3.0)
+    runs = [model.generate(prompts, max_new_tokens=2, image=spec, start_image=True,
+                           generator=torch.Generator(device).manual_seed(23), cuda_graphs=graphs)
+            for graphs in (True, False)]
+    for a, b in zip(*runs):
+        assert torch.equal(a[0].features, b[0].features) and torch.equal(a[0].order, b[0].order)
+        assert a[1].ids == b[1].ids

@@ -11,7 +11,8 @@ from unimm.kernels.reference import sampling as reference
 
 
 def random(shape, seed, dtype=torch.float32, scale=1.0, device=DEVICE):
-    return (torch.randn(shape, generator=device_generator(seed)) * scale).to(device, dtype)
+    # drawn on DEVICE with a generator of DEVICE (torch refuses a CUDA generator for CPU draws)
+    return (torch.randn(shape, generator=device_generator(seed), device=DEVICE) * scale).to(device, dtype)
 
 
 def device_generator(seed):
@@ -205,7 +206,7 @@ def test_nan_raises_on_cpu():
     logits[2, 7] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         sample_tokens(logits)
-    assert sample_tokens(logits, vocab_range=(8, 20), generator=device_generator(32)).shape == (4,)  # outside the block
+    assert sample_tokens(logits, vocab_range=(8, 20), generator=seeded(32)).shape == (4,)  # outside the block
     guided = reference.guided_logits(logits)  # the GPU rule: NaN counts as -inf
     assert guided[2, 7] == float("-inf")
 
@@ -235,6 +236,12 @@ def test_build_constants_match_the_reference():
 
 
 # ---- GPU ----------------------------------------------------------------------------------------
+#
+# Fast tier (`pytest -m gpu`): sampling has no Triton kernel, so nothing compiles; the CUDA kernel is
+# precompiled and the fp32 reference is a few sorts and scans. The tier runs bf16 logits through
+# every rule combination (test_gpu_matches_reference[bf16]), the agreement rate and greedy ids,
+# non-finite rows, the raw entry point into poisoned outputs and CUDA-graph capture: ~5 s.
+# Full tier (`pytest -m gpu_full`): the same checks with fp32 and fp16 logits.
 
 def _cuda_live():
     if not _ext.has("sample_tokens") or _ext.serves_device(DEVICE) is not None:
@@ -252,10 +259,13 @@ GPU_CASES = [  # temperature, top_k, top_p, vocab_range, cfg_scale
     (0.7, 4096, 0.95, None, 3.0), (1.3, 1000, 0.5, (128_256, 160_000), None), (1.0, None, 0.99, (3, 150_001), 1.5),
     (1.0, 1, None, None, 7.5), (0.9, 20, 0.8, (77, 32_845), 2.0), (2.0, None, 0.3, None, None),
 ]
+# bf16 logits in the fast tier, the other dtypes in the full one
+TIERED_DTYPES = [pytest.param(torch.bfloat16, marks=pytest.mark.gpu, id="bf16"),
+                 pytest.param(torch.float32, marks=pytest.mark.gpu_full, id="fp32"),
+                 pytest.param(torch.float16, marks=pytest.mark.gpu_full, id="fp16")]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", TIERED_DTYPES)
 @pytest.mark.parametrize("temperature, top_k, top_p, vocab_range, cfg_scale", GPU_CASES)
 def test_gpu_matches_reference(monkeypatch, dtype, temperature, top_k, top_p, vocab_range, cfg_scale):
     _cuda_live()
@@ -274,8 +284,7 @@ def test_gpu_matches_reference(monkeypatch, dtype, temperature, top_k, top_p, vo
         assert (got != want).sum() <= 1  # a mismatch needs a uniform within float rounding of a CDF edge
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [TIERED_DTYPES[0], TIERED_DTYPES[1]])
 def test_gpu_agreement_rate_and_greedy(monkeypatch, dtype):
     _cuda_live()
     logits = random((512, 32_768), 40, dtype, scale=2.0)
@@ -296,32 +305,41 @@ def test_gpu_agreement_rate_and_greedy(monkeypatch, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_non_finite_rows_stay_in_range(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_non_finite_rows_stay_in_range(monkeypatch, dtype):
     _cuda_live()
-    logits = random((6, 5000), 42)
+    logits = random((6, 5000), 42, dtype)
     logits[0] = float("nan")
     logits[1] = float("-inf")
     logits[2, 100:200] = float("nan")
     logits[3, 17] = float("inf")
     monkeypatch.setenv("UNIMM_BACKEND", "cuda")
-    for options in [dict(), dict(top_k=10, top_p=0.5), dict(temperature=0)]:
+    for options in [dict(), dict(top_k=10, top_p=0.5), dict(temperature=0), dict(cfg_scale=2.0)]:
         tokens = sample_tokens(logits, vocab_range=(10, 4000), generator=device_generator(43), **options)
         assert ((tokens >= 10) & (tokens < 4000)).all()
-        assert not ((tokens[2] >= 100) & (tokens[2] < 200))
-        assert tokens[3] == 17
+        assert not ((tokens[2] >= 100) & (tokens[2] < 200))  # NaN (guided or not) is never sampled
+        if "cfg_scale" not in options:
+            assert tokens[3] == 17
 
 
 @pytest.mark.gpu
-def test_gpu_writes_every_row_and_rejects_bad_launch():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_writes_every_row_and_rejects_bad_launch(dtype):
+    """The raw entry point into a poisoned token buffer: every row, sampled and greedy, with and
+    without guidance, gets an id in its block."""
     _cuda_live()
     C = _ext.lib()
-    logits = random((300, 1000), 44)
+    logits = random((300, 1000), 44, dtype)
     uniforms = torch.rand(300, generator=device_generator(45), device=DEVICE)
-    tokens = torch.full((300,), -1, dtype=torch.int64, device=DEVICE)
-    C.sample_tokens(logits.data_ptr(), 1000, 300, 0, 1000, False, 0.0, False, 1.0, 50, 0.9, uniforms.data_ptr(),
-                    tokens.data_ptr(), 0, DEVICE.index or 0, torch.cuda.current_stream().cuda_stream)
-    torch.cuda.synchronize()
-    assert ((tokens >= 0) & (tokens < 1000)).all()
+    stream = torch.cuda.current_stream().cuda_stream
+    for rows_out, cfg, greedy in [(300, False, False), (300, False, True), (150, True, False)]:
+        tokens = torch.full((rows_out,), -1, dtype=torch.int64, device=DEVICE)
+        C.sample_tokens(logits.data_ptr(), 1000, rows_out, 5, 990, cfg, 2.0 if cfg else 0.0, greedy, 1.0, 50, 0.9,
+                        uniforms.data_ptr(), tokens.data_ptr(), _ext.DTYPE_CODES[dtype], DEVICE.index or 0, stream)
+        torch.cuda.synchronize()
+        assert ((tokens >= 5) & (tokens < 995)).all()
+        if greedy:
+            assert torch.equal(tokens, 5 + logits[:, 5:995].float().argmax(-1))
     with pytest.raises(ValueError, match="top_p must be in"):
         C.sample_tokens(logits.data_ptr(), 1000, 300, 0, 1000, False, 0.0, False, 1.0, 50, 1.5, uniforms.data_ptr(),
                         tokens.data_ptr(), 0, 0, 0)
@@ -343,6 +361,8 @@ def test_gpu_cuda_graph_capture(monkeypatch):
     for seed in range(3):
         logits.copy_(random((16, 100_000), 47 + seed, torch.bfloat16, scale=3.0))
         uniforms.copy_(torch.rand(8, generator=device_generator(seed), device=DEVICE))
+        static_tokens.fill_(-1)
+        drawn.fill_(-1)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_tokens, _op(logits, uniforms, *args))

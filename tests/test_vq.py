@@ -207,8 +207,54 @@ def test_compile_sees_one_op():
 
 
 # ---- GPU ----------------------------------------------------------------------------------------
+#
+# Fast tier (`pytest -m gpu`), counted for a cold Triton cache. Triton specialises on constexprs
+# (COSINE, PRECISION, tiles) and on every int argument that is 1 or divisible by 16 (and on
+# 16-byte pointer alignment), so the cases share their sizes' classes:
+#   * test_gpu_bf16_real_sizes: `_vq_argmin_kernel` bf16 at d = 256, n, k, codes_per_split all
+#     divisible by 16: l2 and cosine (COSINE) = 2 compiles; the odd case (n 999, k 777, d 100:
+#     nothing divisible by 16, another tile config) = 1 compile. The d <= 32 cases run the CUDA
+#     kernel (precompiled): 0.
+#   * test_gpu_cuda_writes_every_output, test_gpu_cuda_rejects_bad_launch,
+#     test_gpu_extension_serves_this_device: CUDA / host only, 0.
+# Total: 3 Triton compiles (~5 s) plus ~5 s of fp64 reference work.
+# Full tier (`pytest -m gpu_full`): test_gpu_real_sizes, the dtype x shape x metric x backend grid.
+
+GPU_BF16_CASES = [  # (n, k, d, metric), automatic dispatch
+    (4096, 16384, 8, "l2"),  # LlamaGen's codebook: the CUDA kernel (d <= 32)
+    (4096, 16384, 8, "cosine"),  # LlamaGen normalises: the CUDA kernel on fp32 unit vectors
+    (8192, 32768, 4, "l2"),  # Emu3's codebook: the CUDA kernel
+    (1024, 8192, 256, "l2"),  # a wide code dim: Triton
+    (1024, 8192, 256, "cosine"),
+    (999, 777, 100, "l2"),  # Triton, nothing divisible by 16 (rows, codes, dim, strides)
+]
+
+
+def served_by(monkeypatch) -> list[str]:
+    """Records which accelerated backend each vq_quantize call ran (none: the reference)."""
+    calls = []
+    for name, backend in (("_quantize_cuda", "cuda"), ("_quantize_triton", "triton")):
+        def spy(*args, _run=getattr(vq, name), _backend=backend):
+            calls.append(_backend)
+            return _run(*args)
+        monkeypatch.setattr(vq, name, spy)
+    return calls
+
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n, k, d, metric", GPU_BF16_CASES)
+def test_gpu_bf16_real_sizes(monkeypatch, n, k, d, metric):
+    """The backend a user gets, at real codebook sizes in bf16, against the fp64 reference."""
+    z = random((n, d), n + d, torch.bfloat16)
+    codebook = random((k, d), k + d, torch.bfloat16)
+    calls = served_by(monkeypatch)
+    got = vq_quantize(z, codebook, metric=metric)
+    want = "cuda" if d <= 32 and "cuda" in available_backends() else "triton"
+    assert calls == [want], f"served by {calls or 'the reference'}, expected {want}"
+    assert_nearest(z, codebook, got, metric, min_exact=0.98)
+
+
+@pytest.mark.gpu_full
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n, k, d", [(4099, 16384, 8), (8100, 32768, 4), (1000, 8192, 256), (257, 262144, 256),
@@ -219,23 +265,32 @@ def test_gpu_real_sizes(backend, metric, dtype, n, k, d):
     assert_nearest(z, codebook, vq_quantize(z, codebook, metric=metric), metric, min_exact=0.98)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("d", [1, 4, 5, 8, 16, 31, 32])
-def test_gpu_cuda_writes_every_output(d):
+def cuda_live():
     if not _ext.has("vq_argmin_small_d") or _ext.serves_device(DEVICE) is not None:
         pytest.skip("CUDA backend not live")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [1, 4, 5, 8, 16, 31, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_cuda_writes_every_output(d, dtype):
+    """The raw CUDA entry point into NaN / -1 poisoned per-split buffers: every slot is written."""
+    cuda_live()
     C = _ext.lib()
     n, k = 3001, 5003
-    z, codebook = random((n, d), 40), random((k, d), 41)
+    z, codebook = random((n, d), 40, dtype), random((k, d), 41, dtype)
     splits, codes_per_split = split_columns(cdiv(n, C.vq_small_d_rows_per_block(d)), k,
                                               C.VQ_SMALL_TILE_CODES, DEVICE)
+    assert splits > 1
     part_dist = torch.full((splits, n), float("nan"), device=DEVICE)
     part_idx = torch.full((splits, n), -1, dtype=torch.int64, device=DEVICE)
     C.vq_argmin_small_d(z.data_ptr(), z.stride(0), codebook.data_ptr(), codebook.stride(0), n, k, d, codes_per_split,
-                        splits, part_dist.data_ptr(), part_idx.data_ptr(), 0, DEVICE.index or 0,
+                        splits, part_dist.data_ptr(), part_idx.data_ptr(), _ext.DTYPE_CODES[dtype], DEVICE.index or 0,
                         torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
     assert not part_dist.isnan().any() and (part_idx >= 0).all()
+    for s in range(splits):  # each split's winner lies in its own code range
+        assert (part_idx[s] >= s * codes_per_split).all() and (part_idx[s] < (s + 1) * codes_per_split).all()
     assert_nearest(z, codebook, vq._combine_splits(part_dist, part_idx), "l2")
 
 
@@ -245,6 +300,22 @@ def test_gpu_cuda_rejects_bad_launch():
         pytest.skip("unimm._C not built")
     with pytest.raises(ValueError, match="d must be in"):
         _ext.lib().vq_argmin_small_d(0, 64, 0, 64, 10, 10, 64, 256, 1, 0, 0, 0, 0, 0)
+
+
+@pytest.mark.gpu
+def test_gpu_extension_serves_this_device():
+    """unimm._C's host functions on a device: it sees the GPUs torch sees, the driver can run its
+    statically linked runtime, and it holds code for this chip (else every CUDA test would skip)."""
+    if not _ext.available():
+        pytest.skip(f"unimm._C not built ({_ext.load_error})")
+    C = _ext.lib()
+    assert C.device_count() == torch.cuda.device_count()
+    info = _ext.build_info()
+    assert C.driver_version() // 1000 >= info["cudart_version"] // 1000, (
+        f"the driver (CUDA {C.driver_version()}) is older than unimm._C's runtime ({info['cudart_version']})")
+    major, _ = torch.cuda.get_device_capability(DEVICE)
+    if major in (8, 9):  # the default build's sm_80 / sm_90a / compute_80 code serves these chips
+        assert _ext.serves_device(DEVICE) is None, _ext.serves_device(DEVICE)
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
