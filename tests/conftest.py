@@ -78,19 +78,40 @@ def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def run_bench_smoke(script: str, family: str, tmp_path):
-    """Runs ``benchmarks/<script> --smoke --out tmp_path`` as a user would, on this checkout, with
-    automatic dispatch and no Triton interpreter; returns (its one JSON payload, its stdout)."""
-    import json
+def clean_env() -> dict:
+    """This environment as a user's shell has it: automatic dispatch and no Triton interpreter
+    (this session set TRITON_INTERPRET for its own kernels), unimm importable from this checkout."""
     import pathlib
-    import subprocess
-    import sys
 
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "UNIMM_BACKEND")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--smoke", "--out", str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-4000:]
-    [path] = tmp_path.glob(f"{family}-*.json")
-    return json.loads(path.read_text()), run.stdout
+    return env
+
+
+@pytest.fixture(scope="session")
+def device_check_smoke(tmp_path_factory):
+    """``benchmarks/gpu_check.sh --smoke OUTDIR``, run once per session (its bench stage is
+    ``unimm bench --smoke``, every family on tiny CPU shapes); returns OUTDIR."""
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("device-check")
+    run = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), "--smoke", str(out)], env=clean_env(),
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    return out
+
+
+@pytest.fixture
+def bench_smoke(device_check_smoke):
+    """family -> (its JSON payload, its log) from the device check's ``unimm bench --smoke``."""
+    import json
+
+    def read(family: str):
+        bench = device_check_smoke / "bench"
+        [path] = bench.glob(f"{family}-*.json")
+        [log] = (bench / "logs").glob(f"{family}-*.log")
+        return json.loads(path.read_text()), log.read_text()
+    return read

@@ -1,17 +1,16 @@
-"""benchmarks/bench_attention.py --smoke runs end to end on the CPU and writes what later runs compare."""
-
-from conftest import run_bench_smoke
+"""unimm.bench.attention runs end to end on the CPU (in the device check's `unimm bench --smoke`) and
+writes what later runs compare."""
 
 LAYOUTS = ("causal", "prefix-lm", "packed-images", "packed-causal")
 
 
 def expected_impls(layout):
     sdpa = ("sdpa[flash]", "sdpa[cudnn]") if layout == "causal" else ("sdpa[dense mask]",)
-    return ("unimm",) + sdpa + ("flex_attention",)
+    return ("unimm",) + sdpa + ("flex_attention", "flash-attn-4")
 
 
-def test_bench_attention_smoke(tmp_path):
-    payload, stdout = run_bench_smoke("bench_attention.py", "attention", tmp_path)
+def test_bench_attention_smoke(bench_smoke):
+    payload, stdout = bench_smoke("attention")
     assert {"family", "target", "target_met", "target_parts", "environment", "peaks", "shapes", "layouts",
             "timing", "results"} <= payload.keys()
     assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()
@@ -31,7 +30,7 @@ def test_bench_attention_smoke(tmp_path):
         assert r["visible_pairs"] > 0
         if not r["available"]:
             assert r["reason"]
-            assert r["impl"] in ("sdpa[cudnn]", "flex_attention")  # CUDA only, or not in this torch
+            assert r["impl"] in ("sdpa[cudnn]", "flex_attention", "flash-attn-4")  # CUDA only, or not installed
             continue
         assert "extra_peak_bytes" not in r  # no memory numbers on the CPU
         assert r["forward"]["median_ms"] > 0 and r["forward"]["tflops"] > 0

@@ -1,12 +1,11 @@
-"""benchmarks/bench_cross_entropy.py --smoke runs end to end on the CPU and writes what later runs compare."""
+"""unimm.bench.cross_entropy runs end to end on the CPU (in the device check's `unimm bench --smoke`) and
+writes what later runs compare."""
 
-from conftest import run_bench_smoke
-
-ANCHORS = ("cut-cross-entropy", "liger", "torch.compile", "torch materialised")
+ANCHORS = ("cut-cross-entropy", "liger", "quack", "torch.compile", "torch materialised")
 
 
-def test_bench_cross_entropy_smoke(tmp_path):
-    payload, stdout = run_bench_smoke("bench_cross_entropy.py", "cross_entropy", tmp_path)
+def test_bench_cross_entropy_smoke(bench_smoke):
+    payload, stdout = bench_smoke("cross_entropy")
     assert {"family", "target", "target_met", "target_parts", "environment", "peaks", "shapes", "results"} <= payload.keys()
     assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()
     assert payload["family"] == "cross_entropy" and payload["smoke"] and payload["dtype"] == "fp32"
@@ -20,7 +19,7 @@ def test_bench_cross_entropy_smoke(tmp_path):
     for result in payload["results"]:
         if not result["available"]:
             assert result["reason"]
-            assert result["impl"] in ("cut-cross-entropy", "liger")  # GPU-only, or not installed here
+            assert result["impl"] in ("cut-cross-entropy", "liger", "quack")  # GPU-only, or not installed here
             continue
         assert result["median_ms"] > 0 and result["tflops"] > 0
         assert "extra_peak_bytes" not in result  # no memory numbers on the CPU

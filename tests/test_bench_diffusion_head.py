@@ -1,12 +1,11 @@
-"""benchmarks/bench_diffusion_head.py --smoke runs end to end on the CPU and writes what later runs compare."""
-
-from conftest import run_bench_smoke
+"""unimm.bench.diffusion_head runs end to end on the CPU (in the device check's `unimm bench --smoke`) and
+writes what later runs compare."""
 
 IMPLS = ("unimm", "eager reference", "torch.compile")
 
 
-def test_bench_diffusion_head_smoke(tmp_path):
-    payload, stdout = run_bench_smoke("bench_diffusion_head.py", "diffusion_head", tmp_path)
+def test_bench_diffusion_head_smoke(bench_smoke):
+    payload, stdout = bench_smoke("diffusion_head")
     assert {"family", "target", "target_met", "target_parts", "environment", "peaks", "shapes", "rows",
             "num_steps", "cfg_scale", "timing", "results"} <= payload.keys()
     assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()

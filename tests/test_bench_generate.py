@@ -1,12 +1,11 @@
-"""benchmarks/bench_generate.py --smoke runs end to end on the CPU and writes what later runs compare."""
+"""unimm.bench.generate runs end to end on the CPU (in the device check's `unimm bench --smoke`) and
+writes what later runs compare."""
 
-from conftest import run_bench_smoke
-
-IMPLS = ("unimm", "unimm[triton]", "unimm[cuda]", "sdpa")
+IMPLS = ("unimm", "unimm[triton]", "unimm[cuda]", "sdpa", "flashinfer")
 
 
-def test_bench_generate_smoke(tmp_path):
-    payload, stdout = run_bench_smoke("bench_generate.py", "generate", tmp_path)
+def test_bench_generate_smoke(bench_smoke):
+    payload, stdout = bench_smoke("generate")
     assert {"family", "target", "target_met", "parts", "environment", "peaks", "shapes", "timing", "results"} \
         <= payload.keys()
     assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()
@@ -26,6 +25,9 @@ def test_bench_generate_smoke(tmp_path):
         assert r["part"] == "decode_attention" and r["kv_bytes"] > 0
         if r["impl"] in ("unimm[triton]", "unimm[cuda]"):  # no GPU, no interpreter in a bench run
             assert not r["available"] and "BackendUnavailable" in r["reason"]
+            continue
+        if r["impl"] == "flashinfer":  # not installed, or no GPU
+            assert not r["available"] and "flashinfer" in r["reason"]
             continue
         assert r["available"], r
         assert r["median_ms"] > 0 and r["gbps"] > 0 and r["within_tolerance"], r

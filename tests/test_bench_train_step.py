@@ -1,13 +1,12 @@
-"""benchmarks/bench_train_step.py --smoke runs end to end on the CPU and writes what later runs compare."""
-
-from conftest import run_bench_smoke
+"""unimm.bench.train_step runs end to end on the CPU (in the device check's `unimm bench --smoke`) and
+writes what later runs compare."""
 
 IMPLS = ("unimm", "transformers+unimm", "transformers", "transformers+liger")
 LAYOUTS = ("bidirectional-images", "causal-images")
 
 
-def test_bench_train_step_smoke(tmp_path):
-    payload, stdout = run_bench_smoke("bench_train_step.py", "train_step", tmp_path)
+def test_bench_train_step_smoke(bench_smoke):
+    payload, stdout = bench_smoke("train_step")
     assert {"family", "target", "target_met", "target_parts", "environment", "peaks", "shapes", "layouts",
             "results"} <= payload.keys()
     assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()

@@ -1,10 +1,9 @@
-"""benchmarks/bench_vq.py --smoke runs end to end on the CPU and writes what later runs compare."""
+"""unimm.bench.vq runs end to end on the CPU (in the device check's `unimm bench --smoke`) and
+writes what later runs compare."""
 
-from conftest import run_bench_smoke
 
-
-def test_bench_vq_smoke(tmp_path):
-    payload, stdout = run_bench_smoke("bench_vq.py", "vq", tmp_path)
+def test_bench_vq_smoke(bench_smoke):
+    payload, stdout = bench_smoke("vq")
     assert {"family", "target", "environment", "peaks", "shapes", "results"} <= payload.keys()
     assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()
     assert payload["family"] == "vq" and payload["smoke"]

@@ -1,4 +1,4 @@
-"""benchmarks/render_performance.py: synthetic result files -> docs page with one table per family, plot."""
+"""unimm.bench.render: synthetic result files -> docs page with one table per family, plot."""
 
 import json
 import pathlib
@@ -7,8 +7,7 @@ import sys
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-import render_performance as render  # noqa: E402
+from unimm.bench import render
 
 
 def environment(date: str, device: str = "NVIDIA H100 80GB HBM3") -> dict:
@@ -97,7 +96,7 @@ def test_no_results_says_so_and_how_to_measure(tmp_path):
     render.main(["--results", str(tmp_path / "empty"), "--out", str(out), "--plot", str(plot)])
     page = out.read_text()
     assert "No kernel has been measured on a GPU yet" in page
-    assert "python benchmarks/bench_vq.py" in page and "python benchmarks/render_performance.py" in page
+    assert "unimm bench --quick" in page
     assert not plot.exists()
 
 
@@ -116,4 +115,22 @@ def test_committed_page_is_current():
     expected = render.render_page(latest, notes, plot if latest else None, root / "docs" / "PERFORMANCE.md",
                                   root / "benchmarks" / "results")
     assert (root / "docs" / "PERFORMANCE.md").read_text() == expected, \
-        "docs/PERFORMANCE.md is stale: run python benchmarks/render_performance.py"
+        "docs/PERFORMANCE.md is stale: run python -m unimm.bench.render"
+
+
+def test_summary_of_a_run_leads_the_page(tmp_path):
+    """unimm bench's summary file is shown first, as its table, and is not a family of its own."""
+    write(tmp_path, "vq.json", vq_payload("2026-03-01T00:00:00+00:00", unimm_ms=2.0))
+    rows = [dict(family="vq", case="emu3", unimm_ms=2.0, best_anchor="einsum+argmin", anchor_ms=10.0, speedup=5.0,
+                 pct_peak=4.7, peak="matmul", agrees=True),
+            dict(family="attention", case="-", note="FAILED: RuntimeError: boom | x")]
+    write(tmp_path, "summary.json", dict(family="summary", mode="quick", smoke=False,
+                                         environment=environment("2026-03-01T00:00:00+00:00"), rows=rows))
+    out = tmp_path / "PERFORMANCE.md"
+    render.main(["--results", str(tmp_path), "--out", str(out)])
+    page = out.read_text()
+    assert "## Summary of the latest `unimm bench --quick`" in page and "## summary" not in page
+    assert page.index("## Summary") < page.index("## vq")
+    assert "| vq | emu3 | 2 | einsum+argmin | 10 | 5.00x | 4.7% matmul | yes |  |" in page
+    assert "| attention | - | - | - | - | - | - | - | FAILED: RuntimeError: boom / x |" in page
+    assert "not a benchmark result" not in page

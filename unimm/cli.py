@@ -70,7 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     demo.add_argument("--out", default="unimm-demo", help="output directory (default ./unimm-demo)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data, the model and sampling (default 0)")
+    bench = commands.add_parser("bench", help="time unimm against the anchors, family by family; one summary table",
+                                description="Runs the benchmark families (unimm.bench.<family>), each in its own "
+                                            "process, against the strongest installed anchors; writes each family's "
+                                            "JSON, a summary JSON and the performance page, then prints one summary "
+                                            "table. A family's own options: python -m unimm.bench.<family> --help.")
+    from unimm.bench import suite
+
+    suite.add_arguments(bench)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return suite.main(args, bench)
     if args.command == "info":
         print("\n".join(info_lines()))
     elif args.command == "demo":

@@ -10,8 +10,8 @@ that cannot serve a shape (the CUDA kernel takes code_dim <= 32 only) shows as n
 
 Target (issue): >= 5x faster than einsum+argmin at every shape on H100.
 
-    python benchmarks/bench_vq.py [--dtype fp32] [--shapes llamagen,emu3] [--out DIR]
-    python benchmarks/bench_vq.py --smoke --out DIR   # tiny shapes on the CPU: checks the script
+    python -m unimm.bench.vq [--dtype fp32] [--shapes llamagen,emu3] [--quick] [--out DIR]
+    python -m unimm.bench.vq --smoke --out DIR   # tiny shapes on the CPU: checks the family
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from _common import markdown_table, parse_run, peak_memory, print_outcome, start_run, verdict, write_results
+from unimm.bench._common import markdown_table, parse_run, peak_memory, print_outcome, save, start_run, verdict
 from unimm.kernels import BackendUnavailable, vq_quantize
 from unimm.kernels.reference.vq import pair_distances
 
@@ -37,6 +37,7 @@ SHAPES = {
     "chameleon": (16, 1024, 8192, 256, "l2"),
     "ibq": (16, 256, 262144, 256, "l2"),
 }
+QUICK_SHAPES = ("llamagen",)  # --quick: LlamaGen's tokenizer, the most used of these
 # --smoke: small enough for a CPU; d=4 is in the CUDA kernel's range, d=40 is not
 SMOKE_SHAPES = {
     "tiny-d4": (1, 64, 100, 4, "cosine"),
@@ -177,12 +178,12 @@ def table_row(result, shapes):
     return row
 
 
-def main():
-    args = parse_run(__doc__, "bench_vq.py", SHAPES, SMOKE_SHAPES, default_dtype="fp32",
-                     dtype_help=": tokenizers run in fp32")
+def main(argv: list[str] | None = None) -> int:
+    args = parse_run(__doc__, "vq", SHAPES, SMOKE_SHAPES, default_dtype="fp32", quick_shapes=QUICK_SHAPES,
+                     dtype_help=": tokenizers run in fp32", argv=argv)
     shapes, names, dtype_name, dtype = args.shape_table, args.names, args.dtype_name, args.dtype
     device, timer = args.device, args.timer
-    env, peaks = start_run(device, dtype_name, args.smoke)
+    env, peaks = start_run(args)
 
     results = []
     for name in names:
@@ -203,7 +204,7 @@ def main():
         shapes={name: dict(zip(("batch", "tokens", "num_codes", "code_dim", "metric"), shapes[name])) for name in names},
         results=results,
     )
-    path = write_results("vq", payload, args.out)
+    path = save(payload, args)
 
     print_outcome(path, TARGET, args.smoke, env,
                   f"unimm is {min(unimm_speedups):.2f}x einsum+argmin at its slowest shape, "
@@ -214,7 +215,8 @@ def main():
     print("speedup vs X = X's median time / this row's median time\n")
     rows = [table_row(result, shapes) for result in results]
     print(markdown_table(rows, list(rows[0])))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,7 +1,9 @@
-"""Shared pieces of every ``benchmarks/bench_<family>.py``: timers, peak memory, the device's
-measured peaks, the environment record, the results file and the markdown table.
+"""Shared pieces of every benchmark family (``unimm.bench.<family>``): timers, peak memory, the
+device's measured peaks, the environment record, the results file, the markdown table and the
+command line every family takes.
 
-Scripts run as ``python benchmarks/bench_<family>.py``, so they import this module as ``_common``.
+A family runs as ``unimm bench --families <family>`` (with the others: ``unimm bench``) or as
+``python -m unimm.bench.<family>`` (with all its own options).
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ import torch
 
 import unimm
 
-BENCHMARKS_DIR = pathlib.Path(__file__).resolve().parent
-RESULTS_DIR = BENCHMARKS_DIR / "results"
+# In a checkout (an editable install) the package sits beside benchmarks/ and docs/: results go
+# to benchmarks/results, where they are committed, and docs/PERFORMANCE.md is rendered from them.
+# Installed from a wheel there is no such folder: results go to ./unimm-bench.
+PACKAGE_ROOT = pathlib.Path(unimm.__file__).resolve().parent.parent
+CHECKOUT_RESULTS_DIR = PACKAGE_ROOT / "benchmarks" / "results"
+IN_CHECKOUT = CHECKOUT_RESULTS_DIR.is_dir()
+RESULTS_DIR = CHECKOUT_RESULTS_DIR if IN_CHECKOUT else pathlib.Path("unimm-bench")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +127,7 @@ def measure_device_peaks() -> dict:
 
 def _git_sha() -> str:
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=BENCHMARKS_DIR.parent,
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE_ROOT,
                                 capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -152,14 +159,21 @@ def environment(device: torch.device | str = "cuda") -> dict:
     )
 
 
-def write_results(family: str, payload: dict, out_dir: pathlib.Path | str | None = None) -> pathlib.Path:
-    """Writes ``payload`` (which holds ``environment``) to ``<out_dir>/<family>-<device>-<date>.json``;
-    a later run on the same device and day replaces the file."""
-    out_dir = pathlib.Path(out_dir) if out_dir is not None else RESULTS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env = payload["environment"]
+def result_name(stem: str, env: dict, suffix: str = ".json") -> str:
+    """``<stem>-<device>-<date><suffix>``: a later run on the same device and day replaces the file."""
     device_slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-    path = out_dir / f"{family}-{device_slug}-{env['date'][:10]}.json"
+    return f"{stem}-{device_slug}-{env['date'][:10]}{suffix}"
+
+
+def write_results(family: str, payload: dict, out_dir: pathlib.Path | str | None = None, *,
+                  path: pathlib.Path | str | None = None) -> pathlib.Path:
+    """Writes ``payload`` (which holds ``environment``) to ``path``, by default
+    ``<out_dir>/<family>-<device>-<date>.json``."""
+    if path is None:
+        out_dir = pathlib.Path(out_dir) if out_dir is not None else RESULTS_DIR
+        path = out_dir / result_name(family, payload["environment"])
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"family": family, **payload}, indent=2) + "\n")
     return path
 
@@ -178,31 +192,48 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def parse_run(doc: str, script: str, shapes: dict, smoke_shapes: dict, *, default_dtype: str,
-              smoke_dtype: str | None = None, dtype_help: str = "", add_arguments=None):
-    """The command line every bench script shares: ``--dtype``, ``--shapes``, ``--out``, ``--smoke``;
-    ``add_arguments(parser)`` adds a script's own options.
+def parse_run(doc: str, family: str, shapes: dict, smoke_shapes: dict, *, default_dtype: str,
+              quick_shapes: tuple[str, ...] = (), smoke_dtype: str | None = None, dtype_help: str = "",
+              add_arguments=None, argv: list[str] | None = None):
+    """The command line every family shares: ``--dtype``, ``--shapes``, ``--out``, ``--json``,
+    ``--quick``, ``--smoke``, ``--peaks``; ``add_arguments(parser)`` adds a family's own options.
 
     Returns the parsed arguments plus what follows from them: ``shape_table`` (full or smoke),
-    ``names`` (the shapes to run), ``dtype_name`` / ``dtype``, ``device`` and ``timer``.
+    ``names`` (the shapes to run: ``--shapes``, else ``quick_shapes`` with ``--quick``, else all),
+    ``dtype_name`` / ``dtype``, ``device`` and ``timer``.
     """
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m unimm.bench.{family}", description=doc.splitlines()[0])
     parser.add_argument("--dtype", choices=DTYPES, help=f"input dtype (default {default_dtype}{dtype_help})")
     parser.add_argument("--shapes", help=f"comma-separated subset of {','.join(shapes)} "
                                          f"(with --smoke: of {','.join(smoke_shapes)}); default all")
-    parser.add_argument("--out", help="directory for the JSON results (default benchmarks/results; required with --smoke)")
+    parser.add_argument("--out", help=f"directory for the JSON results (default {RESULTS_DIR}; required with --smoke)")
+    parser.add_argument("--json", type=pathlib.Path,
+                        help="write the results to this file instead of OUT/<family>-<device>-<date>.json")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the headline shape ({','.join(quick_shapes) or 'all'}) against the strongest anchors "
+                             "only, anchors that compile for minutes left out: what `unimm bench --quick` runs "
+                             "(with --smoke: that choice of anchors on the tiny shapes)")
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes on the CPU with a wall clock: checks that the script runs, measures nothing")
+                        help="tiny shapes on the CPU with a wall clock: checks that the family runs, measures nothing")
+    parser.add_argument("--peaks", type=pathlib.Path,
+                        help="JSON file with this device's measured bf16_matmul_tflops and copy_gbps, used instead "
+                             "of measuring them again (`unimm bench` measures them once for all families)")
     if add_arguments is not None:
         add_arguments(parser)
-    args = parser.parse_args()
-    if args.smoke and args.out is None:
+    args = parser.parse_args(argv)
+    if args.smoke and args.out is None and args.json is None:
         parser.error("--smoke needs --out DIR: smoke numbers do not belong in benchmarks/results")
     if not args.smoke and not torch.cuda.is_available():
-        sys.exit(f"{script} times CUDA kernels and no CUDA device is visible; "
-                 f"run `python benchmarks/{script} --smoke --out DIR` to check the script on the CPU")
+        sys.exit(f"unimm.bench.{family} times CUDA kernels and no CUDA device is visible; run "
+                 f"`python -m unimm.bench.{family} --smoke --out DIR` to check it on the CPU")
+    args.family = family
     args.shape_table = smoke_shapes if args.smoke else shapes
-    args.names = args.shapes.split(",") if args.shapes else list(args.shape_table)
+    if args.shapes:
+        args.names = args.shapes.split(",")
+    elif args.quick and quick_shapes and not args.smoke:
+        args.names = list(quick_shapes)
+    else:
+        args.names = list(args.shape_table)
     unknown = [name for name in args.names if name not in args.shape_table]
     if unknown:
         parser.error(f"unknown shapes {unknown}; choose from {','.join(args.shape_table)}")
@@ -213,17 +244,34 @@ def parse_run(doc: str, script: str, shapes: dict, smoke_shapes: dict, *, defaul
     return args
 
 
+def save(payload: dict, args) -> pathlib.Path:
+    """Writes a family's payload where its command line says (``--json``, else ``--out``), marked
+    as a quick run where it was one."""
+    return write_results(args.family, dict(payload, quick=args.quick), args.out, path=args.json)
+
+
 # ---------------------------------------------------------------------------------------------
 # Start and end of a run
 # ---------------------------------------------------------------------------------------------
 
-def start_run(device: torch.device, dtype_name: str, smoke: bool) -> tuple[dict, dict | None]:
-    """Prints the device and versions and, except in smoke runs, measures the device's peaks."""
-    env = environment(device)
-    print(f"device: {env['device']}  dtype: {dtype_name}  torch {env['torch']}  triton {env['triton']}")
-    peaks = None if smoke else measure_device_peaks()
-    if peaks is not None:
-        print(f"measured peaks: bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s, copy {peaks['copy_gbps']:.0f} GB/s")
+def load_peaks(path: pathlib.Path | str) -> dict:
+    """Measured peaks saved by ``unimm bench`` (``measure_device_peaks``' dict as JSON)."""
+    peaks = json.loads(pathlib.Path(path).read_text())
+    if not isinstance(peaks, dict) or not {"bf16_matmul_tflops", "copy_gbps"} <= peaks.keys():
+        raise ValueError(f"{path}: expected a JSON object with bf16_matmul_tflops and copy_gbps")
+    return peaks
+
+
+def start_run(args) -> tuple[dict, dict | None]:
+    """Prints the device and versions and, except in smoke runs, the device's peaks: measured
+    now, or read from ``--peaks``."""
+    env = environment(args.device)
+    print(f"device: {env['device']}  dtype: {args.dtype_name}  torch {env['torch']}  triton {env['triton']}")
+    if args.smoke:
+        return env, None
+    peaks = load_peaks(args.peaks) if args.peaks is not None else measure_device_peaks()
+    print(f"{'peaks from ' + str(args.peaks) if args.peaks else 'measured peaks'}: bf16 matmul "
+          f"{peaks['bf16_matmul_tflops']:.0f} TFLOP/s, copy {peaks['copy_gbps']:.0f} GB/s")
     return env, peaks
 
 

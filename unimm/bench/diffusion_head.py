@@ -26,9 +26,12 @@ step, plus the cond projection's once.
 Target (issue): on H100, >= 20x the eager reference and >= 2x torch.compile at 64 rows for MAR-B
 (1024 / 6); >= 50% of the measured matmul rate at 2048 rows.
 
-    python benchmarks/bench_diffusion_head.py [--dtype bf16] [--shapes mar-b,mar-h] [--rows 64,2048]
-        [--compile-rows 64 | --no-compile] [--out DIR]
-    python benchmarks/bench_diffusion_head.py --smoke --out DIR   # tiny head on the CPU: checks the script
+With ``--quick`` (what ``unimm bench --quick`` runs): MAR-B at 64 rows against the eager
+reference; torch.compile is left out (minutes of compilation), unless ``--compile-rows`` asks.
+
+    python -m unimm.bench.diffusion_head [--dtype bf16] [--shapes mar-b,mar-h] [--rows 64,2048]
+        [--compile-rows 64 | --no-compile] [--quick] [--out DIR]
+    python -m unimm.bench.diffusion_head --smoke --out DIR   # tiny head on the CPU: checks the family
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import time
 import torch
 from torch import nn
 
-from _common import add_unimm_speedups, markdown_table, parse_run, peak_memory, print_outcome, start_run, verdict, write_results
+from unimm.bench._common import add_unimm_speedups, markdown_table, parse_run, peak_memory, print_outcome, save, start_run, verdict
 from unimm.kernels import BackendUnavailable
 
 try:
@@ -67,6 +70,7 @@ SHAPES = {
     "mar-h": (16, 1536, 12),
 }
 ROWS = (16, 64, 512, 2048)
+QUICK_SHAPES, QUICK_ROWS = (TARGET_SHAPE,), (TARGET_ROWS,)  # --quick: the target's headline case
 SMOKE_SHAPES = {"tiny": (4, 32, 2)}
 SMOKE_ROWS = (4, 8)
 # Max abs difference from the eager reference's sample, relative to max(1, the sample's max abs
@@ -300,27 +304,31 @@ def add_arguments(parser):
                                                "(default: every row count); n/a elsewhere")
 
 
-def main():
-    args = parse_run(__doc__, "bench_diffusion_head.py", SHAPES, SMOKE_SHAPES, default_dtype="bf16",
+def main(argv: list[str] | None = None) -> int:
+    args = parse_run(__doc__, "diffusion_head", SHAPES, SMOKE_SHAPES, default_dtype="bf16", quick_shapes=QUICK_SHAPES,
                      smoke_dtype="fp32", dtype_help="; fp32 with --smoke, CPU bf16 matmuls being slow",
-                     add_arguments=add_arguments)
+                     add_arguments=add_arguments, argv=argv)
     if DiffusionHead is None:
         raise SystemExit("unimm.models has no DiffusionHead in this checkout: nothing to benchmark")
     shapes, names, dtype_name, dtype = args.shape_table, args.names, args.dtype_name, args.dtype
     device, timer, smoke = args.device, args.timer, args.smoke
-    rows_list = [int(r) for r in args.rows.split(",")] if args.rows else list(SMOKE_ROWS if smoke else ROWS)
+    rows_list = ([int(r) for r in args.rows.split(",")] if args.rows else
+                 list(SMOKE_ROWS if smoke else QUICK_ROWS if args.quick else ROWS))
     if any(r < 2 or r % 2 for r in rows_list):
         raise SystemExit(f"--rows must be even and >= 2 (cond holds [cond; uncond] halves), got {rows_list}")
-    compile_rows = set(rows_list) if args.compile_rows is None else {int(r) for r in args.compile_rows.split(",")}
+    compile_rows = ({int(r) for r in args.compile_rows.split(",")} if args.compile_rows is not None else
+                    set() if args.quick else set(rows_list))
     num_steps = SMOKE_NUM_STEPS if smoke else NUM_STEPS
-    env, peaks = start_run(device, dtype_name, smoke)
+    env, peaks = start_run(args)
 
     results = []
     for name in names:
         head = build_head(shapes[name], dtype, device)
         for rows in rows_list:
             compile_reason = ("skipped with --no-compile" if args.no_compile else
-                              None if rows in compile_rows else f"skipped: {rows} rows not in --compile-rows")
+                              None if rows in compile_rows else
+                              "left out of --quick runs: compilation takes minutes" if args.quick else
+                              f"skipped: {rows} rows not in --compile-rows")
             torch.manual_seed(0)
             results += bench_case(name, shapes[name], head, rows, dtype, device, timer, peaks, num_steps, smoke,
                                   compile_reason)
@@ -347,7 +355,7 @@ def main():
                 for name, (token_dim, width, depth) in ((name, shapes[name]) for name in names)},
         results=results,
     )
-    path = write_results("diffusion_head", payload, args.out)
+    path = save(payload, args)
 
     print_outcome(path, TARGET, smoke, env, f"target {verdict(target_met)}: "
           f">= {TARGET_VS_EAGER:g}x eager {verdict(parts['vs_eager'])}, "
@@ -370,7 +378,8 @@ def main():
           f"{num_steps}-step sample call; speedup vs X = X's median time / unimm's\n")
     table = [table_row(result, shapes) for result in results]
     print(markdown_table(table, list(table[0])))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,7 +1,9 @@
 """Renders the newest ``benchmarks/results/*.json`` of every kernel family into ``docs/PERFORMANCE.md``
 (one table per family) and a bar plot of unimm's speedups over the anchors (``docs/performance.png``).
+``unimm bench`` calls it after every run; outside a checkout (no benchmarks/ or docs/) it renders
+``PERFORMANCE.md`` and ``performance.png`` into the results folder.
 
-Every bench script writes the same outline (``_common.write_results``): ``family``,
+Every family writes the same outline (``_common.write_results``): ``family``,
 ``environment``, ``peaks``, ``dtype``, ``target`` / ``target_met`` (/ ``target_parts``),
 ``shapes`` and ``results``, one entry per case and implementation (``impl``) with
 ``available`` and either ``median_ms`` or, for forward / backward timings, ``forward`` and
@@ -9,9 +11,10 @@ Every bench script writes the same outline (``_common.write_results``): ``family
 table gives, per case (and direction), each implementation's median time, unimm's speedup over
 each anchor (the anchor's median / unimm's; the implementations not named ``unimm...``), and
 unimm's throughput fields (TFLOP/s, GB/s, tokens/s, % of the measured peaks). Smoke runs
-(``smoke: true``, CPU times of tiny shapes) are skipped.
+(``smoke: true``, CPU times of tiny shapes) are skipped unless asked for (``unimm bench --smoke``
+renders them into its own folder, to check the page).
 
-    python benchmarks/render_performance.py [--results benchmarks/results] [--out docs/PERFORMANCE.md]
+    python -m unimm.bench.render [--results benchmarks/results] [--out docs/PERFORMANCE.md]
         [--plot docs/performance.png]
 """
 
@@ -26,11 +29,10 @@ import sys
 
 from PIL import Image, ImageDraw, ImageFont
 
-from _common import markdown_table
+from unimm.bench._common import IN_CHECKOUT, PACKAGE_ROOT, RESULTS_DIR, markdown_table
 
-BENCHMARKS_DIR = pathlib.Path(__file__).resolve().parent
-ROOT = BENCHMARKS_DIR.parent
-CASE_KEYS = ("layout", "shape", "rows")  # what names a case, in column order
+ROOT = PACKAGE_ROOT
+CASE_KEYS = ("part", "layout", "shape", "case", "rows")  # what names a case, in column order
 DIRECTIONS = ("forward", "backward")
 UNIMM = "unimm"
 # unimm's throughput fields and their column names, in column order
@@ -42,9 +44,10 @@ THROUGHPUT = {"tflops": "TFLOP/s", "pct_bf16_peak": "% matmul peak", "mfu_pct": 
 # Reading
 # ---------------------------------------------------------------------------------------------
 
-def load_latest(results_dir: pathlib.Path) -> tuple[dict[str, tuple[pathlib.Path, dict]], list[str]]:
-    """family -> (path, payload) of its newest non-smoke result file (by the run's UTC date, then
-    file name), and a note for every file that was skipped."""
+def load_latest(results_dir: pathlib.Path, include_smoke: bool = False
+                ) -> tuple[dict[str, tuple[pathlib.Path, dict]], list[str]]:
+    """family -> (path, payload) of its newest non-smoke (or, with ``include_smoke``, any) result
+    file (by the run's UTC date, then file name), and a note for every file that was skipped."""
     latest, notes = {}, []
     for path in sorted(pathlib.Path(results_dir).glob("*.json")):
         try:
@@ -52,10 +55,12 @@ def load_latest(results_dir: pathlib.Path) -> tuple[dict[str, tuple[pathlib.Path
         except (OSError, json.JSONDecodeError) as error:
             notes.append(f"{path.name}: not readable JSON ({error})")
             continue
+        if isinstance(payload, dict) and payload.get("family") == SUMMARY and "rows" in payload:
+            payload.setdefault("results", [])
         if not isinstance(payload, dict) or not {"family", "environment", "results"} <= payload.keys():
             notes.append(f"{path.name}: not a benchmark result (no family / environment / results)")
             continue
-        if payload.get("smoke"):
+        if payload.get("smoke") and not include_smoke:
             notes.append(f"{path.name}: a smoke run, skipped")
             continue
         key = (payload["environment"].get("date") or "", path.name)
@@ -194,7 +199,8 @@ def family_section(family: str, path: pathlib.Path, payload: dict, root: pathlib
     layouts = payload.get("layouts") or {}
     if layouts:
         lines.append("- layouts: " + "; ".join(
-            f"`{name}` {spec.get('description', '')}".rstrip() for name, spec in layouts.items()))
+            f"`{name}` {spec.get('description', '') if isinstance(spec, dict) else spec}".rstrip()
+            for name, spec in layouts.items()))
     lines += ["", family_table(payload)]
     missing = [f"{r['impl']} at {' '.join(str(v) for _, v in case_of(r))}: {r.get('reason', '?')}"
                for r in payload["results"] if not r.get("available")]
@@ -207,28 +213,69 @@ def _relative(path: pathlib.Path, start: pathlib.Path) -> str:
     return pathlib.Path(os.path.relpath(pathlib.Path(path).resolve(), pathlib.Path(start).resolve())).as_posix()
 
 
-def bench_scripts() -> list[str]:
-    return sorted(path.name for path in BENCHMARKS_DIR.glob("bench_*.py"))
+SUMMARY = "summary"  # the family name of `unimm bench`'s summary file
+SUMMARY_COLUMNS = ("family", "case", "unimm ms", "best anchor", "anchor ms", "speedup", "% of peak", "agrees",
+                   "note")
+SUMMARY_LEGEND = ("speedup = the fastest anchor's median time / unimm's (above 1: unimm is faster); % of peak = of "
+                  "the run's measured bf16 matmul rate (matmul, MFU) or copy bandwidth (copy); agrees = unimm's "
+                  "result within tolerance of the reference")
+
+
+def summary_cells(row: dict) -> dict:
+    """One row of ``unimm bench``'s summary (suite.headline_rows) as its table prints it."""
+    def number(key, spec, suffix=""):
+        return "-" if row.get(key) is None else f"{row[key]:{spec}}{suffix}"
+
+    agrees = row.get("agrees")
+    return {
+        "family": row["family"],
+        "case": row["case"],
+        "unimm ms": number("unimm_ms", ".4g"),
+        "best anchor": row.get("best_anchor", "-"),
+        "anchor ms": number("anchor_ms", ".4g"),
+        "speedup": number("speedup", ".2f", "x"),
+        "% of peak": "-" if row.get("pct_peak") is None else f"{row['pct_peak']:.1f}% {row['peak']}",
+        "agrees": "-" if agrees is None else "yes" if agrees else "NO",
+        "note": row.get("note", "").replace("|", "/").replace("\n", " "),
+    }
+
+
+def summary_table(rows: list[dict]) -> str:
+    return markdown_table([summary_cells(row) for row in rows], list(SUMMARY_COLUMNS))
+
+
+def summary_section(path: pathlib.Path, payload: dict) -> str:
+    env = payload["environment"]
+    return "\n".join([
+        f"## Summary of the latest `unimm bench{''.join(' --' + mode for mode in payload.get('mode', '').split() if mode != 'full')}`",
+        "", f"- run: {env.get('date', '?')} on {env.get('device', '?')}, commit `{str(env.get('git_sha', '?'))[:12]}`, "
+            f"{payload.get('elapsed_s', '?')} s; file `{path.name}`",
+        f"- {SUMMARY_LEGEND}", "", summary_table(payload["rows"])])
 
 
 def render_page(latest: dict, notes: list[str], plot: pathlib.Path | None, out: pathlib.Path,
                 results_dir: pathlib.Path) -> str:
     """The whole PERFORMANCE.md."""
+    where = _relative(results_dir, ROOT) if pathlib.Path(results_dir).resolve().is_relative_to(ROOT) \
+        else str(results_dir)
     head = ["# Performance", "",
-            "Generated by `python benchmarks/render_performance.py` from the newest "
-            "`benchmarks/results/*.json` of each kernel family; do not edit by hand.", ""]
-    how = ["To measure, on a machine with a CUDA GPU:", "", "```"]
-    how += [f"python benchmarks/{script}" for script in bench_scripts()]
-    how += ["python benchmarks/render_performance.py", "```", "",
-            "Each script writes `benchmarks/results/<family>-<device>-<date>.json` (see "
-            "[benchmarks/README.md](../benchmarks/README.md) for what they time and against which anchors)."]
+            "Generated by `unimm bench` (or `python -m unimm.bench.render`) from the newest "
+            f"`{where}/*.json` of each benchmark family; do not edit by hand.", ""]
+    latest = dict(latest)
+    summary = latest.pop(SUMMARY, None)
+    how = ["To measure, on a machine with a CUDA GPU:", "", "```",
+           "unimm bench --quick    # one headline shape per family against its strongest anchors, minutes",
+           "unimm bench            # every family at its headline shapes", "```", "",
+           "Each family writes `benchmarks/results/<family>-<device>-<date>.json`, the run a "
+           "`summary-<device>-<date>.json`, and this page is rendered again (see "
+           "[benchmarks/README.md](../benchmarks/README.md) for what each family times and against which anchors)."]
     if not latest:
-        where = _relative(results_dir, ROOT) if pathlib.Path(results_dir).resolve().is_relative_to(ROOT) \
-            else str(results_dir)
         return "\n".join(head + [f"No kernel has been measured on a GPU yet: `{where}/` holds no results.", ""]
                          + how + [""])
     body = ["unimm vs X = X's median time / unimm's median time on the same inputs (above 1x: unimm is "
             "faster); n/a: the implementation could not run that case (reason below the table).", ""]
+    if summary is not None:
+        body += [summary_section(*summary), ""]
     if plot is not None:
         body += [f"![unimm's speedup over each anchor]({_relative(plot, out.parent)})", ""]
     for family, (path, payload) in latest.items():
@@ -301,20 +348,39 @@ def plot_speedups(latest: dict, path: pathlib.Path) -> pathlib.Path | None:
 # Command line
 # ---------------------------------------------------------------------------------------------
 
+def default_page(results_dir: pathlib.Path) -> pathlib.Path:
+    """Where the page of ``results_dir`` goes (its plot beside it): docs/PERFORMANCE.md for a
+    checkout's benchmarks/results, else PERFORMANCE.md beside the results."""
+    if IN_CHECKOUT and pathlib.Path(results_dir).resolve() == RESULTS_DIR.resolve():
+        return ROOT / "docs" / "PERFORMANCE.md"
+    return pathlib.Path(results_dir) / "PERFORMANCE.md"
+
+
+def render(results_dir: pathlib.Path, out: pathlib.Path | None = None, plot: pathlib.Path | None = None, *,
+           include_smoke: bool = False) -> tuple[pathlib.Path, pathlib.Path | None, dict, list[str]]:
+    """Renders the page (and plot) of ``results_dir``; returns (page, plot or None, the newest
+    payload of each family, notes on skipped files)."""
+    out = out or default_page(results_dir)
+    plot = plot or out.parent / "performance.png"
+    latest, notes = load_latest(results_dir, include_smoke)
+    plot = plot_speedups(latest, plot)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_page(latest, notes, plot, out, results_dir))
+    return out, plot, latest, notes
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=pathlib.Path, default=BENCHMARKS_DIR / "results",
-                        help="directory of result JSON files (default benchmarks/results)")
-    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "PERFORMANCE.md",
-                        help="markdown page to write (default docs/PERFORMANCE.md)")
-    parser.add_argument("--plot", type=pathlib.Path, default=ROOT / "docs" / "performance.png",
-                        help="speedup plot to write beside it (default docs/performance.png)")
+    parser = argparse.ArgumentParser(prog="python -m unimm.bench.render", description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=pathlib.Path, default=RESULTS_DIR,
+                        help=f"directory of result JSON files (default {RESULTS_DIR})")
+    parser.add_argument("--out", type=pathlib.Path,
+                        help="markdown page to write (default docs/PERFORMANCE.md for a checkout's "
+                             "benchmarks/results, else RESULTS/PERFORMANCE.md)")
+    parser.add_argument("--plot", type=pathlib.Path, help="speedup plot to write (default beside the page)")
+    parser.add_argument("--include-smoke", action="store_true", help="render smoke runs too (checks the page)")
     args = parser.parse_args(argv)
-    latest, notes = load_latest(args.results)
-    plot = plot_speedups(latest, args.plot)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render_page(latest, notes, plot, args.out, args.results))
-    print(f"wrote {args.out}" + (f" and {plot}" if plot else "")
+    out, plot, latest, notes = render(args.results, args.out, args.plot, include_smoke=args.include_smoke)
+    print(f"wrote {out}" + (f" and {plot}" if plot else "")
           + f" from {len(latest)} famil{'y' if len(latest) == 1 else 'ies'}: {', '.join(latest) or 'none measured'}")
     for note in notes:
         print(f"skipped {note}")

@@ -13,6 +13,10 @@ same bf16 inputs (q, k, v in unimm's layout [B, S, H, D], all requiring grad):
     ``create_block_mask`` over a mask_mod that reads the same kv_start / kv_end tensors
     (``kv_start[b, q] <= kv < kv_end[b, q]``); compiled afresh for every case, its first call
     (compilation included) reported as ``compile_s``. Not importable, or failing: n/a with the reason.
+  * flash-attn-4 (FlashAttention-4, CuTe DSL), where its plain interface expresses the layout:
+    ``flash_attn_func(causal=True)`` on pure causal, ``flash_attn_varlen_func(causal=True)`` with
+    the documents as ``cu_seqlens`` on packed causal documents; n/a elsewhere (bidirectional spans
+    need its mask_mod with block sparsity) and when not installed.
 
 Forward and backward are timed separately. Forward: one call with inputs that require grad, as
 in training (the graph is built, then dropped). Backward: ``torch.autograd.grad(out, (q, k, v),
@@ -34,8 +38,12 @@ relative-norm errors; rows that see no keys must give exactly 0 in out and dq.
 Targets (issue): on H100, >= 0.85x SDPA's flash/cuDNN (the faster of the two) on pure causal,
 >= 1.3x FlexAttention on the mixed layouts (every layout but pure causal), forward and backward.
 
-    python benchmarks/bench_attention.py [--shapes h16-d128,h32-d64] [--layouts causal,packed-images] [--out DIR]
-    python benchmarks/bench_attention.py --smoke --out DIR   # tiny shapes on the CPU: checks the script
+With ``--quick`` (what ``unimm bench --quick`` runs): shape h16-d128, layouts causal (against
+sdpa[flash], sdpa[cudnn] and flash-attn-4) and packed-images (against flex_attention); the other
+anchors of those layouts are n/a, left out.
+
+    python -m unimm.bench.attention [--shapes h16-d128,h32-d64] [--layouts causal,packed-images] [--quick] [--out DIR]
+    python -m unimm.bench.attention --smoke --out DIR   # tiny shapes on the CPU: checks the family
 """
 
 from __future__ import annotations
@@ -47,13 +55,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _common import markdown_table, parse_run, peak_memory, print_outcome, start_run, verdict, write_results
-from unimm.kernels import BackendUnavailable
-
-try:
-    from unimm.kernels import AttentionMask, attention
-except ImportError as error:
-    sys.exit(f"bench_attention.py: unimm.kernels has no attention / AttentionMask yet ({error})")
+from unimm.bench._common import markdown_table, parse_run, peak_memory, print_outcome, save, start_run, verdict
+from unimm.kernels import AttentionMask, BackendUnavailable, attention
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 except ImportError:  # torch < 2.3
@@ -64,6 +67,12 @@ try:
 except Exception as error:
     create_block_mask = flex_attention = None
     _flex_error = f"FlexAttention is not importable ({type(error).__name__}: {error})"
+try:
+    from flash_attn.cute import flash_attn_func as fa4_func, flash_attn_varlen_func as fa4_varlen_func
+    _fa4_error = None
+except Exception as error:  # not installed, or a CuTe DSL / torch it does not support
+    fa4_func = fa4_varlen_func = None
+    _fa4_error = f"flash-attn-4 is not importable ({type(error).__name__}: {error})"
 
 TARGET = ("on H100: >= 0.85x SDPA's flash/cuDNN on pure causal, >= 1.3x FlexAttention on the mixed "
           "layouts, forward and backward")
@@ -98,6 +107,9 @@ SMOKE_LAYOUTS = {
     "packed-causal": dict(kind="packed", doc=24, image=0, lead=0, gap=0, pad=8),
 }
 PURE_CAUSAL = "causal"  # every other layout is "mixed" for the target
+# --quick: one head shape; pure causal against SDPA's fused kernels, one mixed layout against FlexAttention
+QUICK_SHAPES = ("h16-d128",)
+QUICK_LAYOUTS = ("causal", "packed-images")
 
 # Relative-norm error against the fp32 reference (DESIGN.md, Numerics). NaN never passes.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -105,7 +117,8 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 SDPA_CAUSAL = ("sdpa[flash]", "sdpa[cudnn]")
 SDPA_DENSE = "sdpa[dense mask]"
 FLEX = "flex_attention"
-IMPLS = ("unimm",) + SDPA_CAUSAL + (SDPA_DENSE, FLEX)
+FA4 = "flash-attn-4"
+IMPLS = ("unimm",) + SDPA_CAUSAL + (SDPA_DENSE, FLEX, FA4)
 DIRECTIONS = ("forward", "backward")
 BWD_FLOP_FACTOR = 2.5
 
@@ -280,6 +293,9 @@ def make_impl(impl, case):
         return sdpa_dense, dict(variant="SDPA's dispatch, bool mask [B, 1, S, Skv] from mask.to_dense",
                                 mask_build_ms=build_ms), None
 
+    if impl == FA4:
+        return fa4_impl(case)
+
     assert impl == FLEX
     if flex_attention is None:
         raise NotHere(_flex_error)
@@ -309,6 +325,34 @@ def make_impl(impl, case):
         return heads_first(flex(heads_first(q), heads_first(k), heads_first(v), block_mask=block_mask, **gqa_kw))
     return flex_fn, dict(variant=variant, mask_build_ms=build_ms,
                          block_size=list(block_mask.BLOCK_SIZE)), no_backward
+
+
+def fa4_impl(case):
+    """FlashAttention-4 (CuTe DSL) where a layout is what its plain interface expresses: pure
+    causal (``causal=True``) and packed causal documents (the varlen interface over the flattened
+    rows, documents as ``cu_seqlens``). Bidirectional spans would need its ``mask_mod`` with block
+    sparsity, not wired here: n/a."""
+    if fa4_func is None:
+        raise NotHere(_fa4_error)
+    if case["device"].type != "cuda":
+        raise NotHere("a CuTe DSL GPU kernel: needs a CUDA device")
+    spec, batch, seq = case["layout_spec"], case["batch"], case["seq"]
+    if spec["kind"] == "causal":
+        return (lambda q, k, v: fa4_func(q, k, v, causal=True)[0]), dict(variant="flash_attn_func(causal=True)"), None
+    if spec["kind"] != "packed" or spec["image"] or spec["pad"]:
+        raise NotHere("bidirectional spans or padding need flash-attn-4's mask_mod with block sparsity, "
+                      "not wired in this benchmark")
+    doc = spec["doc"]
+    bounds = sorted({row * seq + start for row in range(batch) for start in range(0, seq, doc)} | {batch * seq})
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=case["device"])
+    longest = min(doc, seq)
+
+    def fa4_varlen(q, k, v):
+        flat = [x.reshape(batch * seq, x.shape[2], x.shape[3]) for x in (q, k, v)]
+        out = fa4_varlen_func(*flat, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=longest,
+                              max_seqlen_k=longest, causal=True)[0]
+        return out.view(q.shape)
+    return fa4_varlen, dict(variant="flash_attn_varlen_func(causal=True), documents as cu_seqlens"), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +428,8 @@ def fmt_ms(stats):
     return "n/a" if stats is None else f"{stats['median_ms']:9.3f} ms {stats['tflops']:7.2f} TFLOP/s"
 
 
-def bench_case(layout, layout_spec, shape, shape_spec, dtype, device, timer, counts, build_counts, peaks):
+def bench_case(layout, layout_spec, shape, shape_spec, dtype, device, timer, counts, build_counts, peaks,
+               quick=False):
     """One result dict per implementation for one layout and one head shape, same inputs."""
     batch, seq, q_heads, kv_heads, dim = shape_spec
     kv_len = seq
@@ -417,15 +462,18 @@ def bench_case(layout, layout_spec, shape, shape_spec, dtype, device, timer, cou
     release(device)
 
     case = dict(mask=mask, dense=dense, device=device, timer=timer, counts=counts, build_counts=build_counts,
+                layout_spec=layout_spec,
                 gqa=q_heads != kv_heads, batch=batch, seq=seq, kv_len=kv_len, unimm_build_ms=unimm_build_ms,
                 q=q, k=k, v=v, dout=dout, empty=empty, tol=TOLERANCE[dtype])
-    impls = ("unimm",) + (SDPA_CAUSAL if layout == PURE_CAUSAL else (SDPA_DENSE,)) + (FLEX,)
+    impls = ("unimm",) + (SDPA_CAUSAL if layout == PURE_CAUSAL else (SDPA_DENSE,)) + (FLEX, FA4)
     results = []
     for impl in impls:
         result = dict(case_info, impl=impl)
         results.append(result)
         reason = None
         try:
+            if quick and impl not in ("unimm",) + (SDPA_CAUSAL + (FA4,) if layout == PURE_CAUSAL else (FLEX,)):
+                raise NotHere("left out of --quick runs")
             fn, extras, no_backward = make_impl(impl, case)
             result.update(extras)
             run_impl(result, fn, no_backward, case, ref)
@@ -543,15 +591,17 @@ def table_row(result, results):
     }
 
 
-def main():
-    args = parse_run(__doc__, "bench_attention.py", SHAPES, SMOKE_SHAPES, default_dtype="bf16",
+def main(argv: list[str] | None = None) -> int:
+    args = parse_run(__doc__, "attention", SHAPES, SMOKE_SHAPES, default_dtype="bf16", quick_shapes=QUICK_SHAPES,
                      smoke_dtype="fp32", dtype_help="; fp32 with --smoke, CPU bf16 matmuls being slow",
                      add_arguments=lambda parser: parser.add_argument(
-                         "--layouts", help=f"comma-separated subset of {','.join(LAYOUTS)}; default all"))
-    layout_names = args.layouts.split(",") if args.layouts else list(LAYOUTS)
+                         "--layouts", help=f"comma-separated subset of {','.join(LAYOUTS)}; default all "
+                                           f"({','.join(QUICK_LAYOUTS)} with --quick)"), argv=argv)
+    layout_names = (args.layouts.split(",") if args.layouts else
+                    list(QUICK_LAYOUTS) if args.quick else list(LAYOUTS))
     unknown = [name for name in layout_names if name not in LAYOUTS]
     if unknown:
-        sys.exit(f"bench_attention.py: unknown layouts {unknown}; choose from {','.join(LAYOUTS)}")
+        sys.exit(f"unimm.bench.attention: unknown layouts {unknown}; choose from {','.join(LAYOUTS)}")
     shapes, names, dtype_name, dtype = args.shape_table, args.names, args.dtype_name, args.dtype
     device, timer = args.device, args.timer
     if args.smoke:
@@ -560,13 +610,13 @@ def main():
     counts = dict(warmup=SMOKE_WARMUP, repeat=SMOKE_REPEAT) if args.smoke else dict(warmup=WARMUP, repeat=REPEAT)
     build_counts = (dict(warmup=SMOKE_WARMUP, repeat=SMOKE_REPEAT) if args.smoke
                     else dict(warmup=BUILD_WARMUP, repeat=BUILD_REPEAT))
-    env, peaks = start_run(device, dtype_name, args.smoke)
+    env, peaks = start_run(args)
 
     results = []
     for layout in layout_names:
         for name in names:
             results += bench_case(layout, layouts[layout], name, shapes[name], dtype, device, timer,
-                                  counts, build_counts, peaks)
+                                  counts, build_counts, peaks, args.quick)
 
     parts, target_met, undecided = check_targets(results, layout_names, names)
     if args.smoke:  # CPU times say nothing about an H100 target
@@ -597,7 +647,7 @@ def main():
                  for layout in layout_names},
         results=results,
     )
-    path = write_results("attention", payload, args.out)
+    path = save(payload, args)
 
     print_outcome(path, TARGET, args.smoke, env, f"target {verdict(target_met)}: "
           + ", ".join(f"{key} {verdict(value)}" for key, value in parts.items())
@@ -622,7 +672,8 @@ def main():
           "TFLOP/s count visible pairs only; errors are against the fp32 reference\n")
     rows = [table_row(result, results) for result in results]
     print(markdown_table(rows, list(rows[0])))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

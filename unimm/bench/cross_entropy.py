@@ -9,9 +9,11 @@ weight, set to None between calls as ``zero_grad()`` does) in this process on th
     first call's wall time, compilation included, is reported separately).
   * liger: Liger-Kernel's LigerFusedLinearCrossEntropyLoss (chunked over rows).
   * cut-cross-entropy: Apple's cut_cross_entropy.linear_cross_entropy (logits never materialised).
+  * quack: quack-kernels' CuTe DSL ``chunked_linear_cross_entropy`` (chunks of 4096 rows; no
+    softcap, so n/a at the soft-capped shape).
   * unimm with automatic dispatch, and at one shape also with ``vocab_range`` restricted to the
     last 32768 columns ("image codes only", targets drawn there), next to unimm on the full vocab.
-liger and cut-cross-entropy are optional imports: where one is missing the row shows n/a.
+liger, cut-cross-entropy and quack are optional imports: where one is missing the row shows n/a.
 
 Correctness, once per shape before any timing: each implementation's loss and gradients against
 the materialised function run in fp32 (inputs upcast, fp32 matmuls without TF32, chunked over
@@ -20,8 +22,11 @@ rows so it fits), as |loss difference| and relative-norm error of the hidden / w
 Targets (issue): on H100, faster than cut-cross-entropy and Liger at every shape, >= 70% of the
 measured bf16 matmul rate, peak memory no more than cut-cross-entropy's.
 
-    python benchmarks/bench_cross_entropy.py [--dtype bf16] [--shapes n16k-v248k,gemma2-2b] [--out DIR]
-    python benchmarks/bench_cross_entropy.py --smoke --out DIR   # tiny shapes on the CPU: checks the script
+With ``--quick`` (what ``unimm bench --quick`` runs): the n8k-v161k shape only, and no
+torch.compile row (its compilation takes longer than the rest of the family).
+
+    python -m unimm.bench.cross_entropy [--dtype bf16] [--shapes n16k-v248k,gemma2-2b] [--quick] [--out DIR]
+    python -m unimm.bench.cross_entropy --smoke --out DIR   # tiny shapes on the CPU: checks the family
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _common import add_unimm_speedups, markdown_table, parse_run, peak_memory, print_outcome, start_run, verdict, write_results
+from unimm.bench._common import add_unimm_speedups, markdown_table, parse_run, peak_memory, print_outcome, save, start_run, verdict
 from unimm.kernels import BackendUnavailable, linear_cross_entropy
 
 try:
@@ -47,6 +52,12 @@ try:
 except Exception as error:
     cce_linear_cross_entropy = None
     _cce_error = f"cut-cross-entropy is not importable ({type(error).__name__}: {error})"
+try:
+    from quack.linear_cross_entropy import chunked_linear_cross_entropy as quack_linear_cross_entropy
+    _quack_error = None
+except Exception as error:  # ImportError, or a CuTe DSL / torch it does not support
+    quack_linear_cross_entropy = None
+    _quack_error = f"quack-kernels is not importable ({type(error).__name__}: {error})"
 
 TARGET = ("on H100: faster than cut-cross-entropy and Liger at every shape, >= 70% of the measured "
           "matmul rate, peak memory no more than cut-cross-entropy's")
@@ -60,6 +71,7 @@ SHAPES = {
     "n8k-v161k": (8192, 4096, 161280, None, 32768),
     "gemma2-2b": (8192, 2304, 256000, 30.0, None),
 }
+QUICK_SHAPES = ("n8k-v161k",)  # --quick: an 8B-class model with Emu3's expanded vocabulary
 # --smoke: small enough for a CPU; softcap 2 bends O(1) logits visibly
 SMOKE_SHAPES = {
     "tiny": (37, 24, 301, None, 100),
@@ -69,7 +81,7 @@ SMOKE_SHAPES = {
 # loss may differ by this much relative to the reference loss.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
-ANCHORS = ("cut-cross-entropy", "liger", "torch.compile", "torch materialised")
+ANCHORS = ("cut-cross-entropy", "liger", "quack", "torch.compile", "torch materialised")
 UNIMM_RANGE = "unimm[vocab_range]"
 IMPLS = ("unimm", UNIMM_RANGE) + ANCHORS
 
@@ -82,7 +94,7 @@ def materialised(hidden, weight, targets, softcap=None, reduction="mean"):
     return F.cross_entropy(logits, targets, reduction=reduction)
 
 
-def loss_functions(softcap, vocab_range, device, compile_backend):
+def loss_functions(softcap, vocab_range, device, compile_backend, quick=False):
     """impl -> (loss_fn(hidden, weight, targets), None) or (None, why it cannot run here)."""
     def unimm(hidden, weight, targets):
         return linear_cross_entropy(hidden, weight, targets, softcap=softcap)
@@ -98,17 +110,26 @@ def loss_functions(softcap, vocab_range, device, compile_backend):
         "unimm": (unimm, None),
         "cut-cross-entropy": (None, _cce_error),
         "liger": (None, _liger_error),
-        "torch.compile": (torch.compile(torch_materialised, dynamic=False, backend=compile_backend), None),
+        "quack": (None, _quack_error),
+        "torch.compile": ((None, "left out of --quick runs: compilation takes longer than the rest of the family")
+                          if quick else (torch.compile(torch_materialised, dynamic=False, backend=compile_backend),
+                                         None)),
         "torch materialised": (torch_materialised, None),
     }
     if vocab_range is not None:
         fns[UNIMM_RANGE] = (unimm_range, None)
     if device.type != "cuda":
         fns["cut-cross-entropy"] = fns["liger"] = (None, "a Triton GPU kernel: needs a CUDA device")
+        fns["quack"] = (None, "a CuTe DSL GPU kernel: needs a CUDA device")
         return fns
     if cce_linear_cross_entropy is not None:
         fns["cut-cross-entropy"] = (lambda hidden, weight, targets:
                                     cce_linear_cross_entropy(hidden, weight, targets, softcap=softcap), None)
+    if quack_linear_cross_entropy is not None:
+        if softcap is not None:
+            fns["quack"] = (None, "quack's chunked_linear_cross_entropy has no softcap")
+        else:
+            fns["quack"] = (lambda hidden, weight, targets: quack_linear_cross_entropy(hidden, weight, targets), None)
     if LigerFusedLinearCrossEntropyLoss is not None:
         try:
             liger = (LigerFusedLinearCrossEntropyLoss(softcap=softcap) if softcap is not None
@@ -207,7 +228,7 @@ def run_impl(result, fn, hidden, weight, targets, ref, dtype, device, timer):
         result["extra_peak_bytes"] = peak_memory(step)
 
 
-def bench_shape(name, spec, dtype, device, timer, peaks, compile_backend):
+def bench_shape(name, spec, dtype, device, timer, peaks, compile_backend, quick=False):
     """One result dict per implementation, all on the same random inputs."""
     n, d, vocab, softcap, codes = spec
     vocab_range = (vocab - codes, vocab) if codes else None
@@ -225,7 +246,7 @@ def bench_shape(name, spec, dtype, device, timer, peaks, compile_backend):
                   f"no correctness check: {str(error).splitlines()[0]}")
         release(hidden, weight, device)
 
-    fns = loss_functions(softcap, vocab_range, device, compile_backend)
+    fns = loss_functions(softcap, vocab_range, device, compile_backend, quick)
     results = []
     for impl in IMPLS:
         if impl not in fns:
@@ -333,19 +354,19 @@ def table_row(result, shapes):
     return row
 
 
-def main():
-    args = parse_run(__doc__, "bench_cross_entropy.py", SHAPES, SMOKE_SHAPES, default_dtype="bf16",
-                     smoke_dtype="fp32", dtype_help="; fp32 with --smoke, CPU bf16 matmuls being slow")
+def main(argv: list[str] | None = None) -> int:
+    args = parse_run(__doc__, "cross_entropy", SHAPES, SMOKE_SHAPES, default_dtype="bf16", quick_shapes=QUICK_SHAPES,
+                     smoke_dtype="fp32", dtype_help="; fp32 with --smoke, CPU bf16 matmuls being slow", argv=argv)
     shapes, names, dtype_name, dtype = args.shape_table, args.names, args.dtype_name, args.dtype
     device, timer = args.device, args.timer
     # smoke: aot_eager traces the same graphs as inductor without its C++ build (half a minute cold)
     compile_backend = "aot_eager" if args.smoke else "inductor"
-    env, peaks = start_run(device, dtype_name, args.smoke)
+    env, peaks = start_run(args)
 
     results = []
     for name in names:
         torch.manual_seed(0)
-        results += bench_shape(name, shapes[name], dtype, device, timer, peaks, compile_backend)
+        results += bench_shape(name, shapes[name], dtype, device, timer, peaks, compile_backend, args.quick)
 
     parts, target_met, undecided = check_targets(results, names)
     payload = dict(
@@ -365,7 +386,7 @@ def main():
                 for name, (n, d, vocab, softcap, codes) in ((name, shapes[name]) for name in names)},
         results=results,
     )
-    path = write_results("cross_entropy", payload, args.out)
+    path = save(payload, args)
 
     print_outcome(path, TARGET, args.smoke, env, f"target {verdict(target_met)}: "
           f"faster than cut-cross-entropy and Liger {verdict(parts['faster_than_cce_and_liger'])}, "
@@ -390,7 +411,8 @@ def main():
           "with unimm on the full vocab; errors are against the fp32 reference\n")
     rows = [table_row(result, shapes) for result in results]
     print(markdown_table(rows, list(rows[0])))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -14,6 +14,8 @@ Two cases per shape:
     runs on the padded cache with a boolean mask ``[B, 1, 1, max_len]`` of each row's valid keys,
     built once outside the timing (a generation loop keeps it up to date);
   * full: every row of length max_len; SDPA with no mask (its flash path).
+flashinfer's ``BatchDecodeWithPagedKVCacheWrapper`` runs on the same caches (one page of max_len
+slots per row, planned outside the timing); n/a when flashinfer is not installed.
 unimm runs with auto dispatch and with each backend forced through UNIMM_BACKEND; a backend that
 cannot serve the call shows as n/a. GB/s counts the bytes of K and V the call has to read (sum of
 row lengths x Hkv x D x 2 tensors x element size), the same count for every implementation (SDPA on
@@ -49,9 +51,13 @@ and ms per step beside LlamaGen on vLLM's published 0.6 s/image (GPT-XL, A100; a
 not run here). The untrained head's clean-token estimates are clipped (``clip_denoised``) so that
 the tokens fed back stay finite; that costs one clamp per step.
 
-    python benchmarks/bench_generate.py [--parts decode_attention,discrete,continuous]
-        [--shapes decode_attention/llama-3-8b-b16-4k,discrete/llama-3.2-1b-v161k-16x24x24] [--out DIR]
-    python benchmarks/bench_generate.py --smoke --out DIR   # tiny shapes on the CPU: checks the script
+With ``--quick`` (what ``unimm bench --quick`` runs): decode_attention at llama-3-8b-b16-4k and
+discrete at llama-3.2-1b-v161k-8x16x16 (8 images of 16 x 16 codes), each generation timed twice
+after its first call (transformers' once); continuous is left out (it has no anchor to beat).
+
+    python -m unimm.bench.generate [--parts decode_attention,discrete,continuous]
+        [--shapes decode_attention/llama-3-8b-b16-4k,discrete/llama-3.2-1b-v161k-16x24x24] [--quick] [--out DIR]
+    python -m unimm.bench.generate --smoke --out DIR   # tiny shapes on the CPU: checks the family
 """
 
 from __future__ import annotations
@@ -63,11 +69,18 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from _common import add_unimm_speedups, markdown_table, parse_run, print_outcome, start_run, verdict, write_results
+from unimm.bench._common import add_unimm_speedups, markdown_table, parse_run, print_outcome, save, start_run, verdict
 from unimm.kernels import BackendUnavailable, decode_attention
 from unimm.kernels.reference.decode import decode_attention as reference_decode_attention
 from unimm.models import Decoder, DiffusionHead, DiscreteImage, ImageSpec, Text, UnifiedModel, VocabLayout, pack
 from unimm.models.sequence import DEFAULT_SPECIAL_TOKENS, EMU3_FORMAT, UNIFLUID_FORMAT
+
+try:
+    import flashinfer
+    _flashinfer_error = None
+except Exception as error:  # not installed, or a torch / CUDA it does not support
+    flashinfer = None
+    _flashinfer_error = f"flashinfer is not importable ({type(error).__name__}: {error})"
 
 WARMUP, REPEAT = 10, 50
 SMOKE_WARMUP, SMOKE_REPEAT = 1, 3  # the smoke run checks the script, it measures nothing
@@ -81,6 +94,7 @@ class Run:
     timer: Callable
     peaks: dict | None
     smoke: bool
+    quick: bool = False
 
     def time(self, fn, rotate=None) -> dict:
         warmup, repeat = (SMOKE_WARMUP, SMOKE_REPEAT) if self.smoke else (WARMUP, REPEAT)
@@ -144,6 +158,8 @@ DECODE_CASES = ("ragged", "full")
 # (name, UNIMM_BACKEND while it runs; None = auto dispatch)
 DECODE_UNIMM = (("unimm", None), ("unimm[triton]", "triton"), ("unimm[cuda]", "cuda"))
 DECODE_ANCHOR = "sdpa"
+DECODE_ANCHORS = (DECODE_ANCHOR, "flashinfer")
+FLASHINFER_WORKSPACE_BYTES = 128 * 2**20
 # Relative-norm error against the fp32 reference (DESIGN.md, Numerics).
 DECODE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -160,6 +176,31 @@ def sdpa_decode(q, k_cache, v_cache, mask):
     out = F.scaled_dot_product_attention(q[:, :, None], k_cache.transpose(1, 2), v_cache.transpose(1, 2),
                                          attn_mask=mask, enable_gqa=True)
     return out[:, :, 0]
+
+
+class Unavailable(Exception):
+    """An anchor that cannot run here: its row is n/a with this reason."""
+
+
+def flashinfer_decode(lens: torch.Tensor, max_len: int, q_heads: int, kv_heads: int, head_dim: int,
+                      dtype: torch.dtype, device: torch.device):
+    """flashinfer's batch decode over the same caches: each row's cache is one page of max_len
+    slots (NHD, so the [B, max_len, Hkv, D] tensors are its paged cache as they are), the row's
+    length its last page's length; planned once, outside the timing, as a serving loop plans
+    once per step for all layers. Tensor cores for GQA groups of 4 or more, as flashinfer advises.
+    Its kernels are compiled with nvcc at the first call (about a minute)."""
+    if flashinfer is None:
+        raise Unavailable(_flashinfer_error)
+    if device.type != "cuda":
+        raise Unavailable("flashinfer's kernels need a CUDA device")
+    batch = lens.numel()
+    workspace = torch.empty(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, kv_layout="NHD",
+                                                            use_tensor_cores=q_heads // kv_heads >= 4)
+    pages = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    wrapper.plan(pages, pages[:-1], lens, q_heads, kv_heads, head_dim, max_len, q_data_type=dtype,
+                 kv_data_type=dtype)
+    return lambda q, k, v: wrapper.run(q, (k, v))
 
 
 def bench_decode_attention(name: str, spec: tuple, run: Run) -> list[dict]:
@@ -186,12 +227,15 @@ def bench_decode_attention(name: str, spec: tuple, run: Run) -> list[dict]:
                   (BackendUnavailable, torch.OutOfMemoryError)) for impl, backend in DECODE_UNIMM]
         calls.append((DECODE_ANCHOR, None, lambda q, k, v, mask=mask: sdpa_decode(q, k, v, mask),
                       (RuntimeError, TypeError)))  # an SDPA without enable_gqa, or out of memory
+        calls.append(("flashinfer", None, "flashinfer", (Exception,)))  # an anchor's own failure is its n/a
         case_results = []
         for impl, backend, fn, not_here in calls:
             result = dict(shape=name, case=case, impl=impl, kv_bytes=kv_bytes)
             case_results.append(result)
             set_backend(backend)
             try:
+                if fn == "flashinfer":
+                    fn = flashinfer_decode(lens, max_len, q_heads, kv_heads, head_dim, dtype, device)
                 out = fn(q, k_cache, v_cache)
                 timing = run.time(fn, rotate=rotate)
             except not_here as error:
@@ -208,7 +252,7 @@ def bench_decode_attention(name: str, spec: tuple, run: Run) -> list[dict]:
                 result["pct_copy_peak"] = 100 * gbps / run.peaks["copy_gbps"]
             print(f"{name:>22} {case:>6} {impl:>14}  {timing['median_ms']:9.4f} ms  {gbps:8.1f} GB/s  "
                   f"rel err {error:.1e}")
-        add_unimm_speedups(case_results, (DECODE_ANCHOR,))
+        add_unimm_speedups(case_results, DECODE_ANCHORS)
         results += case_results
     return results
 
@@ -239,7 +283,7 @@ def decode_table_row(result: dict, spec: tuple) -> dict:
         "median ms": show(result.get("median_ms"), ".4f") if available else "n/a",
         "GB/s": show(result.get("gbps"), ".0f"),
         "% copy": show(result.get("pct_copy_peak"), ".1f"),
-        f"speedup vs {DECODE_ANCHOR}": show(result.get("speedup", {}).get(DECODE_ANCHOR), ".2f"),
+        **{f"speedup vs {anchor}": show(result.get("speedup", {}).get(anchor), ".2f") for anchor in DECODE_ANCHORS},
         "rel err": show(result.get("rel_error"), ".1e"),
     }
 
@@ -258,6 +302,8 @@ LLAMA3_ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_fr
 GEN_TIMING = dict(warmup=1, repeat=3)  # one call is a whole generation: seconds
 GEN_SMOKE_TIMING = dict(warmup=0, repeat=1)
 GEN_ANCHOR_TIMING = dict(warmup=1, repeat=2)  # transformers' generate: tens of seconds a call
+# --quick: the first (checked) call has compiled and warmed everything already
+GEN_QUICK_TIMING, GEN_ANCHOR_QUICK_TIMING = dict(warmup=0, repeat=2), dict(warmup=0, repeat=1)
 BOS = 1  # the prompts' first token; the unconditional prompt is BOS alone (caption dropout)
 
 DISCRETE_TARGET = ("discrete: unimm (CUDA graphs) above transformers generate with CFG and above unimm without "
@@ -266,7 +312,11 @@ DISCRETE_TARGET = ("discrete: unimm (CUDA graphs) above transformers generate wi
 # image with Emu3's structure tokens (608 tokens per span), CFG 4, top-k 2000
 DISCRETE_SHAPES = {"llama-3.2-1b-v161k-16x24x24": dict(model="llama-3.2-1b", vocab=161280, image_codes=32768,
                                                         images=16, grid=(24, 24), prompt_len=32, cfg_scale=4.0,
-                                                        top_k=2000)}
+                                                        top_k=2000),
+                   # a quarter of the tokens: what --quick runs, transformers' generate taking tens of seconds
+                   "llama-3.2-1b-v161k-8x16x16": dict(model="llama-3.2-1b", vocab=161280, image_codes=32768,
+                                                       images=8, grid=(16, 16), prompt_len=32, cfg_scale=4.0,
+                                                       top_k=2000)}
 DISCRETE_SMOKE_SHAPES = {"tiny-2x3x3": dict(model="tiny", vocab=301, image_codes=100, images=2, grid=(3, 3),
                                             prompt_len=5, cfg_scale=4.0, top_k=20)}
 DISCRETE_ANCHORS = ("transformers", "unimm[eager]")
@@ -311,7 +361,11 @@ def gen_prompts(spec: dict, vocab_size: int) -> torch.Tensor:
 
 
 def time_generation(run: Run, fn, timing: dict) -> dict:
-    return run.timer(fn, **(GEN_SMOKE_TIMING if run.smoke else timing))
+    if run.smoke:
+        timing = GEN_SMOKE_TIMING
+    elif run.quick:
+        timing = GEN_ANCHOR_QUICK_TIMING if timing is GEN_ANCHOR_TIMING else GEN_QUICK_TIMING
+    return run.timer(fn, **timing)
 
 
 def hf_generate_discrete(decoder: Decoder, vocab: VocabLayout, spec: dict, prompts: torch.Tensor, run: Run):
@@ -532,6 +586,8 @@ PARTS = {
                               f"/ tokens per image span; reference: {LLAMAGEN_VLLM}"),
 }
 SHAPES = {f"{part}/{name}": spec for part, entry in PARTS.items() for name, spec in entry.shapes.items()}
+QUICK_SHAPES = ("decode_attention/llama-3-8b-b16-4k", "discrete/llama-3.2-1b-v161k-8x16x16")
+QUICK_PARTS = ("decode_attention", "discrete")  # continuous has no anchor to beat
 SMOKE_SHAPES = {f"{part}/{name}": spec for part, entry in PARTS.items() for name, spec in entry.smoke_shapes.items()}
 
 
@@ -539,18 +595,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--parts", help=f"comma-separated subset of {','.join(PARTS)} (default all)")
 
 
-def main():
-    args = parse_run(__doc__, "bench_generate.py", SHAPES, SMOKE_SHAPES, default_dtype="bf16", smoke_dtype="fp32",
-                     dtype_help="; fp32 with --smoke, CPU bf16 being slow", add_arguments=add_arguments)
-    parts = args.parts.split(",") if args.parts else list(PARTS)
+def main(argv: list[str] | None = None) -> int:
+    args = parse_run(__doc__, "generate", SHAPES, SMOKE_SHAPES, default_dtype="bf16", quick_shapes=QUICK_SHAPES,
+                     smoke_dtype="fp32", dtype_help="; fp32 with --smoke, CPU bf16 being slow",
+                     add_arguments=add_arguments, argv=argv)
+    parts = args.parts.split(",") if args.parts else list(QUICK_PARTS if args.quick else PARTS)
     unknown = [part for part in parts if part not in PARTS]
     if unknown:
         raise SystemExit(f"unknown parts {unknown}; choose from {','.join(PARTS)}")
     names = [name for name in args.names if name.split("/")[0] in parts]
     if not names:
         raise SystemExit(f"--shapes {args.shapes} names no shape of --parts {','.join(parts)}")
-    env, peaks = start_run(args.device, args.dtype_name, args.smoke)
-    run = Run(dtype=args.dtype, device=args.device, timer=args.timer, peaks=peaks, smoke=args.smoke)
+    env, peaks = start_run(args)
+    run = Run(dtype=args.dtype, device=args.device, timer=args.timer, peaks=peaks, smoke=args.smoke, quick=args.quick)
 
     part_results = {}
     for part in parts:
@@ -586,7 +643,7 @@ def main():
         shapes=shapes,
         results=[r for results in part_results.values() for r in results],
     )
-    path = write_results("generate", payload, args.out)
+    path = save(payload, args)
 
     print_outcome(path, payload["target"], args.smoke, env,
                   ", ".join(f"{part}: target {verdict(s['target_met'])}" for part, s in summary.items()))
@@ -603,7 +660,8 @@ def main():
         rows = [entry.row(r, table[r["shape"]]) for r in results]
         print(f"\n{part}: {entry.legend}\n")
         print(markdown_table(rows, list(rows[0])))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -31,8 +31,11 @@ against each anchor.
 Target (issue): on H100, unimm >= 1.5x the tokens/s of transformers + Liger at lower peak memory,
 in both layouts.
 
-    python benchmarks/bench_train_step.py [--layouts bidirectional-images] [--rows 1] [--out DIR]
-    python benchmarks/bench_train_step.py --smoke --out DIR   # a tiny model on the CPU: checks the script
+With ``--quick`` (what ``unimm bench --quick`` runs): the bidirectional-images layout only, with
+2 warm-up and 5 timed steps.
+
+    python -m unimm.bench.train_step [--layouts bidirectional-images] [--rows 1] [--quick] [--out DIR]
+    python -m unimm.bench.train_step --smoke --out DIR   # a tiny model on the CPU: checks the family
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import time
 import torch
 import transformers
 
-from _common import markdown_table, parse_run, peak_memory, print_outcome, start_run, verdict, write_results
+from unimm.bench._common import markdown_table, parse_run, peak_memory, print_outcome, save, start_run, verdict
 from unimm.integrations.transformers import apply as apply_unimm
 from unimm.kernels import AttentionMask
 from unimm.models.decoder import Decoder, DecoderConfig
@@ -59,6 +62,7 @@ TARGET = "on H100: unimm >= 1.5x the tokens/s of transformers + Liger at lower p
 TARGET_SPEEDUP = 1.5
 IMAGE_FRACTION = 0.8
 WARMUP, REPEAT = 3, 10  # a step is hundreds of ms; AdamW's state exists after the first
+QUICK_WARMUP, QUICK_REPEAT = 2, 5
 SMOKE_WARMUP, SMOKE_REPEAT = 1, 2
 LLAMA3_ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=8192)
@@ -73,6 +77,7 @@ SMOKE_SHAPES = {
                  image_codes=100, rows=2, seq_len=40, docs_per_row=2),
 }
 LAYOUTS = ("bidirectional-images", "causal-images")
+QUICK_LAYOUTS = ("bidirectional-images",)
 ANCHORS = ("transformers+liger", "transformers")
 IMPLS = ("unimm", "transformers+unimm", "transformers", "transformers+liger")  # liger patches globally: last
 # relative difference of the first step's loss from transformers' (same weights and batch)
@@ -304,26 +309,28 @@ def table_row(result):
     return row
 
 
-def main():
+def main(argv: list[str] | None = None) -> int:
     def add_arguments(parser):
-        parser.add_argument("--layouts", help=f"comma-separated subset of {','.join(LAYOUTS)}; default all")
+        parser.add_argument("--layouts", help=f"comma-separated subset of {','.join(LAYOUTS)}; default all "
+                                              f"({','.join(QUICK_LAYOUTS)} with --quick)")
         parser.add_argument("--rows", type=int, help="packed rows per step (default: the shape's)")
 
-    args = parse_run(__doc__, "bench_train_step.py", SHAPES, SMOKE_SHAPES, default_dtype="bf16",
+    args = parse_run(__doc__, "train_step", SHAPES, SMOKE_SHAPES, default_dtype="bf16",
                      smoke_dtype="fp32", dtype_help="; fp32 with --smoke, CPU bf16 matmuls being slow",
-                     add_arguments=add_arguments)
-    layouts = args.layouts.split(",") if args.layouts else list(LAYOUTS)
+                     add_arguments=add_arguments, argv=argv)
+    layouts = args.layouts.split(",") if args.layouts else list(QUICK_LAYOUTS if args.quick else LAYOUTS)
     unknown = [layout for layout in layouts if layout not in LAYOUTS]
     if unknown:
-        raise SystemExit(f"bench_train_step.py: unknown layouts {unknown}; choose from {','.join(LAYOUTS)}")
+        raise SystemExit(f"unimm.bench.train_step: unknown layouts {unknown}; choose from {','.join(LAYOUTS)}")
     if args.rows is not None and args.rows < 1:
-        raise SystemExit(f"bench_train_step.py: --rows must be >= 1, got {args.rows}")
+        raise SystemExit(f"unimm.bench.train_step: --rows must be >= 1, got {args.rows}")
     shapes = {name: dict(args.shape_table[name], **({"rows": args.rows} if args.rows else {})) for name in args.names}
     device, dtype, timer = args.device, args.dtype, args.timer
-    counts = dict(warmup=SMOKE_WARMUP, repeat=SMOKE_REPEAT) if args.smoke else dict(warmup=WARMUP, repeat=REPEAT)
+    counts = (dict(warmup=SMOKE_WARMUP, repeat=SMOKE_REPEAT) if args.smoke else
+              dict(warmup=QUICK_WARMUP, repeat=QUICK_REPEAT) if args.quick else dict(warmup=WARMUP, repeat=REPEAT))
     if args.smoke:
         torch.set_num_threads(1)  # tiny CPU tensors: thread-pool wake-ups would dominate every call
-    env, peaks = start_run(device, args.dtype_name, args.smoke)
+    env, peaks = start_run(args)
 
     results = []
     for layout in layouts:
@@ -352,7 +359,7 @@ def main():
                  "causal-images": "packed causal documents"},
         results=results,
     )
-    path = write_results("train_step", payload, args.out)
+    path = save(payload, args)
 
     print_outcome(path, TARGET, args.smoke, env, f"target {verdict(target_met)}: " + ", ".join(
         f"{layout} speed {verdict(part['speed'])} memory {verdict(part['memory'])}" for layout, part in parts.items()))
@@ -366,7 +373,8 @@ def main():
     print("speedup vs X = X's median step time / this row's; memory vs X = this row's peak / X's peak\n")
     rows = [table_row(result) for result in results]
     print(markdown_table(rows, list(rows[0])))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
