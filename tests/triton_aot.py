@@ -1,17 +1,26 @@
 """Compiles unimm's Triton kernels ahead of time for sm_90a and sm_80, without a GPU.
 
-Run by tests/test_triton_compile.py in a subprocess (the test session runs triton's
-interpreter, which replaces kernels with interpreted functions). For every case it reports what
-would make a launch fail or crawl on the real chip: shared memory against the chip's limit,
-register spills, whether the loads were software-pipelined (cp.async) and whether the dot went
-to wgmma on Hopper. Prints one JSON object per line.
+Run by tests/test_triton_compile.py in a subprocess, once per Triton installation it is told
+about (the test session runs triton's interpreter, which replaces kernels with interpreted
+functions). For every case it reports what would make a launch fail or crawl on the real chip:
+shared memory against the chip's limit, registers and spills (the cubin's stack frame), whether
+the loads were software-pipelined (cp.async), and how the dots were lowered: the PTX's
+``wgmma.mma_async`` (Hopper's warpgroup MMA) and ``mma.sync`` (the Ampere-style MMA Hopper
+still runs, at a fraction of its rate) instructions. Prints one JSON object per (case, arch).
+
+Importing this module compiles nothing: ``cases()`` lists the cases (names, configs and
+expectations) from the kernel modules' config functions, which the test reads at collection
+time; only ``main`` compiles.
 
 Alignment matters: at launch triton specialises pointers and integers divisible by 16, which is
 what lets it vectorise and pipeline loads, so each case names the arguments that are.
+
+Usage: ``python tests/triton_aot.py [family ...]`` (default: every family).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -19,41 +28,69 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 
-os.environ.pop("TRITON_INTERPRET", None)
+import torch
+import triton
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
+ARCHS = (90, 80)
 # Largest dynamic shared memory one block may use.
 SHARED_LIMIT = {90: 232448, 80: 166912}
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def compile_report(kernel, signature: dict, constexprs: dict, aligned: set[str], arch: int,
-                   num_warps: int, num_stages: int) -> dict:
+@dataclasses.dataclass
+class Case:
+    """One kernel at one config. Expectations:
+
+    pipelined: the loads are software-pipelined (cp.async) on both chips.
+    hopper: None for kernels without ``tl.dot`` (and configs not for sm_90a); else True when every
+        dot must lower to wgmma on sm_90a (no mma.sync left in the PTX), or a string saying why it
+        cannot today (the test marks the case an expected failure with that reason).
+    """
+
+    family: str
+    name: str
+    kernel: object
+    signature: dict
+    constexprs: dict
+    aligned: set
+    launch: dict
+    pipelined: bool
+    hopper: bool | str | None = None
+    archs: tuple[int, ...] = ARCHS  # the chips this config is for (a config may differ per chip)
+
+
+def compile_report(case: Case, arch: int) -> dict:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     # argument order is the kernel's; constexprs may name any of its parameters
-    names = list(kernel.arg_names)
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    full_signature = {name: signature.get(name, "constexpr") for name in names}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=full_signature, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
-    report = dict(arch=arch, shared=compiled.metadata.shared, shared_limit=SHARED_LIMIT[arch],
+    names = list(case.kernel.arg_names)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in case.aligned}
+    full_signature = {name: case.signature.get(name, "constexpr") for name in names}
+    compiled = triton.compile(ASTSource(fn=case.kernel, signature=full_signature, constexprs=case.constexprs,
+                                        attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options=dict(**case.launch))
+    ptx = compiled.asm["ptx"]
+    report = dict(shared=compiled.metadata.shared, shared_limit=SHARED_LIMIT[arch],
                   pipelined="async_copy" in compiled.asm["ttgir"],
-                  wgmma="warp_group_dot" in compiled.asm["ttgir"])
+                  wgmma=len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
+                  mma_sync=len(re.findall(r"\bmma\.sync\b", ptx)))
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin.name],
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name],
                                capture_output=True, text=True).stdout
     registers, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
     report.update(registers=int(registers.group(1)) if registers else None,
                   stack_bytes=int(stack.group(1)) if stack else None)
     return report
+
+
+def _launch(config: dict) -> dict:
+    return {key: config.pop(key) for key in ("num_warps", "num_stages")}
 
 
 def vq_cases():
@@ -63,7 +100,7 @@ def vq_cases():
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for code_dim, cosine in ((4, False), (8, True), (100, False), (256, False), (256, True)):
             config = vq._triton_config(code_dim, dtype, interpret=False)
-            launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+            launch = _launch(config)
             t = TRITON_TYPES[dtype]
             signature = dict(z_ptr=f"*{t}", codebook_ptr=f"*{t}", code_bias_ptr="*fp32", code_scale_ptr="*fp32",
                              row_scale_ptr="*fp32", part_dist_ptr="*fp32", part_idx_ptr="*i64", n_rows="i32",
@@ -73,9 +110,8 @@ def vq_cases():
             if code_dim % 16 == 0:
                 aligned |= {"code_dim", "stride_z", "stride_codebook"}
             constexprs = dict(COSINE=cosine, PRECISION=dot_precision(dtype), **config)
-            name = f"vq_argmin {t} d={code_dim}{' cosine' if cosine else ''}"
-            expect = dict(pipelined=code_dim % 16 == 0, wgmma=True)
-            yield name, vq._vq_argmin_kernel, signature, constexprs, aligned, launch, expect
+            yield Case("vq", f"vq_argmin {t} d={code_dim}{' cosine' if cosine else ''}", vq._vq_argmin_kernel,
+                       signature, constexprs, aligned, launch, pipelined=code_dim % 16 == 0, hopper=True)
 
 
 def cross_entropy_cases():
@@ -89,17 +125,18 @@ def cross_entropy_cases():
         t = TRITON_TYPES[dtype]
         precision = dot_precision(dtype)
         config = ce._lse_config(dtype, interpret=False)
-        launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+        launch = _launch(config)
         signature = dict(h_ptr=f"*{t}", w_ptr=f"*{t}", bias_ptr=f"*{t}", column_ptr="*i32", parts_ptr="*fp32",
                          n_rows="i32", vocab="i32", dim="i32", stride_hn="i32", stride_wv="i32",
                          cols_per_split="i32", softcap="fp32")
         aligned = {"h_ptr", "w_ptr", "bias_ptr", "column_ptr", "parts_ptr", "dim", "stride_hn", "stride_wv",
                    "cols_per_split"}
         constexprs = dict(stride_hd=1, stride_wd=1, HAS_BIAS=True, HAS_SOFTCAP=True, PRECISION=precision, **config)
-        yield f"lse {t}", ce._lse_kernel, signature, constexprs, aligned, launch, dict(pipelined=True, wgmma=True)
+        yield Case("cross_entropy", f"lse {t}", ce._lse_kernel, signature, constexprs, aligned, launch,
+                   pipelined=True, hopper=True)
 
         config = ce._matmul_config(dtype, interpret=False)
-        launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+        launch = _launch(config)
         # (name, output type, epilogue, unit strides): triton turns integer arguments equal to 1
         # into constants at launch, so they are constants here too
         for name, c_type, epilogue, unit in (
@@ -113,46 +150,82 @@ def cross_entropy_cases():
                        "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm"} - unit
             constexprs = dict(**{k: 1 for k in unit}, EPILOGUE=epilogue, HAS_BIAS=True, HAS_SOFTCAP=True,
                               PRECISION=precision, **config)
-            yield (f"matmul {t} {name}", ce._matmul_kernel, signature, constexprs, aligned, launch,
-                   dict(pipelined=True, wgmma=True))
+            yield Case("cross_entropy", f"matmul {t} {name}", ce._matmul_kernel, signature, constexprs, aligned,
+                       launch, pipelined=True, hopper=True)
 
 
-def attention_cases():
+ATTENTION_KERNELS = ("fwd", "bwd dq", "bwd dk dv")
+
+
+def attention_case(dtype: torch.dtype, head_dim: int, kernel: str, arch: int) -> Case:
+    """``kernel`` (one of ATTENTION_KERNELS) at the tiles ``attention._config`` picks for ``arch``."""
     attn = importlib.import_module("unimm.kernels.attention")  # the package exports the function by this name
     from unimm.kernels._triton_common import dot_precision
 
     def strides(*names):  # [B, S, H, D] tensors: batch, seq and head strides (D is contiguous)
         return {f"stride_{n}{axis}": "i32" for n in names for axis in "bsh"}
 
-    for dtype, head_dim in ((torch.bfloat16, 64), (torch.bfloat16, 128), (torch.bfloat16, 256), (torch.float32, 64)):
-        t = TRITON_TYPES[dtype]
-        config = attn._config(head_dim, dtype, interpret=False)
-        common = dict(HAS_SOFTCAP=True, HEAD_DIM=head_dim, PRECISION=dot_precision(dtype))
-        scalars = dict(stride_mask="i32", scale="fp32", softcap="fp32")
-        sizes = dict(seq_len="i32", num_keys="i32", heads="i32")
-        fwd = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", o_ptr=f"*{t}", lse_ptr="*fp32", start_ptr="*i32",
-                   end_ptr="*i32", **sizes, group="i32", **strides("q", "k", "v", "o"), **scalars)
-        dq = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", do_ptr=f"*{t}", dq_ptr=f"*{t}", lse_ptr="*fp32",
-                  delta_ptr="*fp32", start_ptr="*i32", end_ptr="*i32", **sizes, group="i32",
-                  **strides("q", "k", "v", "do", "dq"), **scalars)
-        dkdv = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", do_ptr=f"*{t}", dk_ptr=f"*{t}", dv_ptr=f"*{t}",
-                    lse_ptr="*fp32", delta_ptr="*fp32", start_ptr="*i32", end_ptr="*i32", first_ptr="*i32",
-                    last_ptr="*i32", **sizes, kv_heads="i32", group="i32", **strides("q", "k", "v", "do", "dk", "dv"),
-                    stride_mask="i32", stride_tiles="i32", scale="fp32", softcap="fp32")
-        for name, kernel, signature, tiles in (("fwd", attn._attn_fwd_kernel, fwd, config["fwd"]),
-                                               ("bwd dq", attn._attn_bwd_dq_kernel, dq, config["dq"]),
-                                               ("bwd dk dv", attn._attn_bwd_dkdv_kernel, dkdv, config["dkdv"])):
-            tiles = dict(tiles)
-            launch = {key: tiles.pop(key) for key in ("num_warps", "num_stages")}
-            aligned = {n for n, kind in signature.items() if kind.startswith("*") or n.startswith("stride_")}
-            # wgmma needs 64-row operands: not in the fp32 tiles nor in dK/dV at D = 256 (see _config)
-            wgmma = dtype != torch.float32 and not (head_dim == 256 and name == "bwd dk dv")
-            yield (f"attention {name} {t} d={head_dim}", kernel, signature, dict(**common, **tiles), aligned, launch,
-                   dict(pipelined=False, wgmma=wgmma))
+    t = TRITON_TYPES[dtype]
+    scalars = dict(stride_mask="i32", scale="fp32", softcap="fp32")
+    sizes = dict(seq_len="i32", num_keys="i32", heads="i32")
+    if kernel == "fwd":
+        fn, key = attn._attn_fwd_kernel, "fwd"
+        signature = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", o_ptr=f"*{t}", lse_ptr="*fp32",
+                         start_ptr="*i32", end_ptr="*i32", **sizes, group="i32", **strides("q", "k", "v", "o"),
+                         **scalars)
+    elif kernel == "bwd dq":
+        fn, key = attn._attn_bwd_dq_kernel, "dq"
+        signature = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", do_ptr=f"*{t}", dq_ptr=f"*{t}",
+                         lse_ptr="*fp32", delta_ptr="*fp32", start_ptr="*i32", end_ptr="*i32", **sizes, group="i32",
+                         **strides("q", "k", "v", "do", "dq"), **scalars)
+    else:
+        fn, key = attn._attn_bwd_dkdv_kernel, "dkdv"
+        signature = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", do_ptr=f"*{t}", dk_ptr=f"*{t}",
+                         dv_ptr=f"*{t}", lse_ptr="*fp32", delta_ptr="*fp32", start_ptr="*i32", end_ptr="*i32",
+                         first_ptr="*i32", last_ptr="*i32", **sizes, kv_heads="i32", group="i32",
+                         **strides("q", "k", "v", "do", "dk", "dv"), stride_mask="i32", stride_tiles="i32",
+                         scale="fp32", softcap="fp32")
+    tiles = dict(attn._config(head_dim, dtype, interpret=False, arch=arch)[key])
+    launch = _launch(tiles)
+    aligned = {n for n, kind in signature.items() if kind.startswith("*") or n.startswith("stride_")}
+    # wgmma takes tiles of 64+ rows. The forward's and dQ's dots have BLOCK_M query rows; of
+    # dK/dV's four, two (the scores q @ k.T and dO @ v.T) have BLOCK_M query rows, two (dV and
+    # dK) BLOCK_N keys.
+    if dtype == torch.float32:
+        hopper = f"fp32 is a CPU-test dtype: its tiles of {tiles['BLOCK_M']} rows are too few for wgmma"
+    elif kernel == "bwd dk dv" and tiles["BLOCK_N"] < 64:
+        hopper = (f"dK/dV at D = {head_dim}: {tiles['BLOCK_M']} query rows x {tiles['BLOCK_N']} keys per tile (larger "
+                  "tiles spill: two [keys, D] fp32 accumulators), so no dot has the 64 rows wgmma needs")
+    elif kernel == "bwd dk dv" and tiles["BLOCK_M"] < 64:
+        hopper = (f"dK/dV at D = {head_dim}: {tiles['BLOCK_M']} query rows x {tiles['BLOCK_N']} keys per tile (64 x 64 "
+                  "spills: two [keys, D] fp32 accumulators), so the dV and dK dots (64 keys) are on wgmma but the "
+                  f"scores dots (q @ k.T, dO @ v.T: {tiles['BLOCK_M']} rows) stay on mma.sync; keys in every dot's M "
+                  "would need the kernel to compute the transposed scores (k @ q.T)")
+    elif tiles["BLOCK_M"] < 64:
+        hopper = f"{kernel} at D = {head_dim}: {tiles['BLOCK_M']}-row tiles, and wgmma needs 64"
+    else:
+        hopper = True
+    return Case("attention", f"attention {kernel} {t} d={head_dim}", fn, signature,
+                dict(HAS_SOFTCAP=True, HEAD_DIM=head_dim, PRECISION=dot_precision(dtype), **tiles), aligned,
+                launch, pipelined=True, hopper=hopper if arch == 90 else None, archs=(arch,))
+
+
+def attention_cases():
+    for dtype, head_dim in ((torch.bfloat16, 32), (torch.bfloat16, 64), (torch.bfloat16, 128),
+                            (torch.bfloat16, 256), (torch.float16, 64), (torch.float16, 128), (torch.float16, 256),
+                            (torch.float32, 64)):
+        for kernel in ATTENTION_KERNELS:
+            hopper, ampere = (attention_case(dtype, head_dim, kernel, arch) for arch in (90, 80))
+            if (hopper.constexprs, hopper.launch) == (ampere.constexprs, ampere.launch):
+                yield dataclasses.replace(hopper, archs=ARCHS)  # one config for both chips
+            else:
+                yield hopper
+                yield ampere
 
 
 def diffusion_cases():
     from unimm.kernels import diffusion
+    from unimm.kernels._triton_common import dot_precision
 
     for dtype, width in ((torch.bfloat16, 1024), (torch.bfloat16, 1536), (torch.float32, 1024)):
         t = TRITON_TYPES[dtype]
@@ -161,77 +234,111 @@ def diffusion_cases():
                          out_ptr=f"*{t}", width="i32", stride_x="i32", stride_shift="i32", stride_scale="i32",
                          stride_out="i32", eps="fp32")
         aligned = {name for name in signature if name != "eps"}
-        yield (f"modulated layernorm {t} w={width}", diffusion._modulated_layernorm_kernel, signature,
-               dict(AFFINE=True, BLOCK=block), aligned, dict(num_warps=min(16, block // 256), num_stages=1),
-               dict(pipelined=False, wgmma=False))
+        yield Case("diffusion", f"modulated layernorm {t} w={width}", diffusion._modulated_layernorm_kernel,
+                   signature, dict(AFFINE=True, BLOCK=block), aligned,
+                   dict(num_warps=min(16, block // 256), num_stages=1), pipelined=False)
     signature = dict(x_ptr="*fp32", out_ptr="*bf16", noise_ptr="*fp32", step_ptr="*fp32", new_x_ptr="*fp32",
                      token_dim="i32", stride_out="i32", rows="i32", cfg_scale="fp32", noise_scale="fp32", clip="fp32")
-    yield ("denoise step bf16", diffusion._step_kernel, signature, dict(GUIDED=True, CLIP=True, BLOCK=16),
-           {"x_ptr", "out_ptr", "noise_ptr", "step_ptr", "new_x_ptr"}, dict(num_warps=1, num_stages=1),
-           dict(pipelined=False, wgmma=False))
-    from unimm.kernels._triton_common import dot_precision
+    yield Case("diffusion", "denoise step bf16", diffusion._step_kernel, signature,
+               dict(GUIDED=True, CLIP=True, BLOCK=16), {"x_ptr", "out_ptr", "noise_ptr", "step_ptr", "new_x_ptr"},
+               dict(num_warps=1, num_stages=1), pipelined=False)
 
     # the head's GEMMs: few rows (weight streaming) to many rows (CFG-doubled 2048 tokens)
     for dtype, rows, silu, gated in ((torch.bfloat16, 32, True, False), (torch.bfloat16, 128, False, True),
                                      (torch.bfloat16, 2048, True, False), (torch.bfloat16, 4096, False, True),
+                                     (torch.float16, 32, False, True), (torch.float16, 2048, True, False),
                                      (torch.float32, 64, False, False)):
         t = TRITON_TYPES[dtype]
         config = diffusion._linear_config(rows, dtype, interpret=False)
-        launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+        launch = _launch(config)
         signature = dict(x_ptr=f"*{t}", w_ptr=f"*{t}", b_ptr=f"*{t}", res_ptr=f"*{t}", gate_ptr=f"*{t}",
                          out_ptr=f"*{t}", rows="i32", n="i32", k="i32", stride_x="i32", stride_w="i32",
                          stride_res="i32", stride_gate="i32", stride_out="i32")
         aligned = {name for name in signature if name != "rows"}
         # tiles of 64+ rows go to wgmma on Hopper; fewer rows to mma.sync
-        yield (f"head linear {t} rows={rows}", diffusion._linear_kernel, signature,
-               dict(SILU=silu, GATED_RESIDUAL=gated, PRECISION=dot_precision(dtype), **config), aligned, launch,
-               dict(pipelined=True, wgmma=dtype != torch.float32 and config["BLOCK_M"] >= 64))
+        hopper = True if config["BLOCK_M"] >= 64 else (
+            f"{rows} rows: {config['BLOCK_M']}-row tiles (weight streaming), and wgmma needs 64")
+        yield Case("diffusion", f"head linear {t} rows={rows}", diffusion._linear_kernel, signature,
+                   dict(SILU=silu, GATED_RESIDUAL=gated, PRECISION=dot_precision(dtype), **config), aligned, launch,
+                   pipelined=True, hopper=hopper)
+
+
+def decode_split_case(dtype: torch.dtype, head_dim: int, group: int) -> Case:
+    from unimm.kernels import decode
+    from unimm.kernels._triton_common import dot_precision
+
+    t = TRITON_TYPES[dtype]
+    config = decode._triton_config(group, head_dim, interpret=False)
+    launch = _launch(config)
+    signature = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", lens_ptr="*i32", out_ptr=f"*{t}",
+                     part_out_ptr="*fp32", part_lse_ptr="*fp32", max_len="i32", kv_heads="i32", group="i32",
+                     q_tiles="i32", q_heads="i32", keys_per_split="i32", num_splits="i32",
+                     **{f"stride_{n}": "i32" for n in ("qb", "qh", "kb", "kn", "kh", "vb", "vn", "vh", "ob", "oh")},
+                     scale="fp32", softcap="fp32")
+    aligned = {n for n, kind in signature.items() if kind.startswith("*") or n.startswith("stride_")}
+    constexprs = dict(HAS_SOFTCAP=True, SPLIT=True, HEAD_DIM=head_dim, PRECISION=dot_precision(dtype), **config)
+    hopper = None  # the broadcast path has no dot
+    if config["USE_DOT"]:
+        if dtype == torch.float32:
+            hopper = "fp32 is a CPU-test dtype (and its 16 query rows are too few for wgmma)"
+        elif config["BLOCK_G"] < 64:
+            hopper = f"{group} query heads per KV head: {config['BLOCK_G']}-row tiles, and wgmma needs 64"
+        else:
+            hopper = True
+    # the dot path's loads feed tl.dot, which triton pipelines
+    return Case("decode", f"decode split {t} d={head_dim} group={group} "
+                f"({'dot' if config['USE_DOT'] else 'broadcast'})", decode._decode_split_kernel, signature,
+                constexprs, aligned, launch, pipelined=config["USE_DOT"], hopper=hopper)
 
 
 def decode_cases():
     from unimm.kernels import decode
-    from unimm.kernels._triton_common import dot_precision
 
+    # GQA groups of Llama 3.2 1B (64, 4), Llama 3 / Mistral (128, 4 and 8), Gemma 7B (128, 1) and
+    # Gemma 2 (256, 2), Qwen 2.5 7B (7 query heads per KV head); MQA with 16 to 71 query heads
+    # (Falcon 7B: 64, 71) takes the dot path
     for dtype, head_dim, group in ((torch.bfloat16, 64, 4), (torch.bfloat16, 128, 4), (torch.bfloat16, 128, 1),
-                                   (torch.bfloat16, 128, 8), (torch.bfloat16, 256, 2), (torch.bfloat16, 128, 16),
-                                   (torch.bfloat16, 256, 32), (torch.float16, 64, 7), (torch.float32, 128, 4),
-                                   (torch.float32, 64, 16)):
-        t = TRITON_TYPES[dtype]
-        config = decode._triton_config(group, head_dim, interpret=False)
-        launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-        signature = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", lens_ptr="*i32", out_ptr=f"*{t}",
-                         part_out_ptr="*fp32", part_lse_ptr="*fp32", max_len="i32", kv_heads="i32", group="i32",
-                         q_tiles="i32", q_heads="i32", keys_per_split="i32", num_splits="i32",
-                         **{f"stride_{n}": "i32" for n in ("qb", "qh", "kb", "kn", "kh", "vb", "vn", "vh", "ob", "oh")},
-                         scale="fp32", softcap="fp32")
-        aligned = {n for n, kind in signature.items() if kind.startswith("*") or n.startswith("stride_")}
-        constexprs = dict(HAS_SOFTCAP=True, SPLIT=True, HEAD_DIM=head_dim, PRECISION=dot_precision(dtype), **config)
-        path = "dot" if config["USE_DOT"] else "broadcast"
-        # the dot path's loads feed tl.dot, which triton pipelines; its 16 to 64 query rows are
-        # too few for wgmma (64-row tiles), so mma.sync serves them
-        yield (f"decode split {t} d={head_dim} group={group} ({path})", decode._decode_split_kernel, signature,
-               constexprs, aligned, launch, dict(pipelined=config["USE_DOT"], wgmma=False))
+                                   (torch.bfloat16, 128, 8), (torch.bfloat16, 256, 2), (torch.float16, 64, 7),
+                                   (torch.bfloat16, 128, 16), (torch.bfloat16, 256, 32), (torch.bfloat16, 128, 64),
+                                   (torch.bfloat16, 64, 71), (torch.float16, 128, 16), (torch.float32, 128, 4),
+                                   (torch.float32, 64, 16), (torch.float32, 128, 16)):
+        yield decode_split_case(dtype, head_dim, group)
     for dtype, head_dim in ((torch.bfloat16, 64), (torch.bfloat16, 128), (torch.bfloat16, 256), (torch.float32, 128)):
         t = TRITON_TYPES[dtype]
         signature = dict(part_out_ptr="*fp32", part_lse_ptr="*fp32", lens_ptr="*i32", out_ptr=f"*{t}", q_heads="i32",
                          max_len="i32", keys_per_split="i32", num_splits="i32", stride_ob="i32", stride_oh="i32")
-        yield (f"decode combine {t} d={head_dim}", decode._decode_combine_kernel, signature,
-               dict(HEAD_DIM=head_dim, BLOCK_S=decode._COMBINE_BLOCK_SPLITS),
-               {"part_out_ptr", "part_lse_ptr", "lens_ptr", "out_ptr", "stride_ob", "stride_oh"},
-               dict(num_warps=4, num_stages=1), dict(pipelined=False, wgmma=False))
+        yield Case("decode", f"decode combine {t} d={head_dim}", decode._decode_combine_kernel, signature,
+                   dict(HEAD_DIM=head_dim, BLOCK_S=decode._COMBINE_BLOCK_SPLITS),
+                   {"part_out_ptr", "part_lse_ptr", "lens_ptr", "out_ptr", "stride_ob", "stride_oh"},
+                   dict(num_warps=4, num_stages=1), pipelined=False)
 
 
 FAMILIES = {"vq": vq_cases, "cross_entropy": cross_entropy_cases, "attention": attention_cases,
             "diffusion": diffusion_cases, "decode": decode_cases}
 
 
+def cases(families=None):
+    """Every case of the named families (default: all), without compiling anything."""
+    for family in families or FAMILIES:
+        yield from FAMILIES[family]()
+
+
 def main(families: list[str]) -> None:
-    for family in families:
-        for name, kernel, signature, constexprs, aligned, launch, expect in FAMILIES[family]():
-            for arch in (90, 80):
-                report = compile_report(kernel, signature, constexprs, aligned, arch, **launch)
-                print(json.dumps(dict(family=family, case=name, expect=expect, **report)), flush=True)
+    for case in cases(families):
+        for arch in case.archs:
+            start = time.perf_counter()
+            try:
+                report = compile_report(case, arch)
+            except Exception as error:  # reported per case: the test names it
+                report = dict(error=f"{type(error).__name__}: {error}"[-2000:])
+            print(json.dumps(dict(family=case.family, case=case.name, arch=arch, triton=triton.__version__,
+                                  config=dict(**case.constexprs, **case.launch),
+                                  expect=dict(pipelined=case.pipelined, hopper=case.hopper),
+                                  seconds=round(time.perf_counter() - start, 2), **report)), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or list(FAMILIES))
+    # compile for the real chips: under the interpreter unimm would define interpreted kernels
+    # (triton reads the variable when a kernel is defined, and no unimm kernel module is imported yet)
+    os.environ.pop("TRITON_INTERPRET", None)
+    main(sys.argv[1:])

@@ -20,6 +20,7 @@ Masks change from batch to batch without recompiling: intervals are data, not co
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -113,10 +114,18 @@ def _check_args(q, k, v, mask, scale, softcap) -> None:
         raise ValueError(f"softcap must be > 0 (or None), got {softcap}")
 
 
-def _config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
-    """Tiles per kernel; tests/triton_aot.py checks them against sm_90a and sm_80 (no spills,
-    shared memory within both chips). Backward tiles are small: each holds two fp32 accumulators
-    and recomputes the probabilities."""
+def _config(head_dim: int, dtype: torch.dtype, interpret: bool, arch: int | None = None) -> dict:
+    """Tiles per kernel for a GPU of compute capability ``arch`` (major * 10 + minor; None: the
+    oldest GPU of this process, so that every call agrees, forward and backward alike).
+
+    tests/triton_aot.py compiles them for sm_90a and sm_80 under each supported triton (3.6 and
+    3.9): no spills, shared memory within the chip. Backward tiles are small: each holds two fp32
+    accumulators and recomputes the probabilities. dK/dV at D <= 64 is the one config that differs
+    by chip: on Hopper its 32 query rows x 64 keys put the dV and dK dots (64 keys) on wgmma, but
+    on sm_80, where every dot is mma.sync, those tiles need all 255 registers and spill under
+    triton 3.6, so older chips take 32 x 32 (at most about 205 registers); no single tile clean on
+    both chips kept Hopper's wgmma without doubling the dK/dV kernel's reads of Q and dO.
+    """
     if interpret:
         tiles = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
         return dict(fwd=tiles, dq=tiles, dkdv=tiles)
@@ -124,9 +133,22 @@ def _config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
     if dtype == torch.float32:  # a CPU-test dtype that still has to run on GPUs: small and safe
         return dict(fwd=tiles(32, 32, 4, 2), dq=tiles(32, 32, 4, 2), dkdv=tiles(32, 32, 8, 2))
     if head_dim <= 128:
-        return dict(fwd=tiles(128, 64, 8 if head_dim == 128 else 4, 3), dq=tiles(64, 32, 4, 3), dkdv=tiles(32, 64, 8, 2))
+        hopper = head_dim > 64 or (arch if arch is not None else _oldest_arch()) >= 90
+        return dict(fwd=tiles(128, 64, 8 if head_dim == 128 else 4, 3), dq=tiles(64, 32, 4, 3),
+                    dkdv=tiles(32, 64, 8, 2) if hopper else tiles(32, 32, 8, 2))
     # D = 256 (Gemma): dK and dV accumulators of 64 keys would spill, so 32 keys (no wgmma there)
     return dict(fwd=tiles(64, 64, 8, 2), dq=tiles(64, 32, 8, 2), dkdv=tiles(16, 32, 8, 2))
+
+
+@functools.lru_cache(maxsize=None)
+def _oldest_arch() -> int:
+    """The lowest compute capability (major * 10 + minor) among this process's GPUs; one value per
+    process, so the tiles (and the mask's tile bounds built from them) never depend on which
+    device is current. 90 when torch sees none."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return 90
+    return min(major * 10 + minor for major, minor in
+               (torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())))
 
 
 # ---------------------------------------------------------------------------------------------

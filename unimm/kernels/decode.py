@@ -240,21 +240,29 @@ def _decode_cuda(q, k_cache, v_cache, cache_lens, scale, softcap):
 # ---------------------------------------------------------------------------------------------
 
 def _triton_config(group: int, head_dim: int, interpret: bool) -> dict:
-    """Tiles and launch options; tests/triton_aot.py checks them on sm_90a and sm_80 (no spills).
+    """Tiles and launch options; tests/triton_aot.py compiles them for sm_90a and sm_80 under each
+    supported triton (3.6 and 3.9): no spills.
 
     Groups of >= 16 query heads take their scores and outputs from ``tl.dot`` (BLOCK_G rows per
-    program, at most 64); smaller groups a broadcast multiply-sum over a [BLOCK_G, BLOCK_N, D]
-    product of at most 64 fp32 values per thread and at most 32 keys (64 spill on sm_90a).
+    program, at most 64; groups of 33 or more fill 64-row tiles, which get wgmma on Hopper) and
+    BLOCK_N = 128K / (BLOCK_G x D) keys a step, within [16, 64]; smaller groups a broadcast
+    multiply-sum over a [BLOCK_G, BLOCK_N, D] product of at most 8192 fp32 values and at most 32
+    keys. Both on 8 warps: with the former 4 (and 64 keys on the dot path up to BLOCK_G x D =
+    4096) ptxas spilled a few bytes in the broadcast at D = 64 under triton 3.6 (capping
+    registers at 168 a thread for occupancy), in the 64-row dot at D >= 128 on sm_80, and in
+    float32's dot (3xTF32 doubles the operands) at 16 rows and D = 128 on sm_90a too. float32
+    still spills on its dot path at 32+ rows with D = 256 and at 64 rows with D >= 128: this
+    function is not told the dtype.
     """
     use_dot = group >= 16
     block_g = min(64, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
     if interpret:  # small tiles: cheap on the CPU interpreter, and tests cross every boundary
         return dict(USE_DOT=use_dot, BLOCK_G=block_g, BLOCK_N=16, num_warps=1, num_stages=1)
     if use_dot:
-        block_n = 64 if head_dim * block_g <= 128 * 32 else 32
+        block_n = max(16, min(64, 128 * 1024 // (block_g * head_dim)))
     else:
         block_n = max(1, min(32, 64 * 128 // (block_g * head_dim)))
-    return dict(USE_DOT=use_dot, BLOCK_G=block_g, BLOCK_N=block_n, num_warps=4, num_stages=2)
+    return dict(USE_DOT=use_dot, BLOCK_G=block_g, BLOCK_N=block_n, num_warps=8, num_stages=2)
 
 
 def _decode_triton(q, k_cache, v_cache, cache_lens, scale, softcap):
