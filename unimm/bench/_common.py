@@ -134,6 +134,24 @@ def _git_sha() -> str:
     return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
+# The anchors that are packages of their own (benchmarks/requirements-anchors.txt), by distribution name
+ANCHOR_PACKAGES = ("liger-kernel", "cut-cross-entropy", "flash-attn-4", "quack-kernels", "flashinfer-python",
+                   "transformers")
+
+
+def anchor_versions() -> dict[str, str | None]:
+    """The installed version of each anchor package (None: not installed)."""
+    from importlib import metadata
+
+    versions = {}
+    for name in ANCHOR_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def environment(device: torch.device | str = "cuda") -> dict:
     """What a result depends on: device, software versions, commit and date (no hostname)."""
     device = torch.device(device)
@@ -154,6 +172,7 @@ def environment(device: torch.device | str = "cuda") -> dict:
         triton=triton_version,
         cuda=torch.version.cuda,
         unimm=unimm.__version__,
+        anchors=anchor_versions(),
         git_sha=_git_sha(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )

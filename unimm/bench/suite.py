@@ -110,6 +110,8 @@ class Suite:
 
         print(f"unimm bench ({self.mode}): {', '.join(self.families)} on {self.env['device']}, torch "
               f"{self.env['torch']}, triton {self.env['triton']}; results in {self.out}, logs in {self.logs}")
+        print("anchor packages: " + ", ".join(f"{name} {version or 'not installed'}"
+                                              for name, version in self.env["anchors"].items()))
         self.peaks = None if self.args.smoke else measure_device_peaks()
         if self.peaks is not None:
             torch.cuda.empty_cache()
