@@ -16,6 +16,7 @@ from unimm.kernels import AttentionMask
 from unimm.models import (
     ContinuousImage, Decoder, DiffusionHead, DiscreteImage, RegressionHead, Text, UnifiedModel, pack,
 )
+from unimm.models import generate as generate_module
 from unimm.models.generate import ImageSpec, unconditional_prompt
 from unimm.models.sequence import EMU3_FORMAT, METAMORPH_FORMAT, PLAIN_FORMAT, UNIFLUID_FORMAT, ImageFormat
 
@@ -196,11 +197,11 @@ def test_unified_greedy_matches_no_cache_loop(family, grid):
         image = continuation[0]
         assert image.codes.shape == (2, 3) and image.format == EMU3_FORMAT
         assert len(continuation[1].ids) == 3
-        ids = packed(model, continuation).input_ids[0]  # BOI size_2 size_x size_3 (3 codes EOL) x2 EOF EOI text
+        ids = packed(model, continuation).input_ids[0]  # BOI size_2 size_x size_3 IMG (3 codes EOL) x2 EOF EOI text
         v = model.vocab
-        assert ids[:4].tolist() == [v.special_id(n) for n in ("boi", "size_2", "size_x", "size_3")]
-        assert ids[7] == ids[11] == v.special_id("eol") and ids[12] == v.special_id("eof")
-        assert ids[13] == v.special_id("eoi")
+        assert ids[:5].tolist() == [v.special_id(n) for n in ("boi", "size_2", "size_x", "size_3", "img")]
+        assert ids[8] == ids[12] == v.special_id("eol") and ids[13] == v.special_id("eof")
+        assert ids[14] == v.special_id("eoi")
         assert check_against_no_cache(model, prompt, continuation) == 9
 
     text = model.generate(prompts, max_new_tokens=4)  # text only: never an image code
@@ -208,6 +209,57 @@ def test_unified_greedy_matches_no_cache_loop(family, grid):
         assert len(continuation) == 1 and len(continuation[0].ids) == 4
         assert max(continuation[0].ids) < model.vocab.image_codes[0]
         assert check_against_no_cache(model, prompt, continuation) == 4
+
+
+def test_generation_writes_the_emu3_structure_tokens_pack_writes(monkeypatch):
+    """The engine writes an Emu3 image's structure tokens itself (BOI, size, image token, EOL per
+    row, EOF, EOI): the ids it feeds the decoder for a generated image are ``pack``'s ids of that
+    image, token for token, whether the image is started by the caller or by a sampled BOI."""
+    engines = []
+    run = generate_module._Engine.run
+
+    def recording(self, prefill):
+        engines.append(self)
+        return run(self, prefill)
+
+    monkeypatch.setattr(generate_module._Engine, "run", recording)
+    model = discrete_model()
+    vocab = model.vocab
+    spec = ImageSpec("discrete", shape=(3, 11), temperature=1.0, top_k=8)  # a two-digit width
+    opening = [vocab.special_id(n) for n in ("boi", "size_3", "size_x", "size_1", "size_1", "img")]
+    out = model.generate([[Text([1, 2])], [Text([3])]], max_new_tokens=0, image=spec, start_image=True,
+                         generator=seeded(12))
+    written = torch.stack(engines[-1].step_ids, 1).cpu()  # [rows, steps]: every token the engine produced
+    assert written.shape == (2, 6 + 3 * 12 + 2)
+    for b, [image] in enumerate(out):
+        batch = packed(model, [image])
+        assert batch.placements[0][2] == written.shape[1]
+        assert written[b].tolist() == batch.input_ids[0, :written.shape[1]].tolist()
+        assert written[b, :6].tolist() == opening
+
+    # a BOI sampled in text starts the image; the engine writes the rest
+    real_logits = model.logits
+
+    def choose_boi(hidden, vocab_range=None):
+        logits = real_logits(hidden, vocab_range)
+        if vocab_range == (0, vocab.image_codes[0]):
+            logits = torch.full_like(logits, -1e4)
+            logits[:, vocab.special_id("boi")] = 0.0
+        return logits
+
+    monkeypatch.setattr(model, "logits", choose_boi)
+    [[image]] = model.generate([[Text([4, 5])]], max_new_tokens=1, image=spec, generator=seeded(13))
+    written = torch.stack(engines[-1].step_ids, 1)[0].cpu()
+    assert written.tolist() == packed(model, [image]).input_ids[0, :written.numel()].tolist()
+    assert written[:6].tolist() == opening and written.numel() == 6 + 3 * 12 + 2
+
+    # Emu3's 33 x 32 image: 1,098 tokens per generated image, the plan laid out as pack lays it out
+    plan = generate_module._Plan(ImageSpec("discrete", shape=(33, 32)), model)
+    span = pack([[DiscreteImage(torch.zeros(33, 32, dtype=torch.long), loss=False)]], 1100, vocab=vocab)
+    assert len(plan) == 1098 and span.placements[0][2] == 1098
+    ids = span.input_ids[0, :1098]
+    assert plan.ids == torch.where(ids >= vocab.image_codes[0], -1, ids).tolist()
+    assert plan.ids[6] == vocab.special_id("img") and plan.ids[7] == -1
 
 
 def test_cfg_greedy_matches_guided_no_cache_loop():

@@ -5,8 +5,8 @@ import torch
 
 from conftest import seeded
 from unimm.models.sequence import (
-    DEFAULT_SPECIAL_TOKENS, IGNORE_INDEX, METAMORPH_FORMAT, PLAIN_FORMAT, UNIFLUID_FORMAT, ContinuousImage,
-    DiscreteImage, Head, HybridImage, ImageFormat, Text, VocabLayout, pack,
+    DEFAULT_SPECIAL_TOKENS, EMU3_FORMAT, IGNORE_INDEX, METAMORPH_FORMAT, PLAIN_FORMAT, SIZE_TOKENS, UNIFLUID_FORMAT,
+    ContinuousImage, DiscreteImage, Head, HybridImage, ImageFormat, Text, VocabLayout, pack,
 )
 
 VOCAB = VocabLayout(50, DEFAULT_SPECIAL_TOKENS, 100)
@@ -21,7 +21,7 @@ def test_vocab_layout_blocks():
     assert VOCAB.text == (0, 50)
     assert VOCAB.specials == (50, CODE0)
     assert VOCAB.image_codes == (CODE0, CODE0 + 100) and VOCAB.size == CODE0 + 100
-    assert sid("boi") == 50 and sid("size_x") == CODE0 - 1
+    assert sid("boi") == 50 and sid("size_x") == CODE0 - 2 and sid("img") == CODE0 - 1
     assert VOCAB.code_ids(torch.tensor([0, 99])).tolist() == [CODE0, CODE0 + 99]
     with pytest.raises(ValueError, match="'nope' is not in the vocabulary"):
         VOCAB.special_id("nope")
@@ -30,37 +30,73 @@ def test_vocab_layout_blocks():
 
 
 def test_discrete_image_emu3_layout():
+    # Emu3's processor: BOI, "H*W", <|image token|>, per row the codes then EOL, EOF, EOI
     codes = torch.arange(12).view(3, 4) * 7 % 100
     batch = pack([[Text([1, 2]), DiscreteImage(codes)]], 40, vocab=VOCAB)
     rows = [[CODE0 + int(c) for c in row] + [sid("eol")] for row in codes]
-    image = [sid("boi"), sid("size_3"), sid("size_x"), sid("size_4")] + sum(rows, []) + [sid("eof"), sid("eoi")]
+    opening = [sid("boi"), sid("size_3"), sid("size_x"), sid("size_4"), sid("img")]
+    image = opening + sum(rows, []) + [sid("eof"), sid("eoi")]
     expected = [1, 2] + image
     n = len(expected)
-    assert n == 2 + 4 + 15 + 2
+    assert n == 2 + 5 + 15 + 2
     assert batch.input_ids.shape == (1, 40)
     assert batch.input_ids[0, :n].tolist() == expected
     assert (batch.input_ids[0, n:] == 0).all() and (batch.doc_ids[0, n:] == -1).all()
     # heads describe the token each position predicts: codes -> IMAGE_CODE, structure and text -> TEXT
-    kinds = [Head.TEXT] + [Head.TEXT] * 4 + ([Head.IMAGE_CODE] * 4 + [Head.TEXT]) * 3 + [Head.TEXT] * 2
+    kinds = [Head.TEXT] + [Head.TEXT] * 5 + ([Head.IMAGE_CODE] * 4 + [Head.TEXT]) * 3 + [Head.TEXT] * 2
     assert batch.heads[0, :n - 1].tolist() == [int(k) for k in kinds]
     assert batch.heads[0, n - 1:].eq(Head.NONE).all()
     # 2D positions of the codes (image 0), -1 elsewhere; next positions one step earlier
     grid = batch.image_positions[0]
-    first_code = 6
+    first_code = 7
     for r in range(3):
         for c in range(4):
             assert grid[first_code + r * 5 + c].tolist() == [r, c, 0]
             assert batch.next_image_positions[0, first_code + r * 5 + c - 1].tolist() == [r, c]
     assert (grid[first_code + 4] == -1).all()  # EOL
     assert batch.next_image_positions[0, first_code + 3].tolist() == [-1, -1]  # predicts EOL
+    assert (grid[:first_code] == -1).all()  # BOI, size and image token: no grid cell
+
+
+def test_emu3_33x32_image_is_1098_tokens_in_emu3_order():
+    """Emu3's processor (``Emu3Processor``) writes an image of h x w codes as
+    ``<|image start|> "h*w" <|image token|> (codes <|extra_200|>) x h <|extra_201|> <|image end|>``:
+    1 + 5 + 1 + 33 * (32 + 1) + 2 = 1,098 tokens for 33 x 32 (its tokenizer splits "33*32" into
+    five single-character tokens)."""
+    h, w = 33, 32
+    codes = torch.randint(0, 100, (h, w), generator=seeded(5))
+    batch = pack([[DiscreteImage(codes)]], 1100, vocab=VOCAB)
+    assert batch.placements == [(0, 0, 1098)]
+    ids = batch.input_ids[0, :1098].tolist()
+    size = [sid(f"size_{c}") for c in "33"] + [sid("size_x")] + [sid(f"size_{c}") for c in "32"]
+    assert ids[:7] == [sid("boi")] + size + [sid("img")]
+    body = torch.tensor(ids[7:7 + h * (w + 1)]).view(h, w + 1)
+    assert torch.equal(body[:, :w], codes + CODE0) and (body[:, w] == sid("eol")).all()
+    assert ids[-2:] == [sid("eof"), sid("eoi")]
+    # with a tokenizer's own ids for "33*32" (a callable size), the same layout and length
+    tokenizer_size = ImageFormat(size=lambda h, w: [3, 3, 42, 3, 2], image_token="img", end_of_line="eol",
+                                 end_of_frame="eof")
+    own = pack([[DiscreteImage(codes, format=tokenizer_size)]], 1100, vocab=VOCAB)
+    assert own.placements == [(0, 0, 1098)]
+    assert own.input_ids[0, :7].tolist() == [sid("boi"), 3, 3, 42, 3, 2, sid("img")]
+    assert torch.equal(own.input_ids[0, 7:1098], batch.input_ids[0, 7:1098])
+    # the image token is optional: other formats do not write it
+    assert EMU3_FORMAT.image_token == "img" and PLAIN_FORMAT.image_token is None
+    without = pack([[DiscreteImage(codes, format=ImageFormat(size="digits", end_of_line="eol", end_of_frame="eof"))]],
+                   1100, vocab=VOCAB)
+    assert without.placements == [(0, 0, 1097)] and sid("img") not in without.input_ids[0].tolist()
+    with pytest.raises(TypeError, match="image_token"):
+        ImageFormat(image_token=7)
 
 
 def test_size_formats():
-    emu3_text = ImageFormat(size=lambda h, w: [10 + h, 20, 10 + w], end_of_line="eol", end_of_frame="eof")
+    emu3_text = ImageFormat(size=lambda h, w: [10 + h, 20, 10 + w], image_token="img", end_of_line="eol",
+                            end_of_frame="eof")
     batch = pack([[DiscreteImage(torch.zeros(2, 13, dtype=torch.long), format=emu3_text)]], 64, vocab=VOCAB)
-    assert batch.input_ids[0, :4].tolist() == [sid("boi"), 12, 20, 23]
+    assert batch.input_ids[0, :5].tolist() == [sid("boi"), 12, 20, 23, sid("img")]
     digits = pack([[DiscreteImage(torch.zeros(24, 3, dtype=torch.long))]], 128, vocab=VOCAB)
-    assert digits.input_ids[0, :5].tolist() == [sid("boi"), sid("size_2"), sid("size_4"), sid("size_x"), sid("size_3")]
+    assert digits.input_ids[0, :6].tolist() == [sid("boi"), sid("size_2"), sid("size_4"), sid("size_x"), sid("size_3"),
+                                                sid("img")]
     plain = pack([[DiscreteImage(torch.tensor([[5, 6]]), format=PLAIN_FORMAT)]], 8, vocab=VOCAB)
     assert plain.input_ids[0, :4].tolist() == [sid("boi"), CODE0 + 5, CODE0 + 6, sid("eoi")]
 
@@ -194,7 +230,10 @@ def test_bad_inputs(documents, kwargs, message):
 def test_missing_special_tokens_and_codes():
     with pytest.raises(ValueError, match="'eol' is not in the vocabulary"):
         pack([[DiscreteImage(torch.zeros(1, 1, dtype=torch.long))]], 8,
-             vocab=VocabLayout(50, ("boi", "eoi") + DEFAULT_SPECIAL_TOKENS[-11:], 4))
+             vocab=VocabLayout(50, ("boi", "eoi", "img") + SIZE_TOKENS, 4))
+    with pytest.raises(ValueError, match="'img' is not in the vocabulary"):
+        pack([[DiscreteImage(torch.zeros(1, 1, dtype=torch.long))]], 8,
+             vocab=VocabLayout(50, ("boi", "eoi", "eol", "eof") + SIZE_TOKENS, 4))
     with pytest.raises(ValueError, match="num_image_codes=0"):
         pack([[DiscreteImage(torch.zeros(1, 1, dtype=torch.long))]], 8, vocab=VocabLayout(50, DEFAULT_SPECIAL_TOKENS))
     with pytest.raises(TypeError, match="VocabLayout"):

@@ -68,10 +68,10 @@ def test_expansion_keeps_text_rows_and_logits(family, tied):
         before = decoder.logits(decoder(ids))
     model = UnifiedModel.from_decoder(decoder, num_image_codes=40, init_seed=3)
     vocab = model.vocab
-    assert vocab.text == (0, 64) and vocab.specials == (64, 82) and vocab.image_codes == (82, 122)
-    assert model.special_id("boi") == 64 and decoder.config.vocab_size == 122
+    assert vocab.text == (0, 64) and vocab.specials == (64, 83) and vocab.image_codes == (83, 123)
+    assert model.special_id("boi") == 64 and decoder.config.vocab_size == 123
     new_embed, new_head = decoder.embed_tokens.weight, decoder.lm_head.weight
-    assert new_embed.shape == (122, HIDDEN) and new_head.shape == (122, HIDDEN)
+    assert new_embed.shape == (123, HIDDEN) and new_head.shape == (123, HIDDEN)
     assert torch.equal(new_embed[:64], embed) and torch.equal(new_head[:64], head)
     assert (new_head is new_embed) == tied
     # new rows: per-dimension normal with the old rows' statistics
@@ -79,9 +79,9 @@ def test_expansion_keeps_text_rows_and_logits(family, tied):
     assert torch.isfinite(fresh).all() and fresh.std() > 0.5 * embed.std() and fresh.std() < 2 * embed.std()
     with torch.no_grad():
         after = model.logits(decoder(ids))
-    assert after.shape == (2, 9, 122)
+    assert after.shape == (2, 9, 123)
     torch.testing.assert_close(after[..., :64], before, rtol=0, atol=0)
-    torch.testing.assert_close(model.logits(decoder(ids), vocab.image_codes), after[..., 82:])
+    torch.testing.assert_close(model.logits(decoder(ids), vocab.image_codes), after[..., 83:])
     again = UnifiedModel.from_decoder(tiny_decoder(family, tied), num_image_codes=40, init_seed=3)
     assert torch.equal(again.decoder.embed_tokens.weight, new_embed)
 

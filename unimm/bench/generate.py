@@ -29,7 +29,7 @@ Target (issue): decode_attention at >= 85% of the measured copy bandwidth for ca
 Part ``discrete`` (issue 7, benchmark a): Emu3-style text-to-image on a Llama-3.2-1B-shaped model
 with random weights (``Decoder.from_config``; hidden 2048, 16 layers, 32 / 8 heads of 64, tied
 embeddings) and a 161,280-entry vocabulary whose last 32,768 are image codes: 16 prompts of 32 text
-tokens, one 24 x 24 image each (608 tokens with Emu3's structure tokens), CFG 4.0 against the
+tokens, one 24 x 24 image each (609 tokens with Emu3's structure tokens), CFG 4.0 against the
 prompt BOS alone, top-k 2000 at temperature 1. One timed call generates all 16 images, prefill
 included:
   * unimm: ``UnifiedModel.generate`` (static KV cache, decode step in a CUDA graph, codes sampled
@@ -41,7 +41,7 @@ included:
     per step over the unconditional prompts) and Emu3's layout as a logits processor (structure
     tokens forced, codes elsewhere, as Emu3's PrefixConstrainedLogitsProcessor), SDPA attention,
     its default dynamic cache; n/a when transformers does not import.
-Reported: seconds per call, images/s, ms per step (call time / 608), speedup of unimm over each.
+Reported: seconds per call, images/s, ms per step (call time / 609), speedup of unimm over each.
 
 Part ``continuous`` (issue 7, benchmark b): UniFluid-style text-to-image on the same backbone
 (text vocabulary only) with a MAR-B-sized ``DiffusionHead`` (width 1024, depth 6, 16-channel
@@ -309,7 +309,7 @@ BOS = 1  # the prompts' first token; the unconditional prompt is BOS alone (capt
 DISCRETE_TARGET = ("discrete: unimm (CUDA graphs) above transformers generate with CFG and above unimm without "
                    "CUDA graphs in images/s")
 # Emu3-style text-to-image: a 161,280-entry vocabulary whose last 32,768 are codes, 24 x 24 codes per
-# image with Emu3's structure tokens (608 tokens per span), CFG 4, top-k 2000
+# image with Emu3's structure tokens (609 tokens per span), CFG 4, top-k 2000
 DISCRETE_SHAPES = {"llama-3.2-1b-v161k-16x24x24": dict(model="llama-3.2-1b", vocab=161280, image_codes=32768,
                                                         images=16, grid=(24, 24), prompt_len=32, cfg_scale=4.0,
                                                         top_k=2000),

@@ -1,37 +1,58 @@
-"""Hugging Face drop-in: ``apply(model)`` runs a transformers causal LM on unimm's kernels.
+"""Hugging Face drop-in: ``apply(model)`` runs a transformers decoder LM on unimm's kernels.
 
-Supported: ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``Gemma2ForCausalLM`` (tested with
-transformers 5.24; written for >= 4.48). After ``apply(model)``:
+Supported classes: ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``,
+``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``, ``Gemma3ForConditionalGeneration`` (its language
+model; the SigLIP vision tower keeps its own attention) and ``ChameleonForConditionalGeneration``.
+Tested with transformers 4.52.1 (the oldest release in which all of them route attention through
+transformers' attention interface) and 5.24.0. The arguments are read as the installed
+transformers passes them (its forward signatures, the KV cache as ``cache=`` or
+``past_key_values=``, ``cache_position`` where it is passed, masks it prepared), never by
+version number. After ``apply(model)``:
 
   * **Loss.** ``model(..., labels=labels)`` runs the base model, then
     ``unimm.kernels.linear_cross_entropy`` on the final hidden states and ``lm_head.weight``
-    (Gemma-2's ``final_logit_softcapping`` as ``softcap``), so the ``B x S x V`` logits are never
-    formed. Labels are shifted as transformers does (``labels[..., 1:]``, or ``shift_labels=``),
-    ``ignore_index`` (default -100) is skipped, ``num_items_in_batch`` turns the mean into
-    sum / num_items_in_batch. The output is a ``CausalLMOutputWithPast`` whose ``logits`` is
-    **None**. A batch whose labels are all ignored has loss 0 (transformers: NaN). Without
-    labels, forward is the model's own and returns logits as before.
-  * **Attention.** Every layer calls ``unimm.kernels.attention`` through transformers'
+    (``final_logit_softcapping`` as ``softcap`` where the model's own forward applies it: the
+    Gemma-2/3 causal LMs, not Gemma-3's ConditionalGeneration; Chameleon's image tokens left out
+    of the softmax, as its forward does by setting their logits to the minimum), so the
+    ``B x S x V`` logits are never formed. Labels are shifted as transformers does (``labels[..., 1:]``, or
+    ``shift_labels=``), ``ignore_index`` (default -100) is skipped, ``num_items_in_batch`` turns
+    the mean into sum / num_items_in_batch. The output is a ``CausalLMOutputWithPast`` whose
+    ``logits`` is **None**. A batch whose labels are all ignored has loss 0 (transformers: NaN).
+    Without labels, forward is the model's own and returns logits as before.
+  * **Attention.** Every decoder layer calls ``unimm.kernels.attention`` through transformers'
     attention interface (implementation ``"unimm"``). The mask of a call is one
     ``AttentionMask`` built once per forward:
       - ``attention_mask=None``: causal; packed sequences given by ``position_ids`` that restart
-        (as transformers detects them) see only their own document;
+        (in a call without cached tokens) see only their own document;
       - a 2-D padding mask ``[B, past + S]`` of 0/1 whose ones form one run per row (right or
         left padding): row i sees the kept keys up to itself;
+      - a 4-D mask ``[B, 1, S, K]`` (bool, or additive float: 0 visible, <= -1e3 masked) whose
+        visible keys form one run per row, such as the masks transformers 4.x prepares in
+        ``generate()`` for static and hybrid caches: used as given, column j = key position j;
       - an ``unimm.kernels.AttentionMask`` ``[B, S]`` (prefix-LM, packed documents with
         bidirectional image spans, ...): used as given; not with a filled KV cache.
-    Sliding-window layers (Gemma-2, Qwen2) also drop keys ``window`` or more positions before
-    the query; Gemma-2's attention soft-cap is passed on. KV caches from ``generate()`` work,
-    sliding-window caches that keep only recent keys included.
+    Gemma-3's ``token_type_ids`` (1: image token) make each contiguous run of image tokens a
+    bidirectional span inside causal text (``AttentionMask.from_spans``, combined with the
+    padding mask): each image sees all of itself, not later images, as transformers does.
+    Sliding-window layers (Gemma-2/3, Qwen2/3) also drop keys ``window`` or more positions
+    before the query; Gemma's attention soft-cap is passed on. KV caches from ``generate()``
+    work: dynamic ones, and the static / hybrid caches whose masks transformers prepares as 4-D
+    tensors (4.x), sliding-window layers that keep only recent keys included. On transformers
+    4.x the dense mask the base model would build for the layers (and never read) is skipped.
 
-Limits: attention dropout must be 0; ``output_attentions`` gives no weights (None); 4-D masks
-are refused (they are not one key interval per row); ``generate()`` with a *static* cache
-builds its masks before the model sees the padding mask, so padded batches need the default
-dynamic cache there.
+Limits: attention dropout must be 0; ``output_attentions`` gives no weights (None); masks that
+are not one key interval per row are refused; Gemma-3's ``use_bidirectional_attention``
+(EmbeddingGemma) is refused. Windows follow each attention module's ``sliding_window`` (as
+flash-attention and transformers 5.x do; 4.x's eager / SDPA masks window every Qwen2/3 layer
+when ``use_sliding_window`` is set). transformers 5.x prepares no mask for an attention implementation
+it does not know, so ``generate()`` with a *static* cache there loses the padding mask: padded
+batches need the default dynamic cache.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 
 import torch
@@ -40,7 +61,8 @@ import torch.nn.functional as F
 from unimm.kernels import AttentionMask, attention, linear_cross_entropy
 
 IMPLEMENTATION = "unimm"
-SUPPORTED_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM")
+SUPPORTED_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
+                     "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "ChameleonForConditionalGeneration")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,72 +70,149 @@ SUPPORTED_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM"
 # ---------------------------------------------------------------------------------------------
 
 def apply(model):
-    """Makes ``model`` (a transformers Llama / Qwen2 / Gemma-2 causal LM) compute its attention
-    with ``unimm.kernels.attention`` and its training loss with ``linear_cross_entropy``.
+    """Makes ``model`` (one of ``SUPPORTED_CLASSES``) compute its decoder's attention with
+    ``unimm.kernels.attention`` and its training loss with ``linear_cross_entropy``.
 
     Patches this instance only (its forward and its base model's forward) and switches its
-    attention implementation to ``"unimm"``; parameters and checkpoints are untouched. Calling it
-    again is a no-op. Returns ``model``.
+    language model's attention implementation to ``"unimm"`` (a vision tower keeps its own);
+    parameters and checkpoints are untouched. Calling it again is a no-op. Returns ``model``.
     """
     import transformers
 
-    supported = tuple(getattr(transformers, name) for name in SUPPORTED_CLASSES)
+    supported = tuple(cls for cls in (getattr(transformers, name, None) for name in SUPPORTED_CLASSES) if cls)
     if not isinstance(model, supported):
         raise TypeError(f"apply() supports {', '.join(SUPPORTED_CLASSES)}; got {type(model).__name__}")
     if getattr(model, "_unimm_applied", False):
         return model
-    config = model.config
+    decoder = _decoder(model.model)
+    config = decoder.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
         raise ValueError(f"unimm attention needs config.head_dim to be a power of two in [16, 256], got {head_dim}")
     if getattr(config, "attention_dropout", 0.0):
-        raise ValueError(f"unimm attention has no dropout; config.attention_dropout must be 0, got {config.attention_dropout}")
+        raise ValueError("unimm attention has no dropout; config.attention_dropout must be 0, "
+                         f"got {config.attention_dropout}")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError("apply() runs causal language models; config.use_bidirectional_attention is not supported")
 
     _register_attention()
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(IMPLEMENTATION)
-    else:  # transformers < 5
-        config._attn_implementation = IMPLEMENTATION
-    model.model.forward = types.MethodType(_base_model_forward, model.model)
-    model.forward = types.MethodType(_causal_lm_forward, model)
+    _use_implementation(model, decoder)
+    for module in {id(m): m for m in (model.model, decoder)}.values():
+        if hasattr(type(module), "_update_causal_mask"):  # transformers 4.x builds dense masks here
+            module._update_causal_mask = types.MethodType(_update_causal_mask, module)
+    model.model.forward = types.MethodType(_with_signature(_base_model_forward, type(model.model).forward), model.model)
+    model.forward = types.MethodType(_with_signature(_causal_lm_forward, type(model).forward), model)
     model._unimm_applied = True
     return model
 
 
+def _with_signature(function, original):
+    """``function`` under ``original``'s name and signature: ``generate()`` checks its keyword
+    arguments against the forward's signature."""
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        return function(self, *args, **kwargs)
+    return forward
+
+
+def _decoder(base_model):
+    """The module holding the decoder layers: the base model itself, or the language model of a
+    multimodal base model (Gemma-3's)."""
+    language_model = getattr(base_model, "language_model", None)
+    if isinstance(language_model, torch.nn.Module) and hasattr(language_model, "layers"):
+        return language_model
+    return base_model
+
+
 def _register_attention() -> None:
-    try:
-        from transformers import AttentionInterface
-    except ImportError:  # transformers < 4.50: a plain dict
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        ALL_ATTENTION_FUNCTIONS[IMPLEMENTATION] = _attention_forward
-    else:
-        AttentionInterface.register(IMPLEMENTATION, _attention_forward)
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(IMPLEMENTATION, _attention_forward)
+
+
+def _use_implementation(model, decoder) -> None:
+    """Switches the language model (and only it: not a vision tower) to the unimm attention, on
+    every config object that says which attention the language model runs or its masks are
+    built for (older transformers deep-copy a sub-config into the language model)."""
+    text_config = model.config.get_text_config()
+    if hasattr(model, "set_attn_implementation"):  # newer transformers: validated, dispatched to submodules
+        if text_config is model.config:
+            model.set_attn_implementation(IMPLEMENTATION)
+        else:
+            key = next(name for name in getattr(model.config, "sub_configs", {})
+                       if getattr(model.config, name, None) is text_config)
+            model.set_attn_implementation({key: IMPLEMENTATION})
+    for config in (text_config, decoder.config):
+        if config._attn_implementation != IMPLEMENTATION:
+            config._attn_implementation = IMPLEMENTATION
+
+
+def _active(base_model) -> bool:
+    """Whether the model still runs the unimm attention (it may have been switched back)."""
+    return _decoder(base_model).config._attn_implementation == IMPLEMENTATION
+
+
+def _update_causal_mask(self, attention_mask=None, *args, **kwargs):
+    """transformers 4.x's dense ``[B, 1, S, K]`` mask builder, skipped inside a unimm forward
+    (which hands the layers ``attention_mask=None``): the layers never read it. Masks it builds
+    from a real mask (``generate()`` preparing one for a static cache) are built as before."""
+    if attention_mask is None and _active(self):
+        return None
+    return type(self)._update_causal_mask(self, attention_mask, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
 # Patched forwards
 # ---------------------------------------------------------------------------------------------
 
-def _base_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                        **kwargs):
+@functools.lru_cache(maxsize=None)
+def _signature(function) -> inspect.Signature:
+    return inspect.signature(function)
+
+
+def _arguments(function, module, args: tuple, kwargs: dict) -> dict:
+    """The call's arguments by name, positional ones named by ``function``'s own signature (the
+    installed transformers' forward), its ``**kwargs`` merged in."""
+    signature = _signature(function)
+    parameters = list(signature.parameters.values())
+    if not parameters or parameters[0].kind not in (inspect.Parameter.POSITIONAL_ONLY,
+                                                    inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        raise TypeError(f"cannot read the arguments of {type(module).__name__}.forward{signature}: "
+                        "its signature does not start with self")
+    named = dict(signature.bind_partial(module, *args, **kwargs).arguments)
+    named.pop(parameters[0].name)
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(named.pop(name, {}))
+        elif parameter.kind is inspect.Parameter.VAR_POSITIONAL and named.get(name):
+            raise TypeError(f"{type(module).__name__}.forward got unexpected positional arguments")
+    return named
+
+
+def _base_model_forward(self, *args, **kwargs):
     """The base model's forward, with the call's mask turned into key intervals once and handed
     to every attention layer as the ``unimm_mask`` keyword (transformers passes extra keywords
     down to the attention function); transformers' own mask building then sees None. Every other
-    keyword (the KV cache among them, under whichever name this transformers uses) passes through
-    untouched."""
+    argument (the KV cache among them, under whichever name this transformers uses) passes
+    through untouched."""
     original = type(self).forward
-    if self.config._attn_implementation != IMPLEMENTATION:  # switched back after apply()
-        return original(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        inputs_embeds=inputs_embeds, **kwargs)
-    tokens = input_ids if input_ids is not None else inputs_embeds
+    if not _active(self):  # switched back after apply()
+        return original(self, *args, **kwargs)
+    named = _arguments(original, self, args, kwargs)
+    tokens = named.get("input_ids")
+    if tokens is None:
+        tokens = named.get("inputs_embeds")
     if tokens is None:
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
     batch, seq_len = tokens.shape[:2]
-    cache = _given_cache(kwargs)
-    past_len = cache.get_seq_length() if cache is not None else 0
-    intervals = _call_intervals(attention_mask, position_ids, past_len, batch, seq_len, tokens.device)
-    return original(self, input_ids=input_ids, attention_mask=None, position_ids=position_ids,
-                    inputs_embeds=inputs_embeds, unimm_mask=intervals, **kwargs)
+    # the model's own mask inputs: token_type_ids only where this forward takes them (Gemma-3)
+    token_type_ids = named.get("token_type_ids") if "token_type_ids" in _signature(original).parameters else None
+    intervals = _call_intervals(named.get("attention_mask"), named.get("position_ids"), token_type_ids,
+                                _past_length(named), batch, seq_len, tokens.device)
+    named["attention_mask"] = None
+    if token_type_ids is not None:
+        named["token_type_ids"] = None  # its bidirectional spans are in the intervals
+    return original(self, unimm_mask=intervals, **named)
 
 
 # transformers >= 5.24 names the KV cache ``cache`` (``past_key_values`` deprecated); before, only
@@ -127,27 +226,43 @@ def _given_cache(kwargs: dict):
     return caches[0] if caches else None
 
 
-def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                       labels=None, **kwargs):
+def _past_length(named: dict) -> int:
+    """Tokens before this call: ``cache_position[0]`` where the caller passes it (transformers
+    4.x builds its own masks from it; a hybrid cache's length is not the position there), else
+    the cache's length."""
+    cache_position = named.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+        return int(cache_position.reshape(-1)[0])
+    cache = _given_cache(named)
+    return int(cache.get_seq_length()) if cache is not None else 0
+
+
+_LOSS_KEYWORDS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+
+def _causal_lm_forward(self, *args, **kwargs):
     """With labels: base model + fused linear cross-entropy, ``logits=None``. Without: unchanged."""
+    original = type(self).forward
+    named = _arguments(original, self, args, kwargs)
+    labels = named.pop("labels", None)
     if labels is None:
-        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
+        return original(self, *args, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    return_dict = kwargs.pop("return_dict", None)
+    return_dict = named.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
-    logits_to_keep = kwargs.pop("logits_to_keep", 0)
+    logits_to_keep = named.pop("logits_to_keep", 0)
     if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
         raise ValueError("logits_to_keep cannot be combined with labels: the loss covers every position")
-    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         inputs_embeds=inputs_embeds, **kwargs)
-    loss = causal_lm_loss(self, outputs.last_hidden_state, labels, **kwargs)
+    loss_options = {name: named.pop(name) for name in _LOSS_KEYWORDS if name in named}
+    outputs = self.model(**named)
+    loss = causal_lm_loss(self, outputs.last_hidden_state, labels, **loss_options)
     # the output's cache field is named as this transformers names it (``cache`` or ``past_key_values``)
     cache_field = next(name for name in _CACHE_NAMES if name in CausalLMOutputWithPast.__dataclass_fields__)
-    output = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
-                                    attentions=outputs.attentions, **{cache_field: getattr(outputs, cache_field)})
+    output = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=getattr(outputs, "hidden_states", None),
+                                    attentions=getattr(outputs, "attentions", None),
+                                    **{cache_field: getattr(outputs, cache_field, None)})
     return output if return_dict else output.to_tuple()
 
 
@@ -165,16 +280,45 @@ def causal_lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor, *, num_ite
     if dtype is not None:  # what lm_head would have computed in
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
+    excluded = _excluded_logits(model, weight)
+    if excluded is not None:
+        bias = excluded if bias is None else bias + excluded
     with torch.autocast(device_type, enabled=False):  # the kernel accumulates in fp32 itself
         loss = linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]), weight, shift_labels.to(hidden.device).reshape(-1), bias=bias,
             ignore_index=ignore_index, reduction="mean" if num_items_in_batch is None else "sum",
-            softcap=getattr(model.config, "final_logit_softcapping", None))
+            softcap=_final_softcap(model))
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
     return loss
+
+
+def _final_softcap(model) -> float | None:
+    """The final-logit soft-cap the causal LM's own forward applies: its config's
+    ``final_logit_softcapping`` (Gemma-2/3), where the config is the text model's own; a
+    multimodal wrapper (Gemma-3 with a vision tower) applies none."""
+    config = model.config
+    if config.get_text_config() is not config:
+        return None
+    return getattr(config, "final_logit_softcapping", None)
+
+
+def _excluded_logits(model, weight: torch.Tensor) -> torch.Tensor | None:
+    """Chameleon's forward sets the logits of its image tokens to the dtype's minimum before the
+    loss: they weigh nothing in the softmax. The same as a bias ``[V]`` holding a huge negative
+    value there, the dtype's minimum or, where that is larger, the fp32 minimum over 2V (the
+    kernels sum the logits of a row in fp32: it stays finite). None for the other models."""
+    mapping = getattr(model.model, "vocabulary_mapping", None)
+    image_tokens = getattr(mapping, "image_tokens", None)
+    if not image_tokens:
+        return None
+    vocab = weight.shape[0]
+    low = max(torch.finfo(weight.dtype).min, torch.finfo(torch.float32).min / (2 * vocab))
+    bias = torch.zeros(vocab, dtype=weight.dtype, device=weight.device)
+    bias[torch.as_tensor(list(image_tokens), device=weight.device)] = low
+    return bias
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,8 +328,9 @@ def causal_lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor, *, num_ite
 class _CallIntervals:
     """One forward call's mask in absolute key positions: query row i, at absolute position
     ``past_len + i``, sees keys ``[kv_start, kv_end)`` of the ``past_len + S`` the call knows.
-    ``for_layer`` adapts it to one layer's keys (sliding window, cache that dropped old keys)
-    and caches the result, so layers sharing a shape share one mask (and its tile bounds)."""
+    ``for_layer`` adapts it to one layer's keys (sliding window, cache that dropped old keys,
+    static cache with unwritten slots after them) and caches the result, so layers sharing a
+    shape share one mask (and its tile bounds)."""
 
     def __init__(self, mask: AttentionMask, past_len: int):
         self.mask = mask
@@ -212,11 +357,12 @@ class _CallIntervals:
         return AttentionMask(start.clamp_min(0).contiguous(), end.clamp_min(0).contiguous(), self.total_keys - dropped)
 
 
-def _call_intervals(attention_mask, position_ids, past_len: int, batch: int, seq_len: int,
+def _call_intervals(attention_mask, position_ids, token_type_ids, past_len: int, batch: int, seq_len: int,
                     device: torch.device) -> _CallIntervals:
     if isinstance(attention_mask, dict):  # masks prepared by generate(): None for unknown implementations
         if any(value is not None for value in attention_mask.values()):
-            raise ValueError("the 'unimm' attention cannot use prepared 4-D masks; pass a 2-D padding mask")
+            raise ValueError("the 'unimm' attention takes one mask (2-D, 4-D or an AttentionMask), not a mask per "
+                             "layer type: it applies sliding windows per layer itself")
         attention_mask = None
     if isinstance(attention_mask, AttentionMask):
         if past_len:
@@ -225,32 +371,73 @@ def _call_intervals(attention_mask, position_ids, past_len: int, batch: int, seq
         if attention_mask.shape != (batch, seq_len) or attention_mask.device != device:
             raise ValueError(f"attention_mask (an AttentionMask) must be [batch, seq] = [{batch}, {seq_len}] on "
                              f"{device}, got {list(attention_mask.shape)} on {attention_mask.device}")
+        if _image_spans(token_type_ids, past_len, batch, seq_len, device) is not None:
+            raise ValueError("pass either an AttentionMask or token_type_ids, not both: put the image spans into "
+                             "the AttentionMask (AttentionMask.from_spans)")
         return _CallIntervals(attention_mask, 0)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        # a mask transformers (or the caller) prepared: it holds any image spans already
+        return _CallIntervals(dense_intervals(attention_mask.to(device), seq_len, past_len), past_len)
     if isinstance(attention_mask, torch.Tensor):
         if attention_mask.dim() != 2:
-            raise ValueError("attention_mask must be a 2-D padding mask [batch, past + seq] or an unimm AttentionMask; "
-                             f"got a {attention_mask.dim()}-D tensor (4-D masks are not one key interval per row)")
+            raise ValueError("attention_mask must be a 2-D padding mask [batch, past + seq], a 4-D mask or an unimm "
+                             f"AttentionMask; got a {attention_mask.dim()}-D tensor")
         if tuple(attention_mask.shape) != (batch, past_len + seq_len):
             raise ValueError(f"attention_mask must be [batch, past + seq] = [{batch}, {past_len + seq_len}], "
                              f"got {list(attention_mask.shape)}")
-        return _CallIntervals(padding_intervals(attention_mask.to(device), seq_len, past_len), past_len)
-    if attention_mask is not None:
-        raise TypeError(f"attention_mask must be None, a 2-D tensor or an unimm AttentionMask, "
+    elif attention_mask is not None:
+        raise TypeError(f"attention_mask must be None, a 2-D or 4-D tensor or an unimm AttentionMask, "
                         f"got {type(attention_mask).__name__}")
-    if position_ids is not None and past_len == 0:
+
+    spans = _image_spans(token_type_ids, past_len, batch, seq_len, device)
+    documents = None
+    if attention_mask is None and position_ids is not None and past_len == 0:
         documents = packed_documents(position_ids.to(device).expand(batch, seq_len))
-        if documents is not None:
-            return _CallIntervals(AttentionMask.from_spans(documents, torch.zeros_like(documents)), 0)
-    return _CallIntervals(AttentionMask.causal(batch, seq_len, past_len=past_len, device=device), past_len)
+    if spans is None and documents is None:
+        if attention_mask is None:
+            return _CallIntervals(AttentionMask.causal(batch, seq_len, past_len=past_len, device=device), past_len)
+        return _CallIntervals(padding_intervals(attention_mask.to(device), seq_len, past_len), past_len)
+    if spans is None:
+        spans = torch.zeros_like(documents)
+    if documents is None:
+        documents = torch.zeros_like(spans)
+    # over every key the call knows, then this call's rows: [doc start, max(i + 1, span end))
+    mask = AttentionMask.from_spans(documents, spans)
+    start, end = mask.kv_start[:, past_len:], mask.kv_end[:, past_len:]
+    if attention_mask is not None:
+        start, end = _within_padding(attention_mask.to(device), start, end)
+    return _CallIntervals(AttentionMask(start.contiguous(), end.contiguous(), past_len + seq_len), past_len)
 
 
-def padding_intervals(attention_mask: torch.Tensor, seq_len: int, past_len: int = 0) -> AttentionMask:
-    """Causal attention under a 2-D padding mask ``[B, past_len + seq_len]`` (1: a real token):
-    query row i (absolute position ``past_len + i``) sees the kept keys ``j <= past_len + i``.
-    Each row's ones must be one contiguous run (right or left padding); rows before the run see
-    nothing."""
+def _image_spans(token_type_ids, past_len: int, batch: int, seq_len: int, device) -> torch.Tensor | None:
+    """Span ids ``[B, past + S]`` (0: text, k > 0: the k-th run of image tokens, type 1) from
+    ``token_type_ids``, or None when there are none to apply. A single query token gains nothing
+    from a span (every key of its image is before it), so decoding steps (given the prompt's
+    ids by transformers 4.x's generate) ignore them."""
+    if token_type_ids is None or seq_len == 1:
+        return None
+    if tuple(token_type_ids.shape) != (batch, past_len + seq_len):
+        raise ValueError(f"token_type_ids must be [batch, past + seq] = [{batch}, {past_len + seq_len}], "
+                         f"got {list(token_type_ids.shape)}")
+    image = token_type_ids.to(device) == 1
+    starts = image & ~F.pad(image, (1, 0))[:, :-1]
+    return torch.where(image, starts.long().cumsum(-1), 0)
+
+
+def _within_padding(attention_mask: torch.Tensor, start: torch.Tensor, end: torch.Tensor):
+    """Intersects intervals (absolute key positions) with each row's run of kept keys of a 2-D
+    padding mask; rows left with nothing become empty."""
+    first, last = _kept_run(attention_mask)
+    start = torch.maximum(start, first[:, None].to(start.dtype))
+    end = torch.maximum(torch.minimum(end, last[:, None].to(end.dtype)), start)
+    return start.to(torch.int32), end.to(torch.int32)
+
+
+def _kept_run(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[first, last)`` of each row's ones in a 2-D padding mask (``[0, 0)`` for a row of zeros);
+    the ones must form one contiguous run."""
     keep = attention_mask.bool()
-    batch, total = keep.shape
+    total = keep.shape[1]
     count = keep.sum(1)
     first = keep.int().argmax(1)  # 0 for a row of zeros
     last = total - keep.flip(1).int().argmax(1)
@@ -258,10 +445,57 @@ def padding_intervals(attention_mask: torch.Tensor, seq_len: int, past_len: int 
     if split.any():
         row = int(split.nonzero()[0, 0])
         raise ValueError(f"attention_mask row {row}: its ones must form one contiguous run (right or left padding)")
-    causal_end = torch.arange(past_len + 1, past_len + seq_len + 1, device=keep.device)
-    start = torch.where(count > 0, first, 0)[:, None].expand(batch, seq_len)
-    end = torch.maximum(torch.minimum(causal_end[None, :], torch.where(count > 0, last, 0)[:, None]), start)
-    return AttentionMask(start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous(), past_len + seq_len)
+    return torch.where(count > 0, first, 0), torch.where(count > 0, last, 0)
+
+
+def padding_intervals(attention_mask: torch.Tensor, seq_len: int, past_len: int = 0) -> AttentionMask:
+    """Causal attention under a 2-D padding mask ``[B, past_len + seq_len]`` (1: a real token):
+    query row i (absolute position ``past_len + i``) sees the kept keys ``j <= past_len + i``.
+    Each row's ones must be one contiguous run (right or left padding); rows before the run see
+    nothing."""
+    batch = attention_mask.shape[0]
+    causal_end = torch.arange(past_len + 1, past_len + seq_len + 1, device=attention_mask.device)
+    start, end = _within_padding(attention_mask, torch.zeros(batch, seq_len, dtype=torch.int64,
+                                                             device=attention_mask.device),
+                                 causal_end.expand(batch, seq_len))
+    return AttentionMask(start.contiguous(), end.contiguous(), past_len + seq_len)
+
+
+def dense_intervals(mask: torch.Tensor, seq_len: int, past_len: int = 0) -> AttentionMask:
+    """The intervals of a 4-D mask ``[B, 1, S, K]``: bool (True: visible) or additive float (0:
+    visible, <= -1e3: masked, as transformers builds them), column j = key position j
+    (``K >= past_len + S``; a static cache's unwritten slots must be masked). Each row's visible
+    keys must be one contiguous run."""
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != seq_len or mask.shape[3] < past_len + seq_len:
+        raise ValueError(f"a 4-D attention_mask must be [batch, 1, seq, keys >= past + seq] = [B, 1, {seq_len}, "
+                         f">= {past_len + seq_len}], got {list(mask.shape)}")
+    if mask.dtype == torch.bool:
+        visible = mask[:, 0]
+        other = torch.zeros((), dtype=torch.bool, device=mask.device)
+    elif mask.is_floating_point():
+        visible = mask[:, 0] == 0
+        other = ((mask[:, 0] != 0) & (mask[:, 0] > -1e3)).any()
+    else:
+        raise TypeError(f"a 4-D attention_mask must be bool or floating point, got {mask.dtype}")
+    keys = mask.shape[3]
+    count = visible.sum(-1)
+    first = visible.int().argmax(-1)
+    last = keys - visible.flip(-1).int().argmax(-1)
+    nonempty = count > 0
+    problems = torch.stack([other, (nonempty & (count != last - first)).any(),
+                            (nonempty & (last > past_len + seq_len)).any()])
+    if problems.any():  # the one device read
+        kind = int(problems.nonzero()[0, 0])
+        raise ValueError([
+            "a float 4-D attention_mask may hold only 0 (visible) and large negative values (masked): "
+            "unimm's attention takes no additive biases",
+            "a 4-D attention_mask row's visible keys must form one contiguous run (one key interval per row)",
+            f"a 4-D attention_mask lets rows see keys at or after position {past_len + seq_len}, which this "
+            "call has not written",
+        ][kind])
+    start = torch.where(nonempty, first, 0).to(torch.int32)
+    end = torch.where(nonempty, last, 0).to(torch.int32)
+    return AttentionMask(start.contiguous(), end.contiguous(), past_len + seq_len)
 
 
 def packed_documents(position_ids: torch.Tensor) -> torch.Tensor | None:

@@ -1,18 +1,27 @@
-"""A thin decoder-only transformer for Llama, Qwen2 and Gemma-2 checkpoints (gpt-fast style).
+"""A thin decoder-only transformer for Llama, Qwen2 / Qwen3, Gemma-2 / Gemma-3 and Chameleon
+checkpoints (gpt-fast style).
 
 ``Decoder.from_pretrained(path)`` reads a local Hugging Face directory (``config.json`` plus one
-or sharded safetensors files) into modules named like Hugging Face's, so parameter names map
-one to one. Attention runs through ``unimm.kernels.attention`` under interval masks and the
-loss through ``unimm.kernels.linear_cross_entropy``; everything else is plain PyTorch.
+or sharded safetensors files; ``unimm.models.hf_checkpoint``) into modules named like Hugging
+Face's, so parameter names map one to one. Attention runs through ``unimm.kernels.attention``
+under interval masks and the loss through ``unimm.kernels.linear_cross_entropy``; everything
+else is plain PyTorch.
 
-The three families differ only in data held by ``DecoderConfig``:
+The families differ only in data held by ``DecoderConfig``:
   * Llama: RMSNorm ``w * x``, SwiGLU MLP, RoPE with optional "linear" or "llama3" frequency
     scaling (optional biases: ``attention_bias``, ``mlp_bias``).
   * Qwen2: Llama with a bias on q, k and v (sliding layers when ``use_sliding_window``).
+  * Qwen3: Llama with an RMSNorm over each q and k head before RoPE (``qk_norm``).
   * Gemma-2: embeddings times sqrt(hidden) rounded to the model dtype, RMSNorm ``(1 + w) x``
     computed in fp32, sandwich norms around attention and MLP, GeGLU (tanh gelu), attention
     score soft-cap, final logit soft-cap, sliding-window layers (``layer_types``), scores
     scaled by ``query_pre_attn_scalar ** -0.5``.
+  * Gemma-3: Gemma-2 with a ``(1 + w)`` RMSNorm over each q and k head, 5 local : 1 global
+    layers, and the local layers' own RoPE base (``rope_local_theta``; the global layers take
+    ``rope_theta`` and the scaling); soft-caps only when configured.
+  * Chameleon: Llama with a LayerNorm over each q and k head (per-head scale and shift, eps
+    1e-5); with ``swin_norm`` the norms move onto the branch outputs, ``x + norm(f(x))``.
+    ``image_code_ids`` / ``image_token_id`` say which vocabulary ids are VQ image codes.
 
 Generation uses ``KVCache``: static per-layer key/value buffers plus per-row lengths that the
 caller advances, so one decode step has static shapes, no host sync, and can be captured in
@@ -23,33 +32,22 @@ sliding-window layers (and chunks of several tokens) run ``attention`` with inte
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from unimm.kernels import AttentionMask, attention, decode_attention, linear_cross_entropy
+from unimm.models import hf_checkpoint
+from unimm.models.hf_checkpoint import FULL, ROPE_KEYS, SLIDING
 
-FAMILIES = ("llama", "qwen2", "gemma2")
-FULL, SLIDING = "full_attention", "sliding_attention"
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "chameleon")
 _ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
-_ROPE_KEYS = {"linear": ("factor",),
-              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-# Hugging Face's class defaults, for keys a config.json may omit (an explicit null is kept)
-_HF_DEFAULTS = {
-    "llama": dict(hidden_act="silu", tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=2048),
-    "qwen2": dict(hidden_act="silu", tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=32768),
-    "gemma2": dict(hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, rms_norm_eps=1e-6,
-                   max_position_embeddings=8192, query_pre_attn_scalar=256, sliding_window=4096,
-                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
 }
 
 
@@ -67,6 +65,7 @@ class DecoderConfig:
     head_dim: int
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", ...}; None: plain RoPE
+    rope_local_theta: float | None = None  # sliding layers' own (plain) RoPE base; None: as full layers
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # bias on q, k, v
@@ -79,6 +78,9 @@ class DecoderConfig:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()  # FULL / SLIDING per layer; empty: all full
     query_scale: float | None = None  # score scale; None: head_dim ** -0.5
+    swin_norm: bool = False  # Chameleon: norm the attention and MLP outputs instead of their inputs
+    image_token_id: int | None = None  # the prompt's image placeholder (Chameleon's <image>, Gemma-3's)
+    image_code_ids: tuple[int, ...] = dataclasses.field(default=(), repr=False)  # [c]: vocabulary id of VQ code c
     max_position_embeddings: int = 8192
     initializer_range: float = 0.02
 
@@ -101,9 +103,16 @@ class DecoderConfig:
             raise ValueError(f"sliding_window must be an int >= 1 or None, got {self.sliding_window!r}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type")
-            if kind not in _ROPE_KEYS or any(key not in self.rope_scaling for key in _ROPE_KEYS[kind]):
+            if kind not in ROPE_KEYS or any(key not in self.rope_scaling for key in ROPE_KEYS[kind]):
                 raise ValueError(f"rope_scaling must be None or a 'linear' / 'llama3' dict with keys "
-                                 f"{_ROPE_KEYS}, got {self.rope_scaling}")
+                                 f"{ROPE_KEYS}, got {self.rope_scaling}")
+        if self.swin_norm and self.family != "chameleon":
+            raise ValueError(f"swin_norm is Chameleon's; family is {self.family!r}")
+        self.image_code_ids = tuple(self.image_code_ids)
+        ids = [*self.image_code_ids, *([] if self.image_token_id is None else [self.image_token_id])]
+        if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids) or \
+                len(set(self.image_code_ids)) != len(self.image_code_ids):
+            raise ValueError(f"image_token_id and image_code_ids must be distinct ids in [0, {self.vocab_size})")
         if self.query_scale is None:
             self.query_scale = self.head_dim**-0.5
 
@@ -112,77 +121,53 @@ class DecoderConfig:
         """Per layer: does it attend through the sliding window?"""
         return tuple(kind == SLIDING and self.sliding_window is not None for kind in self.layer_types)
 
+    @property
+    def unit_offset_norms(self) -> bool:
+        """Gemma's RMSNorms scale by ``1 + w`` in fp32 (weights stored around 0)."""
+        return self.family in ("gemma2", "gemma3")
+
+    @property
+    def qk_norm(self) -> str | None:
+        """The norm over each q and k head before RoPE: "rms" (Qwen3, Gemma-3), "layer"
+        (Chameleon's per-head LayerNorm) or None."""
+        return {"qwen3": "rms", "gemma3": "rms", "chameleon": "layer"}.get(self.family)
+
+    @property
+    def block(self) -> str:
+        """Where a layer's norms sit: "pre" (``x + f(norm(x))``), "sandwich" (Gemma:
+        ``x + norm(f(norm(x)))``) or "swin" (Chameleon's swin_norm: ``x + norm(f(x))``)."""
+        return "sandwich" if self.unit_offset_norms else "swin" if self.swin_norm else "pre"
+
+    @property
+    def image_code_range(self) -> tuple[int, int] | None:
+        """``(lo, hi)`` when the image codes are the consecutive ids ``lo + c`` (as in Chameleon's
+        vocabulary): the ``vocab_range`` of ``generate`` / ``loss`` for image tokens; else None."""
+        ids = self.image_code_ids
+        if not ids or ids != tuple(range(ids[0], ids[0] + len(ids))):
+            return None
+        return ids[0], ids[0] + len(ids)
+
     @classmethod
     def from_hf(cls, hf_config) -> DecoderConfig:
         """From a ``config.json`` dict or a transformers ``PretrainedConfig`` (duck-typed:
-        anything with ``to_dict()``). Reads both the transformers 5 ``rope_parameters`` and the
-        older ``rope_theta`` + ``rope_scaling`` layouts."""
+        anything with ``to_dict()``); ``unimm.models.hf_checkpoint.decoder_fields`` reads it."""
         if isinstance(hf_config, dict):
             cfg = dict(hf_config)
         elif callable(getattr(hf_config, "to_dict", None)):
             cfg = hf_config.to_dict()
         else:
             raise TypeError(f"hf_config must be a dict or a PretrainedConfig, got {type(hf_config).__name__}")
-        family = cfg.get("model_type")
-        if family not in FAMILIES:
-            raise ValueError(f"unsupported model_type {family!r}; Decoder serves {FAMILIES}")
-        cfg = {**_HF_DEFAULTS[family], **cfg}
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if cfg.get(key) is None:
-                raise ValueError(f"hf_config lacks {key!r}")
-        heads, layers, gemma = cfg["num_attention_heads"], cfg["num_hidden_layers"], family == "gemma2"
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-        window = cfg.get("sliding_window") if family != "qwen2" or cfg.get("use_sliding_window") else None
-        layer_types = cfg.get("layer_types")
-        if layer_types is None:  # configs written before transformers had layer_types
-            if gemma:
-                layer_types = [SLIDING if i % 2 == 0 else FULL for i in range(layers)]
-            else:
-                first = cfg.get("max_window_layers", layers) if window is not None else layers
-                layer_types = [SLIDING if i >= first else FULL for i in range(layers)]
-        bias = bool(cfg.get("attention_bias", family == "qwen2"))
-        theta, scaling = _rope_from_hf(cfg)
-        return cls(
-            family=family, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"], num_layers=layers, num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim, rope_theta=theta,
-            rope_scaling=scaling, rms_norm_eps=cfg["rms_norm_eps"], tie_word_embeddings=bool(cfg["tie_word_embeddings"]),
-            attention_bias=bias, output_bias=bias and family != "qwen2", mlp_bias=bool(cfg.get("mlp_bias", False)),
-            activation=(cfg.get("hidden_activation") if gemma else None) or cfg["hidden_act"],
-            embed_scale=cfg["hidden_size"] ** 0.5 if gemma else None,
-            attn_softcap=cfg.get("attn_logit_softcapping") if gemma else None,
-            final_softcap=cfg.get("final_logit_softcapping") if gemma else None,
-            sliding_window=window, layer_types=tuple(layer_types),
-            query_scale=cfg["query_pre_attn_scalar"] ** -0.5 if gemma else None,
-            max_position_embeddings=cfg["max_position_embeddings"],
-            initializer_range=cfg.get("initializer_range", 0.02),
-        )
+        return cls(**hf_checkpoint.decoder_fields(cfg))
 
 
-def _rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
-    params = dict(cfg.get("rope_parameters") or {})
-    if any(isinstance(value, dict) for value in params.values()):
-        raise ValueError("per-layer-type rope_parameters are not supported")
-    params.update(cfg.get("rope_scaling") or {})
-    theta = float(params.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0)
-    kind = params.pop("rope_type", params.pop("type", "default"))
-    if kind not in ("default", *_ROPE_KEYS):
-        raise ValueError(f"rope_type {kind!r} is not supported (default, {', '.join(_ROPE_KEYS)})")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("partial_rotary_factor != 1 is not supported")
-    if kind == "default":
-        return theta, None
-    if kind == "llama3":
-        params.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
-    return theta, {"rope_type": kind, **{key: params[key] for key in _ROPE_KEYS[kind] if key in params}}
-
-
-def rope_inv_freq(config: DecoderConfig) -> torch.Tensor:
-    """fp32 ``[head_dim / 2]`` rotary frequencies, with linear or llama3 scaling (as transformers)."""
+def rope_inv_freq(config: DecoderConfig, local: bool = False) -> torch.Tensor:
+    """fp32 ``[head_dim / 2]`` rotary frequencies, with linear or llama3 scaling (as transformers);
+    ``local``: the sliding layers' plain frequencies of base ``rope_local_theta``."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = config.rope_scaling
-    if scaling is None:
+    if scaling is None or local:
         return inv_freq
     if scaling["rope_type"] == "linear":
         return inv_freq / scaling["factor"]
@@ -194,6 +179,12 @@ def rope_inv_freq(config: DecoderConfig) -> torch.Tensor:
     smooth = (context / wavelen - low) / (high - low)
     medium = (wavelen >= context / high) & (wavelen <= context / low)
     return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def _rope_table(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """(cos, sin) ``[B, S, 1, D / 2]`` in ``dtype`` for int positions ``[B, S]``."""
+    angles = positions[..., None].float() * inv_freq
+    return angles.cos().to(dtype)[:, :, None], angles.sin().to(dtype)[:, :, None]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -239,8 +230,8 @@ class KVCache:
 class _Step:
     """What every layer of one forward shares: rotary tables, masks and where k/v go in the cache."""
 
-    cos: torch.Tensor  # [B, S, 1, D/2] in the model dtype
-    sin: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor]  # (cos, sin) [B, S, 1, D/2] in the model dtype
+    local_rope: tuple[torch.Tensor, torch.Tensor]  # the sliding layers' (Gemma-3's local base); else rope
     mask: AttentionMask
     window_mask: AttentionMask | None
     cache: KVCache | None = None
@@ -249,8 +240,8 @@ class _Step:
 
 
 class RMSNorm(nn.Module):
-    """RMS norm in fp32. Llama / Qwen2 scale by ``w`` after casting back to the input dtype;
-    Gemma-2 (``unit_offset``) scales by ``1 + w`` in fp32, then casts (weights stored around 0)."""
+    """RMS norm in fp32. Llama / Qwen / Chameleon scale by ``w`` after casting back to the input
+    dtype; Gemma (``unit_offset``) scales by ``1 + w`` in fp32, then casts (weights stored around 0)."""
 
     def __init__(self, dim: int, eps: float, unit_offset: bool):
         super().__init__()
@@ -265,10 +256,30 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+class HeadLayerNorm(nn.Module):
+    """Chameleon's q / k norm: a LayerNorm over each head's ``head_dim`` (eps 1e-5) with its own
+    scale and shift per head, ``weight`` and ``bias`` ``[heads, head_dim]``."""
+
+    def __init__(self, heads: int, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, S, heads, head_dim]
+        return F.layer_norm(x, x.shape[-1:], eps=1e-5) * self.weight + self.bias
+
+
+def _head_norm(config: DecoderConfig, heads: int) -> nn.Module:
+    if config.qk_norm == "rms":
+        return RMSNorm(config.head_dim, config.rms_norm_eps, unit_offset=config.unit_offset_norms)
+    return HeadLayerNorm(heads, config.head_dim) if config.qk_norm == "layer" else nn.Identity()
+
+
 class Attention(nn.Module):
     def __init__(self, config: DecoderConfig, layer_idx: int):
         super().__init__()
         self.layer_idx, self.sliding = layer_idx, config.sliding[layer_idx]
+        self.local_rope = config.layer_types[layer_idx] == SLIDING
         self.head_dim, self.scale, self.softcap = config.head_dim, config.query_scale, config.attn_softcap
         hidden = config.hidden_size
         q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
@@ -276,11 +287,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, kv_width, bias=config.attention_bias)
         self.v_proj = nn.Linear(hidden, kv_width, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_width, hidden, bias=config.output_bias)
+        self.q_norm = _head_norm(config, config.num_heads)  # Identity unless config.qk_norm
+        self.k_norm = _head_norm(config, config.num_kv_heads)
 
     def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
         batch, seq_len, _ = x.shape
-        q = _rotate(self.q_proj(x).view(batch, seq_len, -1, self.head_dim), step.cos, step.sin)
-        k = _rotate(self.k_proj(x).view(batch, seq_len, -1, self.head_dim), step.cos, step.sin)
+        cos, sin = step.local_rope if self.local_rope else step.rope
+        q = _rotate(self.q_norm(self.q_proj(x).view(batch, seq_len, -1, self.head_dim)), cos, sin)
+        k = _rotate(self.k_norm(self.k_proj(x).view(batch, seq_len, -1, self.head_dim)), cos, sin)
         v = self.v_proj(x).view(batch, seq_len, -1, self.head_dim)
         if step.cache is not None:
             k_cache, v_cache = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
@@ -300,7 +314,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Gated MLP: ``down(act(gate(x)) * up(x))`` (SwiGLU, or GeGLU for Gemma-2)."""
+    """Gated MLP: ``down(act(gate(x)) * up(x))`` (SwiGLU, or GeGLU for Gemma)."""
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -314,42 +328,48 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block; Gemma-2 also norms each branch's output (sandwich norms)."""
+    """One block; ``config.block`` places its norms: pre-norm (Llama, Qwen, Chameleon), sandwich
+    norms (Gemma: each branch's input and output) or swin norms (Chameleon's swin_norm: each
+    branch's output only; Hugging Face's names kept: ``input_layernorm`` follows attention)."""
 
     def __init__(self, config: DecoderConfig, layer_idx: int):
         super().__init__()
-        self.sandwich = config.family == "gemma2"
-        norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset=self.sandwich)  # noqa: E731
+        self.block = config.block
+        def norm() -> RMSNorm:
+            return RMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset=config.unit_offset_norms)
         self.self_attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
         self.input_layernorm = norm()
-        self.post_attention_layernorm = norm()  # Llama / Qwen2: the MLP's pre-norm (Hugging Face's name)
-        if self.sandwich:
+        self.post_attention_layernorm = norm()  # pre-norm: the MLP's pre-norm (Hugging Face's name)
+        if self.block == "sandwich":
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
 
     def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
-        if not self.sandwich:
+        if self.block == "pre":
             x = x + self.self_attn(self.input_layernorm(x), step)
             return x + self.mlp(self.post_attention_layernorm(x))
+        if self.block == "swin":
+            x = x + self.input_layernorm(self.self_attn(x, step))
+            return x + self.post_attention_layernorm(self.mlp(x))
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), step))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class Decoder(nn.Module):
-    """Llama / Qwen2 / Gemma-2 decoder: ``decoder(...)`` gives the final-normed hidden states,
-    ``logits`` and ``loss`` apply the (tied or separate) ``lm_head``."""
+    """Llama / Qwen / Gemma / Chameleon decoder: ``decoder(...)`` gives the final-normed hidden
+    states, ``logits`` and ``loss`` apply the (tied or separate) ``lm_head``."""
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset=config.family == "gemma2")
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset=config.unit_offset_norms)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # per device; not a buffer, so never cast to bf16
+        self._inv_freq: dict[torch.device, tuple] = {}  # per device (full, local); not buffers: never cast to bf16
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=config.initializer_range)
@@ -366,18 +386,19 @@ class Decoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, *, device=None) -> Decoder:
         """Loads a local Hugging Face checkpoint directory: ``config.json`` and ``model.safetensors``
-        or ``model.safetensors.index.json`` + shards. Each tensor is read once, straight onto
-        ``device`` (default CPU), and cast to ``dtype`` there (default: the checkpoint's
-        embedding dtype); the model is built on the meta device, so nothing is allocated twice."""
+        or ``model.safetensors.index.json`` + shards (``unimm.models.hf_checkpoint``). Each tensor
+        is read once, straight onto ``device`` (default CPU), and cast to ``dtype`` there (default:
+        the checkpoint's embedding dtype); the model is built on the meta device, so nothing is
+        allocated twice. A file that cannot be read raises a ValueError naming it."""
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
         path = os.fspath(path)
-        config_file = os.path.join(path, "config.json")
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"{config_file} not found: path must be a Hugging Face checkpoint directory")
-        with open(config_file) as f:
-            config = DecoderConfig.from_hf(json.load(f))
-        state = _read_safetensors(path, dtype, "cpu" if device is None else str(torch.device(device)))
+        hf_config = hf_checkpoint.read_config(path)
+        try:
+            config = DecoderConfig.from_hf(hf_config)
+        except ValueError as err:
+            raise ValueError(f"{os.path.join(path, 'config.json')}: {err}") from None
+        state = hf_checkpoint.read_state(path, dtype, "cpu" if device is None else str(torch.device(device)))
         if dtype is None and "embed_tokens.weight" in state:  # one dtype for the model: the embedding's
             dtype = state["embed_tokens.weight"].dtype
             state = {name: t if t.dtype == dtype else t.to(dtype) for name, t in state.items()}
@@ -385,11 +406,15 @@ class Decoder(nn.Module):
             model = cls(config)
         if config.tie_word_embeddings and "embed_tokens.weight" in state:
             state["lm_head.weight"] = state["embed_tokens.weight"]
-        expected = set(model.state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        expected = model.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
             raise ValueError(f"checkpoint {path} does not match the {config.family} config: "
                              f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+        wrong = [f"{name} {list(state[name].shape)} (config: {list(t.shape)})" for name, t in expected.items()
+                 if state[name].shape != t.shape]
+        if wrong:
+            raise ValueError(f"checkpoint {path} does not match its config.json: {', '.join(wrong[:4])}")
         model.load_state_dict(state, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
@@ -405,7 +430,7 @@ class Decoder(nn.Module):
         Args:
             input_ids: int ``[B, S]`` token ids; or
             inputs_embeds: ``[B, S, hidden]`` in ``embed_tokens``' space (unscaled, model dtype).
-                Both paths are multiplied by ``embed_scale`` (Gemma-2), so
+                Both paths are multiplied by ``embed_scale`` (Gemma), so
                 ``inputs_embeds=decoder.embed_tokens(ids)`` equals ``input_ids=ids``.
             positions: int ``[B, S]`` RoPE positions; default ``arange(S)`` (plus ``cache.lens``
                 when the cache already holds tokens).
@@ -425,7 +450,9 @@ class Decoder(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``lm_head(hidden)``, soft-capped ``c tanh(x / c)`` when the config has a final soft-cap."""
+        """``lm_head(hidden)``, soft-capped ``c tanh(x / c)`` when the config has a final soft-cap.
+        Every id keeps its logit: transformers' Chameleon sets the image codes' to the dtype's
+        minimum (text only); here ``config.image_code_ids`` / ``image_code_range`` tell them."""
         logits = self.lm_head(hidden)
         cap = self.config.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
@@ -552,16 +579,20 @@ class Decoder(nn.Module):
             raise ValueError(f"positions must be [batch, seq] = [{batch}, {seq_len}] on {device}, got "
                              f"{list(positions.shape)} on {positions.device}")
         if device not in self._inv_freq:
-            self._inv_freq[device] = rope_inv_freq(self.config).to(device)
-        angles = positions[..., None].float() * self._inv_freq[device]
-        cos, sin = angles.cos().to(x.dtype)[:, :, None], angles.sin().to(x.dtype)[:, :, None]
+            full = local = rope_inv_freq(self.config).to(device)
+            if self.config.rope_local_theta is not None:
+                local = rope_inv_freq(self.config, local=True).to(device)
+            self._inv_freq[device] = full, local
+        full, local = self._inv_freq[device]
+        rope = _rope_table(positions, full, x.dtype)
+        local_rope = rope if local is full else _rope_table(positions, local, x.dtype)
 
         cache_index = None
         if lens is not None:
             rows = torch.arange(batch, device=device)[:, None].expand(batch, seq_len)
             cache_index = (rows, key_index.long())
         decode_lens = lens + 1 if lens is not None and seq_len == 1 and mask is None else None
-        return _Step(cos, sin, base, window, cache, cache_index, decode_lens)
+        return _Step(rope, local_rope, base, window, cache, cache_index, decode_lens)
 
     def _check_cache(self, cache, x: torch.Tensor) -> None:
         if not isinstance(cache, KVCache):
@@ -574,24 +605,3 @@ class Decoder(nn.Module):
             raise ValueError(f"cache must be {x.dtype} on {x.device} like the model, got {cache.k[0].dtype} on "
                              f"{cache.k[0].device}")
 
-
-def _read_safetensors(path: str, dtype: torch.dtype | None, device: str) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors under this module's names (``model.`` prefix dropped), read one at a
-    time onto ``device`` and cast to ``dtype`` there, so at most one tensor exists twice."""
-    index_file = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index_file):
-        with open(index_file) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
-    state = {}
-    for file in files:
-        with safe_open(os.path.join(path, file), framework="pt", device=device) as f:
-            for key in f.keys():
-                if key.endswith("rotary_emb.inv_freq"):  # recomputed from the config
-                    continue
-                tensor = f.get_tensor(key)
-                state[key.removeprefix("model.")] = tensor if dtype is None else tensor.to(dtype)
-    return state

@@ -9,7 +9,8 @@ segments out) both run :class:`_Engine`:
    row's cache length is its own prompt length (ragged prompts need no left padding).
 2. Decode: per step, every row produces one token from the hidden state of its last token:
    a text token (``sample_tokens`` over text and special tokens), a structure token the engine
-   writes itself (BOI, size, EOL, EOF, EOI from the image's ``ImageFormat``), an image code
+   writes itself (BOI, size, image token, EOL, EOF, EOI from the image's ``ImageFormat``, laid
+   out exactly as ``pack`` lays them out), an image code
    (``sample_tokens`` over the code block, with classifier-free guidance), or a continuous token
    (``DiffusionHead.sample`` / ``RegressionHead.sample``). That token's input embedding
    (token embedding or projected features, plus 2D and next-position embeddings inside images,
@@ -81,8 +82,8 @@ class ImageSpec:
             end-of-line tokens, for 2D position embeddings and for random order.
         num_tokens: the token count of a continuous image without a grid (default ``h * w``).
         format: the structure tokens (``ImageFormat``). None: the segment default of the kind:
-            Emu3's (BOI, size, EOL after each row, EOF, EOI) for discrete images, BOI ... EOI for
-            continuous ones, ``<image_start>`` ... ``<image_end>`` for regression.
+            Emu3's (BOI, size, image token, EOL after each row, EOF, EOI) for discrete images,
+            BOI ... EOI for continuous ones, ``<image_start>`` ... ``<image_end>`` for regression.
         cfg_scale: classifier-free guidance scale; 1 turns guidance off (no uncond rows).
         temperature, top_k, top_p: sampling of image codes (discrete).
         diffusion_steps, diffusion_temperature, clip_denoised: ``DiffusionHead.sample``'s
@@ -164,7 +165,7 @@ class ImageSpec:
 
 def _token_bound(segment) -> int:
     """More tokens than ``pack`` writes for ``segment`` (the exact count comes from ``pack``)."""
-    count = 8  # begin, end, end of frame, separator
+    count = 8  # begin, image token, end, end of frame, separator
     for name in ("ids", "codes", "features"):
         value = getattr(segment, name, None)
         if isinstance(value, torch.Tensor):

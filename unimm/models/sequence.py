@@ -4,7 +4,9 @@ A document is a list of segments:
 
 - ``Text(ids)``: token ids of the text block or the special tokens (BOS, EOS, a chat template).
 - ``DiscreteImage(codes [H, W])``: VQ codes with Emu3's structure tokens
-  ``[BOI] {size} codes(row 0) [EOL] ... codes(row H-1) [EOL] [EOF] [EOI]``.
+  ``[BOI] {size} [IMG] codes(row 0) [EOL] ... codes(row H-1) [EOL] [EOF] [EOI]`` (``[IMG]`` is
+  Emu3's ``<|image token|>``; a 33x32 image is 1 + 5 + 1 + 33 * 33 + 2 = 1,098 tokens, as in
+  Emu3's processor).
 - ``ContinuousImage(features [L, F], role="input" | "target")``: encoder features (SigLIP) or
   VAE latents between ``[BOI]`` and ``[EOI]`` (MetaMorph: ``<image_start>`` / ``<image_end>``;
   UniFluid: BOI only). A "target" image is both predicted and fed back as input (teacher forcing).
@@ -29,9 +31,10 @@ Conventions every consumer relies on:
 - Size tokens (Emu3 writes the latent size as the text "H*W"): ``ImageFormat(size="digits")``
   spells it with dedicated special tokens ``size_0`` ... ``size_9`` and ``size_x`` (24x32 ->
   ``size_2 size_4 size_x size_3 size_2``), which works with any tokenizer and any size; pass a
-  callable ``size(h, w) -> ids`` to use a tokenizer's own text ids instead (Emu3 exactly).
-- Structure tokens (BOI, size, EOL, EOF, EOI, SEP) are trained with the full-vocabulary text
-  head (``Head.TEXT``); only image codes use ``Head.IMAGE_CODE``.
+  callable ``size(h, w) -> ids`` to use a tokenizer's own text ids instead (Emu3 exactly: its
+  tokenizer splits numbers into single digits, so "24*32" is 5 tokens either way).
+- Structure tokens (BOI, size, IMG, EOL, EOF, EOI, SEP) are trained with the full-vocabulary
+  text head (``Head.TEXT``); only image codes use ``Head.IMAGE_CODE``.
 - Random order (UniFluid / RAR): the tokens of a continuous target image with a ``shape`` may be
   permuted (``ContinuousImage.order``, or ``pack(random_order=p, generator=g)``); the permuted
   order *is* the sequence order. ``Batch.image_positions`` holds each token's own (row, col) and
@@ -51,7 +54,8 @@ from unimm.kernels.masks import AttentionMask
 
 IGNORE_INDEX = -100
 SIZE_TOKENS = tuple(f"size_{digit}" for digit in "0123456789") + ("size_x",)
-DEFAULT_SPECIAL_TOKENS = ("boi", "eoi", "eol", "eof", "sep", "image_start", "image_end") + SIZE_TOKENS
+# "img" (Emu3's <|image token|>) comes last so that the other names keep the ids they had before it
+DEFAULT_SPECIAL_TOKENS = ("boi", "eoi", "eol", "eof", "sep", "image_start", "image_end") + SIZE_TOKENS + ("img",)
 
 
 class Head(enum.IntEnum):
@@ -119,8 +123,9 @@ class ImageFormat:
     """The structure tokens around an image, as special-token names (None: no such token).
 
     ``begin`` / ``end``: first and last token; ``size``: ``"digits"`` (dedicated ``size_*``
-    tokens), a callable ``(h, w) -> token ids``, or None; ``end_of_line``: after every row of the
-    grid; ``end_of_frame``: after the last row (after the codes in a hybrid image);
+    tokens), a callable ``(h, w) -> token ids``, or None; ``image_token``: after the size, right
+    before the first code or feature (Emu3's ``<|image token|>``); ``end_of_line``: after every row of
+    the grid; ``end_of_frame``: after the last row (after the codes in a hybrid image);
     ``separator``: between the codes and the features of a sequential ``HybridImage``.
     """
 
@@ -130,17 +135,19 @@ class ImageFormat:
     end_of_line: str | None = None
     end_of_frame: str | None = None
     separator: str | None = "sep"
+    image_token: str | None = None
 
     def __post_init__(self):
         if not (self.size is None or self.size == "digits" or callable(self.size)):
             raise ValueError(f"size must be None, 'digits' or a callable (h, w) -> ids, got {self.size!r}")
-        for name in ("begin", "end", "end_of_line", "end_of_frame", "separator"):
+        for name in ("begin", "end", "end_of_line", "end_of_frame", "separator", "image_token"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"ImageFormat.{name} must be a special-token name or None, got {value!r}")
 
 
-EMU3_FORMAT = ImageFormat(size="digits", end_of_line="eol", end_of_frame="eof")
+# Emu3: [BOI] H*W [IMG] (codes [EOL]) x H [EOF] [EOI] (its processor's prompt for an image of H x W codes)
+EMU3_FORMAT = ImageFormat(size="digits", image_token="img", end_of_line="eol", end_of_frame="eof")
 PLAIN_FORMAT = ImageFormat()  # [BOI] ... [EOI]; UniToken's hybrid [BOI] codes [SEP] features [EOI]
 UNIFLUID_FORMAT = ImageFormat(end=None)  # [BOI] then a fixed number of tokens
 METAMORPH_FORMAT = ImageFormat(begin="image_start", end="image_end")
@@ -424,12 +431,12 @@ def _add_text(doc: _Document, segment: Text, vocab: VocabLayout) -> None:
 
 def _open_image(doc: _Document, fmt: ImageFormat, shape, vocab: VocabLayout, weight: float,
                 bidirectional: bool) -> tuple[int, int | None]:
-    """Numbers a new image in ``doc`` and writes its begin and size tokens; returns (image index
-    in the document, end-of-line id or None)."""
+    """Numbers a new image in ``doc`` and writes its begin, size and image tokens; returns (image
+    index in the document, end-of-line id or None)."""
     image = doc.num_images
     doc.num_images += 1
-    doc.add(torch.cat([_specials(vocab, fmt.begin), _size_ids(vocab, fmt, shape, doc)]), Head.TEXT, weight,
-            bidirectional)
+    opening = [_specials(vocab, fmt.begin), _size_ids(vocab, fmt, shape, doc), _specials(vocab, fmt.image_token)]
+    doc.add(torch.cat(opening), Head.TEXT, weight, bidirectional)
     return image, vocab.special_id(fmt.end_of_line) if fmt.end_of_line else None
 
 

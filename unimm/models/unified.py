@@ -134,7 +134,7 @@ class UnifiedModel(nn.Module):
         standard deviation of the existing rows (embedding and head separately when untied),
         from a generator seeded with ``init_seed``. Tied embeddings stay tied (one tensor).
         ``special_tokens=None`` gives ``DEFAULT_SPECIAL_TOKENS`` (BOI, EOI, EOL, EOF, SEP,
-        image_start, image_end and the ``size_*`` digits) when the model handles images (codes,
+        image_start, image_end, the ``size_*`` digits and Emu3's image token ``img``) when the model handles images (codes,
         ``feature_dims`` or a ``continuous_head``), none otherwise. ``options`` go to the constructor.
         """
         if not isinstance(decoder, Decoder):
