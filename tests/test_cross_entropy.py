@@ -180,15 +180,10 @@ def test_vocab_range_cuts_work(backend, monkeypatch):
     (lambda h, w, t: dict(hidden=h.long(), weight=w, targets=t), TypeError, "hidden must be a floating"),
     (lambda h, w, t: dict(hidden=h, weight=w, targets=t.float()), TypeError, "targets must be an integer"),
     (lambda h, w, t: dict(hidden=h, weight=w, targets=t[:3]), ValueError, "targets must have shape"),
-    (lambda h, w, t: dict(hidden=h, weight=w, targets=t.index_fill(0, t.new_tensor([2]), 50)), ValueError,
-     r"\[0, 50\).*found 50"),
-    (lambda h, w, t: dict(hidden=h, weight=w, targets=t.index_fill(0, t.new_tensor([2]), -5)), ValueError,
-     "found -5"),
-    (lambda h, w, t: dict(hidden=h, weight=w, targets=t, vocab_range=(10, 20)), ValueError, r"\[10, 20\)"),
     (lambda h, w, t: dict(hidden=h, weight=w, targets=t, vocab_range=(20, 20)), ValueError, "vocab_range must be"),
     (lambda h, w, t: dict(hidden=h, weight=w, targets=t, vocab_range=(0, 51)), ValueError, "vocab_range must be"),
     (lambda h, w, t: dict(hidden=h, weight=w, targets=t, label_smoothing=-0.1), ValueError, "label_smoothing"),
-    (lambda h, w, t: dict(hidden=h, weight=w, targets=t, softcap=0.0), ValueError, "softcap must be > 0"),
+    (lambda h, w, t: dict(hidden=h, weight=w, targets=t, softcap=0.0), ValueError, "softcap must be a finite number"),
     (lambda h, w, t: dict(hidden=h, weight=w, targets=t, z_loss=-1.0), ValueError, "z_loss"),
     (lambda h, w, t: dict(hidden=h, weight=w, targets=t, reduction="avg"), ValueError, "reduction must be"),
     (lambda h, w, t: dict(hidden=h, weight=w, targets=t, bias=w[:, 0].half()), TypeError, "bias must have the dtype"),
@@ -203,6 +198,21 @@ def test_bad_input(make, error, match):
     kwargs = make(hidden, weight, targets)
     with pytest.raises(error, match=match):
         linear_cross_entropy(kwargs.pop("hidden"), kwargs.pop("weight"), kwargs.pop("targets"), **kwargs)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda t, w: dict(targets=t.index_fill(0, t.new_tensor([2]), 50)), r"\[0, 50\).*found 50"),
+    (lambda t, w: dict(targets=t.index_fill(0, t.new_tensor([2]), -5)), "found -5"),
+    (lambda t, w: dict(targets=t, vocab_range=(10, 20)), r"\[10, 20\)"),
+    (lambda t, w: dict(targets=t, token_weights=w.index_fill(0, t.new_tensor([3]), -0.5)),
+     r"token_weights must be >= 0 for reduction='mean'.*found -0.5"),
+])
+def test_bad_values_on_cpu(make, match):
+    """Tensor values are checked where reading them costs no device sync: CPU tensors."""
+    hidden, weight, targets, _ = make_inputs(10, 6, 50, seed=14)
+    kwargs = make(targets.cpu(), torch.ones(10))
+    with pytest.raises(ValueError, match=match):
+        linear_cross_entropy(hidden.cpu(), weight.cpu(), **kwargs)
 
 
 def test_float64_served_by_reference(monkeypatch):
@@ -244,6 +254,7 @@ def test_triton_writes_every_output():
                           loss_terms=(lse, column, coef, 40, 150, 0.0, 0.0))
     expected = torch.softmax(logits, -1)
     expected[torch.arange(37), column.long().clamp_min(0)] -= (column >= 0).double()
+    expected[column < 0] = 0.0  # dropped rows: no gradient
     torch.testing.assert_close(dx.double(), (coef[:, None].double() * expected)[:, 40:130], **close)
 
 
@@ -258,6 +269,7 @@ def test_triton_writes_every_output():
 #     the strides not divisible by 16, with a bias) = 4 compiles.
 #   * test_gpu_bf16_kernels_write_every_output: the first case's sizes and flags, so it reuses its
 #     kernels: 0 (1 if a stride class were to differ).
+#   * test_gpu_bf16_dropped_rows_contribute_nothing: the first case's sizes and flags: 0.
 # Total: 12 Triton compiles (~20 s) plus ~5 s of fp64 reference matmuls.
 # Full tier (`pytest -m gpu_full`): test_gpu_real_sizes, the dtype x shape x option x backend grid.
 
@@ -321,8 +333,31 @@ def test_gpu_bf16_kernels_write_every_output():
     expected = torch.softmax(logits, -1)
     kept = (column >= 0).nonzero()[:, 0]
     expected[kept, column.long()[kept]] -= 1.0
+    expected[column < 0] = 0.0  # dropped rows: no gradient
     expected = (coef[:, None].double() * expected)[:, lo:hi]
     assert relative_error(dx, expected) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_dropped_rows_contribute_nothing():
+    """At the first real-size case: Inf / NaN in the hidden rows of ignored targets change neither
+    the loss nor any gradient (the dW GEMM loads those rows as zeros), bit for bit."""
+    n, d, v = GPU_BF16_CASES[0][:3]
+    hidden, weight, targets, _ = make_inputs(n, d, v, seed=n, dtype=torch.bfloat16, ignore=0.1)
+    dropped = targets == -100
+    hostile = hidden.clone()
+    hostile[dropped] = torch.tensor([float("inf"), float("nan"), -float("inf")], dtype=hidden.dtype,
+                                    device=DEVICE).repeat(d)[:d]
+    results = []
+    for h in (hidden, hostile):
+        leaves = [h.clone().requires_grad_(True), weight.clone().requires_grad_(True)]
+        loss = linear_cross_entropy(*leaves, targets)
+        loss.backward()
+        results.append([loss.detach(), leaves[0].grad, leaves[1].grad])
+    for clean, poisoned in zip(*results):
+        assert poisoned.isfinite().all()
+        assert torch.equal(clean, poisoned)
+    assert (results[1][1][dropped] == 0).all()
 
 
 @pytest.mark.gpu_full

@@ -41,9 +41,16 @@ def test_forced_backend_fails_loudly(monkeypatch):
 
 
 def test_bad_backend_name(monkeypatch):
-    monkeypatch.setenv("UNIMM_BACKEND", "cudnn")
-    with pytest.raises(ValueError, match="UNIMM_BACKEND must be one of reference, triton, cuda"):
-        dispatch.forced_backend()
+    for bad in ("cudnn", "bogus", " Tritonn "):
+        monkeypatch.setenv("UNIMM_BACKEND", bad)
+        with pytest.raises(ValueError, match=f"UNIMM_BACKEND must be one of reference, triton, cuda, or auto / unset "
+                                             f"for automatic dispatch, got '{bad}'"):
+            dispatch.forced_backend()
+        with pytest.raises(ValueError, match="UNIMM_BACKEND must be one of"):  # at the call, not at import
+            dispatch.select("op", CPU, implemented=("triton",))
+    for name in ("Reference", " TRITON "):
+        monkeypatch.setenv("UNIMM_BACKEND", name)
+        assert dispatch.forced_backend() == name.strip().lower()
     for unset in ("", "auto", "  "):
         monkeypatch.setenv("UNIMM_BACKEND", unset)
         assert dispatch.forced_backend() is None

@@ -135,14 +135,14 @@ def cross_entropy_cases():
         yield Case("cross_entropy", f"lse {t}", ce._lse_kernel, signature, constexprs, aligned, launch,
                    pipelined=True, hopper=True)
 
-        config = ce._matmul_config(dtype, interpret=False)
-        launch = _launch(config)
         # (name, output type, epilogue, unit strides): triton turns integer arguments equal to 1
         # into constants at launch, so they are constants here too
         for name, c_type, epilogue, unit in (
                 ("dx = lossgrad(h @ W.T)", t, ce.EPILOGUE_LOSS_GRAD, {"stride_ak", "stride_bk", "stride_cn"}),
                 ("dW = dx.T @ h", t, ce.EPILOGUE_STORE, {"stride_am", "stride_bn", "stride_cn"}),
                 ("dH += dx @ W", "fp32", ce.EPILOGUE_ACCUMULATE, {"stride_ak", "stride_bn", "stride_cn"})):
+            config = ce._matmul_config(dtype, interpret=False, epilogue=epilogue)
+            launch = _launch(config)
             signature = dict(a_ptr=f"*{t}", b_ptr=f"*{t}", c_ptr=f"*{c_type}", bias_ptr=f"*{t}", lse_ptr="*fp32",
                              column_ptr="*i32", coef_ptr="*fp32",
                              **{k: v for k, v in matmul_args.items() if k not in unit})

@@ -21,20 +21,31 @@ For a scalar loss ("mean", "sum") with gradients required, step 2 runs in the fo
 unit upstream gradient and backward only scales the saved gradients; for "none" it runs in
 backward with each row's upstream gradient. 8 N D V flops either way.
 
+Dropped rows (target == ignore_index, or token weight 0) contribute exactly nothing, even when
+their hidden row holds Inf or NaN: their dx is selected to 0 in the epilogue (not multiplied by a
+zero coefficient), the dW GEMM loads their hidden rows as zeros (0 * Inf would be NaN), and their
+dH rows are never accumulated. Their lse is still computed and returned. Vocabulary columns outside
+``vocab_range`` are never read.
+
 Memory beyond inputs and gradients: the dx workspace ``N x chunk_cols`` in the input dtype,
-at most ``WORKSPACE_BYTES`` (1 GiB; ``UNIMM_CE_WORKSPACE_MB``) unless a single 128-column chunk
-needs more; the fp32 dH accumulator ``[N, D]``; per-split statistics ``4 x splits x N`` fp32 and
-O(N) per-row terms. No N x V tensor; ``vocab_range`` shrinks every term to V = hi - lo columns.
-No host synchronisation inside the ops; the argument checks read one flag (is every target
-valid) back from the device before they start.
+at most ``UNIMM_CE_WORKSPACE_MB`` MiB (default 1024, read at each call) unless a single 128-column
+chunk needs more; the fp32 dH accumulator ``[N, D]``; per-split statistics ``4 x splits x N`` fp32
+and O(N) per-row terms. No N x V tensor; ``vocab_range`` shrinks every term to V = hi - lo columns.
+
+No host synchronisation: tensor values are checked only where that costs no device sync, on CPU
+tensors (targets in range, no negative weight under "mean"); on a GPU such values have defined
+results instead (reference module docstring): NaN where they land.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import os
 
 import torch
+import torch.nn.functional as F
 
 from unimm.kernels import dispatch
 from unimm.kernels._triton_common import cdiv, dot_precision, split_columns
@@ -48,7 +59,13 @@ except ImportError:  # the Triton backend is then not live (dispatch says why)
 
 REDUCTIONS = reference.REDUCTIONS
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-WORKSPACE_BYTES = int(os.environ.get("UNIMM_CE_WORKSPACE_MB", "1024")) << 20
+WORKSPACE_ENV = "UNIMM_CE_WORKSPACE_MB"
+DEFAULT_WORKSPACE_MB = 1024
+# The dx workspace in bytes; None: ``UNIMM_CE_WORKSPACE_MB`` at each call (tests set a number).
+WORKSPACE_BYTES: int | None = None
+# Devices whose tensor values the argument checks read (free there: no device to wait for).
+HOST_CHECKED_DEVICES = ("cpu",)
+_INT64 = (-2**63, 2**63 - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,26 +80,42 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """Cross-entropy of ``hidden @ weight.T`` (+ bias) against ``targets``, never forming N x V.
 
     Args:
-        hidden: ``[N, D]`` or ``[..., D]`` (flattened) float16, bfloat16 or float32.
+        hidden: ``[N, D]`` or ``[..., D]`` (flattened) float16, bfloat16 or float32. D = 0 is
+            allowed: every logit is then 0 (+ bias), so the loss of a row is log(V) without bias.
         weight: ``[V, D]`` output head (a slice or a tied embedding is fine), dtype of hidden.
-        targets: integer ``[N]`` (or ``hidden.shape[:-1]``) in ``[lo, hi)`` or ``ignore_index``.
+        targets: integer ``[N]`` (or ``hidden.shape[:-1]``), any integer dtype, in ``[lo, hi)`` or
+            ``ignore_index``.
         bias: optional ``[V]``, dtype of weight.
+        ignore_index: an integer (int64 range); rows with that target are dropped.
         reduction: "mean" (over kept tokens, weighted; 0 when none is kept), "sum" or "none".
-        label_smoothing: eps in [0, 1]; z_loss: coefficient of lse^2 (PaLM), >= 0.
-        softcap: Gemma-2 final-logit soft-capping ``c tanh(x / c)``, c > 0, or None.
-        token_weights: optional float ``[N]`` per-token loss weights.
-        vocab_range: ``(lo, hi)``: the softmax runs over these columns only (e.g. image codes).
-        return_lse: also return fp32 ``lse [N]`` of every row.
+        label_smoothing: eps in [0, 1]; z_loss: coefficient of lse^2 (PaLM), finite, >= 0.
+        softcap: Gemma-2 final-logit soft-capping ``c tanh(x / c)``, c finite and > 0, or None.
+        token_weights: optional float ``[N]`` per-token loss weights. A row of weight 0 is
+            dropped exactly like an ignored one. "mean" is ``sum(w l) / sum(w)`` and needs weights
+            >= 0 (a negative one raises on CPU tensors; on a GPU it makes the loss and gradients
+            NaN, as checking would cost a device sync); "sum" and "none" take any weights as given.
+        vocab_range: ``(lo, hi)`` integers: the softmax runs over these columns only (e.g. image
+            codes).
+        return_lse: also return fp32 ``lse [N]`` of every row (dropped rows included).
 
     Returns:
         The loss (scalar, or ``targets.shape`` for "none"), and lse if ``return_lse``. Gradients
         flow to hidden, weight and bias in their own dtypes, accumulated in fp32.
+
+    NaN and Inf in tensors are never checked: they propagate, as in PyTorch, to exactly the
+    outputs that depend on them; dropped rows and columns outside ``vocab_range`` contribute
+    nothing. A target outside ``vocab_range`` (not ``ignore_index``) raises on CPU tensors and
+    acts as a NaN token weight on a GPU.
     """
-    lo, hi = _check_args(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss,
-                         softcap, token_weights, vocab_range)
-    rows = hidden.reshape(-1, hidden.shape[-1])
-    flat_targets = targets.reshape(-1)
+    ignore_index, reduction, label_smoothing, z_loss, softcap, (lo, hi) = _check_args(
+        hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, token_weights,
+        vocab_range)
+    n_rows, dim = math.prod(hidden.shape[:-1]), hidden.shape[-1]
+    rows = hidden.reshape(n_rows, dim)
+    flat_targets = targets.reshape(-1).long()  # any integer dtype; the kernels and gather want int64
     flat_weights = token_weights.reshape(-1) if token_weights is not None else None
+    _check_values(flat_targets, flat_weights, lo, hi, ignore_index, reduction)
+    workspace_bytes()  # a bad UNIMM_CE_WORKSPACE_MB is reported on every backend, before any work
     backend = dispatch.select(
         "linear_cross_entropy", hidden.device, implemented=("triton",),
         unsupported={"triton": None if hidden.dtype in _KERNEL_DTYPES else f"dtype {hidden.dtype} is served by the reference only"},
@@ -95,11 +128,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, token_weights=flat_weights,
                 vocab_range=(lo, hi), return_lse=True, compute_dtype=torch.promote_types(hidden.dtype, torch.float32))
     else:
+        if dim == 0:
+            # Every logit is 0 (+ bias): the kernels see one zero column, and autograd slices its
+            # gradient back to width 0.
+            rows, weight = F.pad(rows, (0, 1)), F.pad(weight, (0, 1))
         wants = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (rows, weight, bias)]
         grads_now = wants if reduction != "none" else [False, False, False]
         loss, lse, *_ = _forward_op(rows, weight, bias, flat_targets, flat_weights, lo, hi, ignore_index, reduction,
-                                    float(label_smoothing), float(z_loss),
-                                    float(softcap) if softcap is not None else None, grads_now)
+                                    label_smoothing, z_loss, softcap, grads_now)
     if reduction == "none":
         loss = loss.reshape(targets.shape)
     if return_lse:
@@ -107,8 +143,44 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return loss
 
 
+def workspace_bytes() -> int:
+    """The dx workspace limit: ``WORKSPACE_BYTES`` if set, else ``UNIMM_CE_WORKSPACE_MB`` MiB."""
+    if WORKSPACE_BYTES is not None:
+        return WORKSPACE_BYTES
+    raw = os.environ.get(WORKSPACE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_WORKSPACE_MB << 20
+    try:
+        megabytes = int(raw)
+    except ValueError:
+        megabytes = 0
+    if megabytes <= 0:
+        raise ValueError(f"{WORKSPACE_ENV} must be a positive whole number of MiB (default {DEFAULT_WORKSPACE_MB}), "
+                         f"got {raw!r}")
+    return megabytes << 20
+
+
+def _real(name: str, value, expected: str, ok) -> float:
+    """``value`` as a float when it is a real number (not a bool) and ``ok(value)`` holds, else an
+    error naming ``name`` and ``expected``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return value
+
+
+def _integer(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
 def _check_args(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                token_weights, vocab_range) -> tuple[int, int]:
+                token_weights, vocab_range):
+    """Checks every argument without reading tensor data; returns the scalar options as plain
+    Python values: (ignore_index, reduction, label_smoothing, z_loss, softcap, (lo, hi))."""
     tensors = {"hidden": hidden, "weight": weight, "targets": targets}
     tensors.update({name: t for name, t in (("bias", bias), ("token_weights", token_weights)) if t is not None})
     for name, value in tensors.items():
@@ -126,9 +198,12 @@ def _check_args(hidden, weight, targets, bias, ignore_index, reduction, label_sm
                          f"and weight {tuple(weight.shape)}")
     if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
         raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
-    if targets.shape != hidden.shape[:-1] and tuple(targets.shape) != (hidden.numel() // max(1, hidden.shape[-1]),):
+    n_rows = math.prod(hidden.shape[:-1])
+    if targets.shape != hidden.shape[:-1] and tuple(targets.shape) != (n_rows,):
         raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's rows), got {tuple(targets.shape)}")
     vocab = weight.shape[0]
+    if vocab == 0:
+        raise ValueError(f"weight must have at least one row (V >= 1), got {tuple(weight.shape)}")
     if bias is not None:
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}")
@@ -137,27 +212,49 @@ def _check_args(hidden, weight, targets, bias, ignore_index, reduction, label_sm
     if token_weights is not None:
         if not token_weights.is_floating_point():
             raise TypeError(f"token_weights must be a floating tensor, got {token_weights.dtype}")
-        if token_weights.numel() != targets.numel() or token_weights.dim() not in (1, targets.dim()):
+        if token_weights.shape != targets.shape and tuple(token_weights.shape) != (targets.numel(),):
             raise ValueError(f"token_weights must have one weight per target ({tuple(targets.shape)}), "
                              f"got {tuple(token_weights.shape)}")
-    if reduction not in REDUCTIONS:
+    ignore_index = _integer("ignore_index", ignore_index)
+    if not _INT64[0] <= ignore_index <= _INT64[1]:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be > 0 (or None), got {softcap}")
-    lo, hi = (0, vocab) if vocab_range is None else vocab_range
-    if not (isinstance(lo, int) and isinstance(hi, int)) or not 0 <= lo < hi <= vocab:
-        raise ValueError(f"vocab_range must be (lo, hi) with 0 <= lo < hi <= V = {vocab}, got {vocab_range}")
-    if targets.numel():
-        outside = (targets != ignore_index) & ((targets < lo) | (targets >= hi))
-        if outside.any():  # the one device read of the call
-            bad = targets[outside][0].item()
-            raise ValueError(f"targets must lie in vocab_range [{lo}, {hi}) or equal ignore_index ({ignore_index}), "
-                             f"found {bad}")
-    return lo, hi
+    label_smoothing = _real("label_smoothing", label_smoothing, "a finite number in [0, 1]", lambda v: 0 <= v <= 1)
+    z_loss = _real("z_loss", z_loss, "a finite number >= 0", lambda v: v >= 0)
+    if softcap is not None:
+        softcap = _real("softcap", softcap, "a finite number > 0 (or None)", lambda v: v > 0)
+    if vocab_range is None:
+        lo, hi = 0, vocab
+    else:
+        if isinstance(vocab_range, (str, bytes, torch.Tensor)) or not hasattr(vocab_range, "__iter__"):
+            raise TypeError(f"vocab_range must be a pair (lo, hi) of integers, got {type(vocab_range).__name__} "
+                            f"{vocab_range!r}")
+        pair = tuple(vocab_range)
+        if len(pair) != 2:
+            raise ValueError(f"vocab_range must be a pair (lo, hi) of integers, got {len(pair)} values {vocab_range!r}")
+        lo, hi = (_integer("vocab_range", end) for end in pair)
+        if not 0 <= lo < hi <= vocab:
+            raise ValueError(f"vocab_range must be (lo, hi) with 0 <= lo < hi <= V = {vocab}, got {vocab_range}")
+    return ignore_index, reduction, label_smoothing, z_loss, softcap, (lo, hi)
+
+
+def _check_values(targets, token_weights, lo, hi, ignore_index, reduction):
+    """The checks that read tensor values: only on ``HOST_CHECKED_DEVICES`` (the CPU), where
+    reading costs no device sync. Elsewhere the values get their defined results (the reference
+    module docstring)."""
+    if targets.device.type not in HOST_CHECKED_DEVICES or not targets.numel():
+        return
+    kept = targets != ignore_index
+    outside = kept & ((targets < lo) | (targets >= hi))
+    if outside.any():
+        raise ValueError(f"targets must lie in vocab_range [{lo}, {hi}) or equal ignore_index ({ignore_index}), "
+                         f"found {targets[outside][0].item()}")
+    if token_weights is not None and reduction == "mean":
+        negative = kept & (token_weights < 0)
+        if negative.any():
+            raise ValueError(f"token_weights must be >= 0 for reduction='mean' (it divides by their sum), found "
+                             f"{token_weights[negative][0].item()}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,16 +269,14 @@ def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """(loss, lse, dh, dw, db). With ``grads_now`` (only for a scalar loss) the gradients of a unit
     upstream gradient are computed in the same pass, no recompute, and backward scales them;
     gradients not computed come back empty."""
-    column, weights, total_weight = _row_terms(targets, token_weights, lo, ignore_index)
-    row_scale = None
-    if any(grads_now):
-        row_scale = (1.0 / total_weight if reduction == "mean" else torch.ones_like(total_weight)).reshape(1)
-        row_scale = row_scale.expand(hidden.shape[0])
+    kept, column, weights, total_weight = _row_terms(targets, token_weights, lo, hi, ignore_index, reduction)
+    row_scale = (1.0 / total_weight).reshape(1).expand(hidden.shape[0]) if any(grads_now) else None
     (lse, target_logit, logit_sum), grads = _run_chunks(
         hidden, weight[lo:hi], bias[lo:hi] if bias is not None else None, column, weights, row_scale,
         label_smoothing, z_loss, softcap, tuple(grads_now))
     ce = (1.0 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - logit_sum / (hi - lo))
-    loss = torch.where(column >= 0, weights * (ce + z_loss * lse.square()), 0.0)
+    # selected, not multiplied: a dropped row's lse may be Inf or NaN
+    loss = torch.where(kept, weights * (ce + z_loss * lse.square()), 0.0)
     if reduction == "mean":
         loss = loss.sum() / total_weight
     elif reduction == "sum":
@@ -208,10 +303,10 @@ def _backward_op(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Te
                  wants: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh, dw, db) when the gradients were not computed with the loss (reduction "none"): the
     chunks run again with each row's upstream gradient."""
-    column, weights, total_weight = _row_terms(targets, token_weights, lo, ignore_index)
+    _, column, weights, total_weight = _row_terms(targets, token_weights, lo, hi, ignore_index, reduction)
     row_scale = grad_loss.float().reshape(-1)
     if reduction != "none":
-        row_scale = (row_scale / total_weight if reduction == "mean" else row_scale).expand(hidden.shape[0])
+        row_scale = (row_scale / total_weight).expand(hidden.shape[0])
     _, grads = _run_chunks(hidden, weight[lo:hi], bias[lo:hi] if bias is not None else None, column, weights,
                            row_scale, label_smoothing, z_loss, softcap, tuple(wants))
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
@@ -264,14 +359,12 @@ def _backward(ctx, grad_loss, *unused):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _row_terms(targets, token_weights, lo, ignore_index):
-    """Each row's target column (-1 when ignored, int32), its weight (0 when ignored, fp32), and
-    the total weight (1 in place of 0, so "mean" gives 0 rather than NaN when nothing is kept)."""
-    kept = targets != ignore_index
-    column = torch.where(kept, targets - lo, -1).to(torch.int32)
-    weights = torch.where(kept, token_weights.float() if token_weights is not None else 1.0, 0.0)
-    total = weights.sum()
-    return column, weights, torch.where(total != 0, total, 1.0)
+def _row_terms(targets, token_weights, lo, hi, ignore_index, reduction):
+    """``reference.row_terms`` (which rows are kept, their weights, the normaliser of the
+    reduction) with the kernels' column: the target's column in the head, -1 for a dropped row
+    (int32)."""
+    kept, column, weights, total = reference.row_terms(targets, token_weights, lo, hi, ignore_index, reduction)
+    return kept, torch.where(kept, column, -1).to(torch.int32), weights, total
 
 
 def _full_rows(block: torch.Tensor, lo: int, vocab: int) -> torch.Tensor:
@@ -304,7 +397,8 @@ def _run_chunks(hidden, head, head_bias, column, weights, row_scale, label_smoot
         lse = stats[0]
         coef = row_scale * weights
         config = _matmul_config(hidden.dtype, dispatch.TRITON_INTERPRET)
-        chunk = _chunk_cols(n, vocab, hidden.element_size(), config["BLOCK_N"])
+        dw_config = _matmul_config(hidden.dtype, dispatch.TRITON_INTERPRET, EPILOGUE_STORE)
+        chunk = _chunk_cols(n, vocab, hidden.element_size(), config["BLOCK_N"], workspace_bytes())
         dx = torch.empty(n, chunk, dtype=hidden.dtype, device=device)
         dh32 = torch.zeros(n, d, dtype=torch.float32, device=device) if want_dh else None
         dw = torch.empty(vocab, d, dtype=head.dtype, device=device) if want_dw else None
@@ -315,10 +409,10 @@ def _run_chunks(hidden, head, head_bias, column, weights, row_scale, label_smoot
             _matmul(hidden, head[cols].T, dx_chunk, EPILOGUE_LOSS_GRAD, config,
                     bias=head_bias[cols] if head_bias is not None else None, softcap=softcap,
                     loss_terms=(lse, column, coef, start, vocab, label_smoothing, z_loss))
-            if want_dw:
-                _matmul(dx_chunk.T, hidden, dw[cols], EPILOGUE_STORE, config)
-            if want_dh:
-                _matmul(dx_chunk, head[cols], dh32, EPILOGUE_ACCUMULATE, config)
+            if want_dw:  # dropped rows' hidden loads as zeros
+                _matmul(dx_chunk.T, hidden, dw[cols], EPILOGUE_STORE, dw_config, rows=column)
+            if want_dh:  # dropped rows' dH stays 0
+                _matmul(dx_chunk, head[cols], dh32, EPILOGUE_ACCUMULATE, config, rows=column)
             if want_db:
                 db[cols] = dx_chunk.sum(0, dtype=torch.float32)
     if want_dh:
@@ -326,9 +420,9 @@ def _run_chunks(hidden, head, head_bias, column, weights, row_scale, label_smoot
     return stats, (dh, dw, db)
 
 
-def _chunk_cols(n: int, vocab: int, elem_bytes: int, granule: int) -> int:
-    """Columns per gradient chunk: as many as the dx workspace holds, whole matmul tiles."""
-    cols = max(granule, WORKSPACE_BYTES // max(1, n * elem_bytes) // granule * granule)
+def _chunk_cols(n: int, vocab: int, elem_bytes: int, granule: int, workspace: int) -> int:
+    """Columns per gradient chunk: as many as the dx workspace (bytes) holds, whole matmul tiles."""
+    cols = max(granule, workspace // max(1, n * elem_bytes) // granule * granule)
     return max(1, min(cols, vocab))
 
 
@@ -372,22 +466,37 @@ def _lse_config(dtype: torch.dtype, interpret: bool) -> dict:
     return dict(BLOCK_N=128, BLOCK_V=64, BLOCK_D=64, num_warps=8, num_stages=3)
 
 
-def _matmul_config(dtype: torch.dtype, interpret: bool) -> dict:
-    """Tiles for ``_matmul_kernel``; tests/triton_aot.py checks them against sm_90a and sm_80."""
+def _matmul_config(dtype: torch.dtype, interpret: bool, epilogue: int = EPILOGUE_LOSS_GRAD) -> dict:
+    """Tiles for ``_matmul_kernel`` running ``epilogue``'s GEMM; tests/triton_aot.py checks them
+    against sm_90a and sm_80."""
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+        config = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    else:
+        config = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    if epilogue == EPILOGUE_STORE:
+        # dW's B tiles are masked by a loaded flag (the row's column): triton's pipeliner spreads
+        # its stages over that chain of two loads, so 2 s - 1 stages give the A and B tiles the
+        # buffers s give the other GEMMs (4 / 3 on sm_90a / sm_80 for 16-bit, 2 for fp32).
+        config["num_stages"] = 2 * config["num_stages"] - 1
+    return config
 
 
-def _matmul(a, b, out, epilogue, config, *, bias=None, softcap=None, loss_terms=None):
-    """``out (=|+=) a @ b`` with fp32 accumulation; strides are honoured, so transposes are free.
-    EPILOGUE_LOSS_GRAD turns the product into dx: ``loss_terms`` = (lse, column, coef, first
-    column of this chunk, V, label_smoothing, z_loss)."""
+def _matmul(a, b, out, epilogue, config, *, bias=None, softcap=None, loss_terms=None, rows=None):
+    """The three GEMMs of the gradient, fp32 accumulation; strides are honoured, so transposes are
+    free. ``rows``: each token row's column, -1 when dropped (int32).
+      * EPILOGUE_LOSS_GRAD, ``dx = lossgrad(h @ W.T)``: ``loss_terms`` = (lse, column, coef, first
+        column of this chunk, V, label_smoothing, z_loss); a dropped row's dx is 0.
+      * EPILOGUE_STORE, ``dW = dx.T @ h``: K runs over token rows; a dropped row loads as zeros.
+      * EPILOGUE_ACCUMULATE, ``dH += dx @ W``: a dropped row's output is left as it is."""
     m, k = a.shape
     n = b.shape[1]
-    lse, column, coef, col_offset, vocab, label_smoothing, z_loss = loss_terms or (out, out, out, 0, 1, 0.0, 0.0)
+    if loss_terms is None:
+        if rows is None:
+            raise ValueError("_matmul: EPILOGUE_STORE and EPILOGUE_ACCUMULATE need rows")
+        loss_terms = (out, rows, out, 0, 1, 0.0, 0.0)
+    lse, column, coef, col_offset, vocab, label_smoothing, z_loss = loss_terms
     grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]),)
     _matmul_kernel[grid](
         a, b, out, bias if bias is not None else out, lse, column, coef, m, n, k,
@@ -488,7 +597,12 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             a = tl.load(a_ptrs, mask=(rm < M)[:, None] & (k0 + rk < K)[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=(k0 + rk < K)[:, None] & (rn < N)[None, :], other=0.0)
+            k_ok = k0 + rk < K
+            if EPILOGUE == 0:
+                # dW = dx.T @ h: K runs over token rows. A dropped row's dx is 0, but its hidden may
+                # be Inf or NaN (0 * Inf = NaN): it loads as zeros.
+                k_ok &= tl.load(column_ptr + k0 + rk, mask=k_ok, other=-1) >= 0
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
@@ -510,7 +624,9 @@ if triton is not None:
             grad -= tl.where((col_offset + rn)[None, :] == target[:, None], 1.0 - label_smoothing, 0.0)
             if HAS_SOFTCAP:
                 grad = grad * (1.0 - (acc / softcap) * (acc / softcap))
-            acc = coef[:, None] * grad
-        if EPILOGUE == 1:  # accumulate into an fp32 output
-            acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
+            # selected, not multiplied: a dropped row (coef 0) may have Inf or NaN logits or lse
+            acc = tl.where(target[:, None] >= 0, coef[:, None] * grad, 0.0)
+        if EPILOGUE == 1:  # accumulate into an fp32 output; a dropped row adds nothing
+            kept = tl.load(column_ptr + rm, mask=rm < M, other=-1) >= 0
+            acc = tl.where(kept[:, None], acc, 0.0) + tl.load(c_ptrs, mask=c_mask, other=0.0)
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)

@@ -42,7 +42,8 @@ def forced_backend() -> str | None:
     if not value or value == "auto":
         return None
     if value not in BACKENDS:
-        raise ValueError(f"UNIMM_BACKEND must be one of {', '.join(BACKENDS)} (or unset), got {value!r}")
+        raise ValueError(f"UNIMM_BACKEND must be one of {', '.join(BACKENDS)}, or auto / unset for automatic "
+                         f"dispatch, got {os.environ['UNIMM_BACKEND']!r}")
     return value
 
 

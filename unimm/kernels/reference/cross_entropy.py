@@ -1,24 +1,60 @@
 """The meaning of ``linear_cross_entropy``, in plain PyTorch (materialised logits).
 
 For rows ``h`` of ``hidden [N, D]`` and the column block ``(lo, hi)`` of the vocabulary:
-  x   = h @ weight[lo:hi].T (+ bias[lo:hi])          in fp32 (fp64 when asked)
+  x   = h @ weight[lo:hi].T (+ bias[lo:hi])          in fp32 (fp64 when asked); 0 (+ bias) when D = 0
   x   = softcap * tanh(x / softcap)                   if softcap
   lse = logsumexp(x)
-  for a kept token (target != ignore_index), with eps = label_smoothing and w its token weight:
+  a row is kept when its target != ignore_index and its token weight w != 0 (w = 1 without
+  token_weights; a NaN weight is kept, and propagates). For a kept row, with eps = label_smoothing:
     ce = (1 - eps) (lse - x[target - lo]) + eps (lse - mean(x))
     l  = w (ce + z_loss lse^2)
-  ignored tokens: l = 0, no gradient.
-  reduction "mean": sum(l) / sum(w over kept tokens), 0 when nothing is kept; "sum": sum(l);
-  "none": l [N]. ``return_lse`` adds lse [N] (fp32) for every row.
+  a dropped row (ignored, or weight 0): l = 0, and it contributes exactly nothing to the loss or to
+  any gradient, even when its hidden row holds Inf or NaN.
+  reduction "mean": sum(l) / sum(w over kept rows), 0 when nothing is kept; "sum": sum(l);
+  "none": l [N]. ``return_lse`` adds lse [N] (fp32) for every row, dropped rows included.
+
+Tensor values are never checked here (``unimm.kernels.linear_cross_entropy`` checks what it can
+without a device sync); what the kernels do with values they cannot check, this does too:
+  * a kept row whose target lies outside [lo, hi) acts as a NaN token weight: its loss, the
+    reduced loss and the gradients it reaches are NaN;
+  * reduction "mean" with a negative weight on a kept row: the loss and every gradient are NaN
+    (sum(w) is no normaliser then); "sum" and "none" take negative weights as they are.
 
 Autograd through these torch ops gives the gradients the kernels must match.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def row_terms(targets: torch.Tensor, token_weights: torch.Tensor | None, lo: int, hi: int, ignore_index: int,
+              reduction: str, dtype: torch.dtype = torch.float32):
+    """Per row: kept (bool), its column ``target - lo`` (0 where dropped or out of range), its weight
+    (0 where dropped, NaN for an out-of-range target), and the normaliser of the reduction (sum of
+    the weights for "mean", NaN when a kept weight is negative, 1 in place of 0; else 1).
+
+    Shared by the reference and the kernels, so both draw the same rows."""
+    targets = targets.reshape(-1).long()
+    kept = targets != ignore_index
+    in_range = (targets >= lo) & (targets < hi)
+    w = token_weights.reshape(-1).to(dtype) if token_weights is not None else torch.ones(
+        targets.shape, dtype=dtype, device=targets.device)
+    w = torch.where(in_range, w, math.nan)
+    kept = kept & (w != 0)  # a zero weight drops the row, as ignore_index does; NaN != 0 keeps it
+    w = torch.where(kept, w, 0.0)
+    column = torch.where(kept & in_range, targets - lo, 0)
+    total = torch.ones((), dtype=dtype, device=targets.device)
+    if reduction == "mean":
+        total = w.sum()
+        if token_weights is not None:
+            total = torch.where((w < 0).any(), math.nan, total)
+        total = torch.where(total != 0, total, 1.0)  # 0, not NaN, when nothing is kept
+    return kept, column, w, total
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -27,29 +63,35 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          token_weights: torch.Tensor | None = None, vocab_range: tuple[int, int] | None = None,
                          return_lse: bool = False, compute_dtype: torch.dtype = torch.float32):
     lo, hi = vocab_range if vocab_range is not None else (0, weight.shape[0])
-    h = hidden.reshape(-1, hidden.shape[-1]).to(compute_dtype)
-    x = h @ weight[lo:hi].to(compute_dtype).T
-    if bias is not None:
-        x = x + bias[lo:hi].to(compute_dtype)
-    if softcap is not None:
-        x = softcap * torch.tanh(x / softcap)
-    lse = torch.logsumexp(x, dim=-1)
+    dim = hidden.shape[-1]
+    h = hidden.reshape(math.prod(hidden.shape[:-1]), dim).to(compute_dtype)
+    head = weight[lo:hi].to(compute_dtype)
+    head_bias = bias[lo:hi].to(compute_dtype) if bias is not None else None
 
-    targets = targets.reshape(-1)
-    kept = targets != ignore_index
-    column = torch.where(kept, targets - lo, 0)
+    def logits(rows):
+        x = rows @ head.T
+        if head_bias is not None:
+            x = x + head_bias
+        if softcap is not None:
+            x = softcap * torch.tanh(x / softcap)
+        return x
+
+    kept, column, w, total = row_terms(targets, token_weights, lo, hi, ignore_index, reduction, compute_dtype)
+    # A dropped row enters no product: its hidden is replaced by zeros before the matmul (0 * Inf
+    # would be NaN in dW), and its logits by zeros after it (Inf or NaN in the weights or bias must
+    # not reach it through the softmax's backward either).
+    x = torch.where(kept[:, None], logits(torch.where(kept[:, None], h, 0.0)), 0.0)
+    lse = torch.logsumexp(x, dim=-1)
     target_logit = x.gather(1, column[:, None])[:, 0]
     ce = (1.0 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - x.mean(-1))
-    w = token_weights.reshape(-1).to(compute_dtype) if token_weights is not None else torch.ones_like(lse)
-    w = torch.where(kept, w, 0.0)
-    loss = w * (ce + z_loss * lse.square())
-    loss = torch.where(kept, loss, 0.0)  # an ignored row contributes exactly 0, and no NaN
+    loss = torch.where(kept, w * (ce + z_loss * lse.square()), 0.0)
 
     if reduction == "mean":
-        total_weight = w.sum()
-        loss = loss.sum() / torch.where(total_weight != 0, total_weight, 1.0)  # 0, not NaN, when nothing is kept
+        loss = loss.sum() / total
     elif reduction == "sum":
         loss = loss.sum()
     if return_lse:
-        return loss, lse.detach().float()
+        with torch.no_grad():  # every row's own lse, dropped rows included
+            all_lse = torch.logsumexp(logits(h), dim=-1)
+        return loss, all_lse.float()
     return loss
