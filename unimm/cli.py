@@ -84,16 +84,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         print("\n".join(info_lines()))
     elif args.command == "demo":
-        from unimm.demo.train import PRESETS, run
+        from unimm.demo.train import MAX_SEED, PRESETS, output_dir, resolve_device, run
 
+        # every argument is checked before any work: one "unimm demo: error: ..." line, exit code 2
         config = PRESETS[args.config]
         if args.steps is not None:
             if args.steps < 1:
-                parser.error(f"--steps must be >= 1, got {args.steps}")
+                demo.error(f"--steps must be >= 1, got {args.steps}")
             config = config.replace(steps=args.steps)
-        if args.seed < 0:
-            parser.error(f"--seed must be >= 0, got {args.seed}")
-        run(config, args.out, device=args.device, seed=args.seed)
+        if not 0 <= args.seed <= MAX_SEED:
+            demo.error(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
+        try:
+            device = resolve_device(args.device)
+        except ValueError as err:
+            demo.error(f"--device: {err}")
+        try:
+            out = output_dir(args.out)
+        except ValueError as err:
+            demo.error(f"--out: {err}")
+        run(config, out, device=device, seed=args.seed)
     return 0
 
 

@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
+import tempfile
 import time
 
 import numpy as np
@@ -58,6 +60,7 @@ TASKS = ("caption", "codes", "features")
 # bound on each diffusion step's estimate of a clean token: the tokens are standardised (|x| of a
 # few units), and an imperfect head's first steps would otherwise throw samples far off
 CLIP_DENOISED = 5.0
+MAX_SEED = 2**63 - 2  # torch generators take 64-bit seeds; evaluation uses seed + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,6 +376,58 @@ def evaluate(config: DemoConfig, model: UnifiedModel, prepared: Prepared, seed: 
                 judged=judged)
 
 
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device a run uses: ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``),
+    by default CUDA when available, else the CPU. A ValueError says why a device cannot run
+    here (not a device name, CUDA absent, no such GPU), before anything is computed."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, str | torch.device):
+        raise TypeError(f"device must be a str or a torch.device, got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{device!r} is not a torch device (try cpu, cuda or cuda:N)") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{device} asked for, but CUDA is not available here (torch {torch.__version__}, CUDA "
+                             f"{torch.version.cuda or 'none'}); use cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{device} asked for, but this machine has {count} CUDA device(s)")
+        return device
+    if device.type == "meta":
+        raise ValueError("meta tensors hold no data: the demo cannot train on the meta device")
+    try:  # another accelerator type: usable if it can hold a tensor
+        torch.empty(1, device=device)
+    except Exception as err:  # noqa: BLE001 - whatever the backend raises, the device is unusable
+        reason = (str(err).strip().strip("'\"").split(". ")[0].splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{device} is not usable here: {reason[:160]}") from None
+    return device
+
+
+def output_dir(out: str | os.PathLike) -> pathlib.Path:
+    """``out`` as a directory the run can write its files to: created with its parents if
+    missing, then probed with a temporary file. A ValueError names the path and the reason (an
+    existing file, a parent that is a file, a read-only or virtual file system)."""
+    if not isinstance(out, str | os.PathLike):
+        raise TypeError(f"out must be a path, got {type(out).__name__}")
+    if not os.fspath(out):
+        raise ValueError("the output directory must be a non-empty path")
+    path = pathlib.Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot create or write the output directory {path}: {err.strerror or err}") from None
+    return path
+
+
 def _percent_row(task: str, accuracy: dict) -> dict:
     return dict(task=task, **{key: f"{100 * accuracy[key]:.1f}%" for key in ("colour", "shape", "position", "all")})
 
@@ -381,13 +436,18 @@ def run(config: DemoConfig, out: str | pathlib.Path, *, device: str | torch.devi
         quiet: bool = False) -> dict:
     """Prepares, trains and evaluates; writes ``samples.png``, ``loss.png`` and ``metrics.json``
     under ``out`` and returns the metrics. ``device``: default CUDA when available, else CPU (on
-    CUDA, fp32 matmuls may then use TF32, process-wide). ``quiet``: no progress bars, no printing."""
+    CUDA, fp32 matmuls may then use TF32, process-wide). ``quiet``: no progress bars, no printing.
+    A device that cannot run here or an ``out`` that cannot be written is a ValueError before any
+    work (``resolve_device``, ``output_dir``)."""
     started = time.perf_counter()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not isinstance(config, DemoConfig):
+        raise TypeError(f"config must be a DemoConfig, got {type(config).__name__}")
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {seed!r}")
+    device = resolve_device(device)
+    out = output_dir(out)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
 
     def say(text: str) -> None:
         if not quiet:

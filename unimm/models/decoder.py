@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 
 import torch
@@ -198,32 +199,113 @@ class KVCache:
     and ``lens`` int32 ``[B]``, the number of valid cached tokens of each row.
 
     The decoder writes a chunk of S tokens into rows ``[lens[b], lens[b] + S)`` and never changes
-    ``lens``: the caller advances it (``cache.lens += 1``, or per row), so a decode step is
-    static in shape and CUDA-graph capturable.
+    ``lens``: the caller advances it in place (``cache.lens += 1``, or per row), so a decode step
+    is static in shape and CUDA-graph capturable.
+
+    Lengths must stay in ``[0, max_len]``. Assigning them (``cache.lens = [5, 9]``, or
+    ``set_lens``) checks them: values on the host are read for free, a CUDA tensor once (a setup
+    step, not a decode step). An in-place update (``+=``, ``copy_``, ``fill_``) is not checked
+    when it happens; the decoder checks lengths where it can read them without a device sync
+    (CPU caches, and every chunk of more than one token), and elsewhere (a CUDA decode step)
+    never writes outside a row's ``max_len`` slots (see ``Decoder.forward``).
     """
 
     def __init__(self, config: DecoderConfig, batch_size: int, max_len: int, *, device, dtype: torch.dtype):
         if not isinstance(config, DecoderConfig):
             raise TypeError(f"config must be a DecoderConfig, got {type(config).__name__}")
         for name, value in (("batch_size", batch_size), ("max_len", max_len)):
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.lens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self._lens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        # set by an owner that keeps 0 <= lens < max_len at every decode step by construction
+        # (the generation engine sizes max_len for its whole budget): its steps skip the range guard
+        self._lens_in_range = False
+
+    @property
+    def lens(self) -> torch.Tensor:
+        """int32 ``[B]``: cached tokens per row. The tensor is the cache's own (CUDA graphs read
+        it by address): assignment copies into it."""
+        return self._lens
+
+    @lens.setter
+    def lens(self, value) -> None:
+        if value is self._lens:  # ``cache.lens += n`` already updated the buffer in place: no read back
+            return
+        self.set_lens(value)
 
     @property
     def batch_size(self) -> int:
-        return self.lens.shape[0]
+        return self._lens.shape[0]
 
     @property
     def max_len(self) -> int:
         return self.k[0].shape[1]
 
+    def set_lens(self, lens) -> None:
+        """Sets every row's cached length: an int, ``batch_size`` ints, or an integer tensor
+        ``[batch_size]`` (on any device: a CUDA tensor is read back once), each in
+        ``[0, max_len]``; copied into ``lens`` in place."""
+        if isinstance(lens, torch.Tensor):
+            if lens.is_floating_point() or lens.is_complex() or lens.dtype == torch.bool:
+                raise TypeError(f"cache lengths must be integers, got a {lens.dtype} tensor")
+            if lens.dim() > 1 or (lens.dim() == 1 and lens.shape[0] != self.batch_size):
+                raise ValueError(f"cache lengths must be one per row, [{self.batch_size}], got shape "
+                                 f"{tuple(lens.shape)}")
+            values = lens.detach().to("cpu", torch.int64).expand(self.batch_size)
+            _check_lens(values, self.max_len, 0)
+        else:
+            items = [lens] * self.batch_size if _is_int(lens) else lens
+            if not isinstance(items, (list, tuple)) or not all(_is_int(v) for v in items):
+                raise TypeError(f"cache lengths must be an int, a list of ints or an integer tensor, got {lens!r}")
+            if len(items) != self.batch_size:
+                raise ValueError(f"cache lengths must be one per row ({self.batch_size}), got {len(items)}")
+            bad = next((row for row, v in enumerate(items) if not 0 <= v <= self.max_len), None)
+            if bad is not None:
+                raise ValueError(f"cache.lens must be in [0, {self.max_len}] (the cache's capacity max_len), row "
+                                 f"{bad} has {items[bad]}")
+            values = torch.tensor([int(v) for v in items], dtype=torch.int64)
+        self._lens.copy_(values.to(torch.int32))
+
     def reset(self) -> None:
         """Forget every cached token (the buffers are overwritten as new tokens arrive)."""
-        self.lens.zero_()
+        self._lens.zero_()
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_int_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.is_complex() or \
+            value.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {getattr(value, 'dtype', type(value).__name__)}")
+
+
+def _on_host(tensor: torch.Tensor) -> bool:
+    """Can the host read ``tensor`` without a device sync? (The hook tests patch to take the CUDA
+    code paths on a CPU.)"""
+    return tensor.device.type == "cpu"
+
+
+def _check_lens(lens: torch.Tensor, max_len: int, new_tokens: int) -> int:
+    """Host-side check of cache lengths before ``new_tokens`` more land: ``0 <= lens`` and
+    ``lens + new_tokens <= max_len`` (the cache's capacity); returns the longest. ``lens`` must be
+    readable (see ``_on_host``) or the caller accepts one device read."""
+    if lens.numel() == 0:
+        return 0
+    low, high = torch.stack(torch.aminmax(lens)).tolist()  # one read
+    if low < 0 or (new_tokens == 0 and high > max_len):
+        row = int(torch.argmin(lens)) if low < 0 else int(torch.argmax(lens))
+        raise ValueError(f"cache.lens must be in [0, {max_len}] (the cache's capacity max_len), row {row} has "
+                         f"{low if low < 0 else high}")
+    if high + new_tokens > max_len:
+        row = int(torch.argmax(lens))
+        raise ValueError(f"cache overflow: row {row} holds {high} tokens, + {new_tokens} new > the cache's capacity "
+                         f"max_len={max_len}")
+    return high
 
 
 @dataclasses.dataclass
@@ -237,6 +319,7 @@ class _Step:
     cache: KVCache | None = None
     cache_index: tuple[torch.Tensor, torch.Tensor] | None = None  # (batch rows, cache rows); None: [:, :S]
     decode_lens: torch.Tensor | None = None  # a causal one-token step: lens + 1, for decode_attention
+    row_ok: torch.Tensor | None = None  # bool [B] when lens were not checked on the host: rows in range
 
 
 class RMSNorm(nn.Module):
@@ -302,6 +385,10 @@ class Attention(nn.Module):
                 k_cache[:, :seq_len] = k
                 v_cache[:, :seq_len] = v
             else:  # rows [lens[b], lens[b] + S): a scatter, no host sync
+                if step.row_ok is not None:  # a row whose length is out of range rewrites what its slot holds
+                    keep = step.row_ok[:, None, None, None]
+                    k = torch.where(keep, k, k_cache[step.cache_index])
+                    v = torch.where(keep, v, v_cache[step.cache_index])
                 k_cache.index_put_(step.cache_index, k)
                 v_cache.index_put_(step.cache_index, v)
                 k, v = k_cache, v_cache
@@ -440,14 +527,30 @@ class Decoder(nn.Module):
                 holds tokens, a row's interval ``[s, e)`` becomes ``[s + lens, e + lens)``, and an
                 interval that starts at the chunk's first key also sees every cached key:
                 ``[0, e + lens)`` (so causal or prefix-LM chunk masks continue the cached sequence).
-                For S > 1 one device read checks ``lens + S <= max_len``; a decode step (S == 1)
-                reads nothing back: keeping ``lens < max_len`` (and ids in range) is the caller's job.
+                Lengths must satisfy ``0 <= lens`` and ``lens + S <= max_len`` (the cache's
+                capacity): a ValueError otherwise, checked on the host for a CPU cache and, with one
+                device read, for any chunk of S > 1 tokens (prefill, extend). A CUDA decode step
+                (S == 1) reads nothing back (it may be inside a CUDA graph): a row whose length is
+                outside ``[0, max_len)`` writes nothing to the cache and gets NaN hidden states.
+
+        An empty chunk (S == 0, or B == 0) gives an empty ``[B, S, hidden]`` and writes nothing.
+
+        Ids outside ``[0, vocab_size)`` raise a ValueError naming ``input_ids`` when they are on
+        the CPU. On a GPU they are not read back (no host sync per training or decode step): such a
+        token embeds as NaN, so exactly the outputs that depend on it come out NaN.
+        ``Decoder.generate`` checks its prompts once per call; ``pack`` checks ids on the host.
         """
-        x = self._embed(input_ids, inputs_embeds, decoding=cache is not None)
+        x = self._embed(input_ids, inputs_embeds)
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            self._check_inputs(x, positions, mask, cache)
+            return self.norm(x)
         step = self._prepare(x, positions, mask, cache)
         for layer in self.layers:
             x = layer(x, step)
-        return self.norm(x)
+        x = self.norm(x)
+        if step.row_ok is not None:
+            x = x.masked_fill(~step.row_ok[:, None, None], float("nan"))
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``lm_head(hidden)``, soft-capped ``c tanh(x / c)`` when the config has a final soft-cap.
@@ -479,7 +582,8 @@ class Decoder(nn.Module):
         ``sample_tokens`` (``unimm.models.generate``).
 
         Args:
-            input_ids: int ``[B, S]`` prompts, right-padded when ragged (padding ids are ignored).
+            input_ids: int ``[B, S]`` prompts, right-padded when ragged (padding ids are ignored);
+                prompt ids must be in ``[0, vocab_size)`` (checked once per call, on any device).
             max_new_tokens: tokens to generate per row (>= 0).
             temperature: 0 is greedy (argmax, lowest id on ties); otherwise sampling, with
             top_k, top_p: the usual truncations (``sample_tokens``).
@@ -504,20 +608,31 @@ class Decoder(nn.Module):
 
     # ---- helpers --------------------------------------------------------------------------
 
-    def _embed(self, input_ids, inputs_embeds, decoding: bool) -> torch.Tensor:
+    def embed_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``embed_tokens(input_ids)`` (unscaled) for int ids of any shape. Ids outside
+        ``[0, vocab_size)``: a ValueError naming ``input_ids`` when they are on the CPU; NaN
+        embeddings on a GPU (nothing is read back; see ``forward``)."""
+        vocab = self.config.vocab_size
+        _check_int_tensor("input_ids", input_ids)
+        if _on_host(input_ids):
+            if input_ids.numel():
+                low, high = torch.stack(torch.aminmax(input_ids)).tolist()
+                if low < 0 or high >= vocab:
+                    raise ValueError(f"input_ids must be in [0, {vocab}) (the vocabulary size is {vocab}), got values "
+                                     f"in [{low}, {high}]")
+            return self.embed_tokens(input_ids)
+        bad = (input_ids < 0) | (input_ids >= vocab)
+        return self.embed_tokens(input_ids.clamp(0, vocab - 1)).masked_fill(bad[..., None], float("nan"))
+
+    def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         weight = self.embed_tokens.weight
         if input_ids is not None:
-            if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
-                raise TypeError(f"input_ids must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+            _check_int_tensor("input_ids", input_ids)
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-            check = input_ids.numel() and not (decoding and input_ids.shape[1] == 1)  # no host sync in decode
-            if check and ((input_ids < 0) | (input_ids >= self.config.vocab_size)).any():
-                raise ValueError(f"input_ids must be in [0, {self.config.vocab_size}), got values in "
-                                 f"[{int(input_ids.min())}, {int(input_ids.max())}]")
-            x = self.embed_tokens(input_ids)
+            x = self.embed_ids(input_ids)
         else:
             if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dtype != weight.dtype:
                 raise TypeError(f"inputs_embeds must be a {weight.dtype} tensor (the model dtype), got "
@@ -530,20 +645,12 @@ class Decoder(nn.Module):
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype).item()
         return x
 
-    def _prepare(self, x: torch.Tensor, positions, mask, cache) -> _Step:
+    def _check_inputs(self, x: torch.Tensor, positions, mask, cache) -> None:
+        """Argument checks that read nothing from the device."""
         batch, seq_len, _ = x.shape
         device = x.device
-        lens = None  # set when the chunk lands after cached tokens
         if cache is not None:
             self._check_cache(cache, x)
-            if seq_len > 1:  # prefill / extend: not captured, so one device read is fine
-                longest = int(cache.lens.max())
-                if longest + seq_len > cache.max_len:
-                    raise ValueError(f"cache overflow: a row holds {longest} tokens, + {seq_len} new > "
-                                     f"max_len {cache.max_len}")
-                lens = cache.lens if longest > 0 else None
-            else:
-                lens = cache.lens
         if mask is not None:
             if not isinstance(mask, AttentionMask):
                 raise TypeError(f"mask must be an AttentionMask or None, got {type(mask).__name__}")
@@ -552,6 +659,27 @@ class Decoder(nn.Module):
                                  f"{list(mask.shape)} on {mask.device}")
             if mask.num_keys > seq_len:
                 raise ValueError(f"mask lets rows see up to {mask.num_keys} keys but the chunk has {seq_len}")
+        if positions is not None:
+            _check_int_tensor("positions", positions)
+            if positions.shape != (batch, seq_len) or positions.device != device:
+                raise ValueError(f"positions must be [batch, seq] = [{batch}, {seq_len}] on {device}, got "
+                                 f"{list(positions.shape)} on {positions.device}")
+
+    def _prepare(self, x: torch.Tensor, positions, mask, cache) -> _Step:
+        self._check_inputs(x, positions, mask, cache)
+        batch, seq_len, _ = x.shape
+        device = x.device
+        lens = None  # set when the chunk lands after cached tokens
+        row_ok = None  # set when the lengths could not be checked on the host
+        if cache is not None:
+            lens = cache.lens
+            if seq_len > 1 or _on_host(lens):  # host data, or a prefill / extend: not captured, one read is fine
+                longest = _check_lens(lens, cache.max_len, seq_len)
+                if seq_len > 1 and longest == 0:
+                    lens = None  # an empty cache: the chunk's own mask as is
+            elif not cache._lens_in_range:  # a device decode step: no read back; a row out of range
+                row_ok = (lens >= 0) & (lens < cache.max_len)  # writes nothing and comes out NaN
+                lens = lens.clamp(0, cache.max_len - 1)
 
         key_index = torch.arange(seq_len, dtype=torch.int32, device=device).expand(batch, seq_len)
         if lens is None:
@@ -573,11 +701,6 @@ class Decoder(nn.Module):
 
         if positions is None:
             positions = key_index
-        elif not isinstance(positions, torch.Tensor) or positions.is_floating_point():
-            raise TypeError(f"positions must be an integer tensor, got {getattr(positions, 'dtype', type(positions))}")
-        elif positions.shape != (batch, seq_len) or positions.device != device:
-            raise ValueError(f"positions must be [batch, seq] = [{batch}, {seq_len}] on {device}, got "
-                             f"{list(positions.shape)} on {positions.device}")
         if device not in self._inv_freq:
             full = local = rope_inv_freq(self.config).to(device)
             if self.config.rope_local_theta is not None:
@@ -592,7 +715,7 @@ class Decoder(nn.Module):
             rows = torch.arange(batch, device=device)[:, None].expand(batch, seq_len)
             cache_index = (rows, key_index.long())
         decode_lens = lens + 1 if lens is not None and seq_len == 1 and mask is None else None
-        return _Step(rope, local_rope, base, window, cache, cache_index, decode_lens)
+        return _Step(rope, local_rope, base, window, cache, cache_index, decode_lens, row_ok)
 
     def _check_cache(self, cache, x: torch.Tensor) -> None:
         if not isinstance(cache, KVCache):

@@ -61,6 +61,11 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def _check_sampling(prefix: str, temperature, top_k, top_p) -> None:
     if not (_is_real(temperature) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"{prefix}temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
@@ -191,13 +196,14 @@ def _as_prompt(segment):
 
 def _pack_one(segments: list, vocab, what: str) -> tuple[Batch, int]:
     """``pack`` of one document alone in one row; returns the batch and the document's length."""
-    if isinstance(segments, (Text, DiscreteImage, ContinuousImage, HybridImage)) or not isinstance(segments, Sequence):
+    if isinstance(segments, (Text, DiscreteImage, ContinuousImage, HybridImage, str, bytes)) or \
+            not isinstance(segments, Sequence):
         raise ValueError(f"{what} must be a list of segments, got {type(segments).__name__}")
     segments = [_as_prompt(segment) for segment in segments]
     try:
         batch = pack([segments], sum(map(_token_bound, segments)) or 1, vocab=vocab)
-    except ValueError as error:
-        raise ValueError(f"{what}: {error}") from None
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{what}: {error}") from None
     return batch, batch.placements[0][2]
 
 
@@ -238,10 +244,14 @@ def unconditional_prompt(prompt: list) -> list:
         raise ValueError("a prompt must be a non-empty list of segments")
     out = [segment for segment in prompt if not isinstance(segment, Text)]
     first = prompt[0]
-    if isinstance(first, Text):
-        ids = torch.as_tensor(first.ids).reshape(-1)
-        if ids.numel():
-            out.insert(0, Text(ids[:1].tolist()))
+    if isinstance(first, Text):  # its first id as given, unconverted: pack checks it
+        ids = first.ids
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1)[:1]
+        elif isinstance(ids, (list, tuple)):
+            ids = list(ids[:1])
+        if not (isinstance(ids, (torch.Tensor, list)) and len(ids) == 0):  # anything else goes on: pack names it
+            out.insert(0, Text(ids))
     if not out:
         raise ValueError("the default unconditional prompt of this prompt is empty; pass uncond_prompts")
     return out
@@ -402,6 +412,9 @@ class _Engine:
                              f"this call may generate ({budget}) needs {longest + budget}")
         self.cache = KVCache(decoder.config, prompt_lens.shape[0], max_len, device=self.device,
                              dtype=decoder.embed_tokens.weight.dtype)
+        # prompt lengths were checked on the host and max_len holds the longest prompt plus the whole
+        # budget, so every decode step's lengths are in range: the graphed step needs no range guard
+        self.cache._lens_in_range = True
         self.prompt_lens = prompt_lens
         self.step = _DecodeStep(decoder, self.cache, graphed=cuda_graphs and self.device.type == "cuda")
 
@@ -637,19 +650,33 @@ def _prompt_lengths(input_ids: torch.Tensor, prompt_lens, attention_mask) -> tor
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (batch, seq):
             raise ValueError(f"attention_mask must be a [batch, seq] = [{batch}, {seq}] tensor of 0 / 1, got "
                              f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
-        mask = attention_mask.to(torch.int64).cpu()
-        if ((mask != 0) & (mask != 1)).any() or (mask[:, 1:] > mask[:, :-1]).any():
+        mask = attention_mask.detach().cpu()  # one read per call, before any conversion can round a 0.5
+        if mask.is_complex() or ((mask != 0) & (mask != 1)).any():
+            raise ValueError("attention_mask must hold only 0 and 1")
+        mask = mask.to(torch.int64)
+        if (mask[:, 1:] > mask[:, :-1]).any():
             raise ValueError("attention_mask must be right-padded: ones, then zeros (left padding is not needed: "
                              "every row keeps its own cache length)")
         lens = mask.sum(1)
     elif prompt_lens is not None:
-        lens = torch.as_tensor(prompt_lens).cpu()
-        if lens.is_floating_point() or lens.shape != (batch,):
-            raise ValueError(f"prompt_lens must be {batch} integer lengths, got {prompt_lens!r}")
+        if isinstance(prompt_lens, torch.Tensor):
+            lens = prompt_lens.detach().cpu()
+            if lens.is_floating_point() or lens.is_complex() or lens.dtype == torch.bool:
+                raise TypeError(f"prompt_lens must be integer lengths, got a {lens.dtype} tensor")
+        elif isinstance(prompt_lens, Sequence) and not isinstance(prompt_lens, (str, bytes)) and \
+                all(map(_is_int, prompt_lens)):
+            if not all(1 <= n <= seq for n in prompt_lens):  # before a tensor: any Python int is named as given
+                raise ValueError(f"prompt lengths must be in [1, {seq}] (input_ids has {seq} columns), got "
+                                 f"{[int(n) for n in prompt_lens]}")
+            lens = torch.tensor([int(n) for n in prompt_lens], dtype=torch.int64)
+        else:
+            raise TypeError(f"prompt_lens must be a list of ints or an integer tensor, got {prompt_lens!r}")
+        if lens.shape != (batch,):
+            raise ValueError(f"prompt_lens must be {batch} lengths (one per row), got shape {tuple(lens.shape)}")
     else:
         return torch.full((batch,), seq, dtype=torch.int32)
     if (lens < 1).any() or (lens > seq).any():
-        raise ValueError(f"prompt lengths must be in [1, {seq}], got {lens.tolist()}")
+        raise ValueError(f"prompt lengths must be in [1, {seq}] (input_ids has {seq} columns), got {lens.tolist()}")
     return lens.to(torch.int32)
 
 
@@ -674,10 +701,15 @@ def generate_ids(decoder: Decoder, input_ids: torch.Tensor, max_new_tokens: int,
     elif not (isinstance(vocab_range, Sequence) and len(vocab_range) == 2 and all(map(_is_int, vocab_range))
               and 0 <= vocab_range[0] < vocab_range[1] <= vocab):
         raise ValueError(f"vocab_range must be (lo, hi) with 0 <= lo < hi <= vocab_size = {vocab}, got {vocab_range!r}")
+    _check_flag("cuda_graphs", cuda_graphs)
     batch, seq = input_ids.shape
     lens = _prompt_lengths(input_ids, prompt_lens, attention_mask).to(device)
     ids = input_ids.to(device=device, dtype=torch.long)
     ids = torch.where(torch.arange(seq, device=device) < lens[:, None], ids, pad_id)
+    low, high = torch.stack(torch.aminmax(ids)).tolist()  # once per call (the forward reads nothing on a GPU)
+    if low < 0 or high >= vocab:
+        raise ValueError(f"input_ids must be in [0, {vocab}) (the vocabulary size is {vocab}) at prompt positions, "
+                         f"got values in [{low}, {high}]")
 
     engine = _Engine(decoder, None, prompt_lens=lens, text_range=(int(vocab_range[0]), int(vocab_range[1])),
                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -711,6 +743,8 @@ def generate_segments(model, prompts: Sequence[Sequence], *, max_new_tokens: int
         if not isinstance(image, ImageSpec):
             raise TypeError(f"image must be an ImageSpec or None, got {type(image).__name__}")
         _check_image(image, model)
+    _check_flag("start_image", start_image)
+    _check_flag("cuda_graphs", cuda_graphs)
     if start_image and image is None:
         raise ValueError("start_image=True needs image=ImageSpec(...): what to generate")
     names = [f"prompts[{i}]" for i in range(len(prompts))]

@@ -45,6 +45,8 @@ Conventions every consumer relies on:
 from __future__ import annotations
 
 import enum
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 
@@ -157,8 +159,9 @@ METAMORPH_FORMAT = ImageFormat(begin="image_start", end="image_end")
 
 @dataclass
 class Text:
-    """Token ids (text block or special tokens). ``loss``: these tokens are predicted, with
-    ``weight``; ``bidirectional``: part of a bidirectional span (a prefix-LM prompt)."""
+    """Token ids (text block or special tokens): a list of ints or an integer tensor (floats and
+    bools are refused, never rounded). ``loss``: these tokens are predicted, with ``weight``;
+    ``bidirectional``: part of a bidirectional span (a prefix-LM prompt)."""
 
     ids: Sequence[int] | torch.Tensor
     loss: bool = True
@@ -186,6 +189,10 @@ class ContinuousImage:
     tokens by the text head). ``shape=(h, w)`` with ``h * w == L`` (features in raster order)
     records 2D positions; ``order`` (a permutation of ``range(L)``, needs ``shape``) puts token
     ``order[t]`` at step t of the sequence (random-order training).
+
+    The feature values are not inspected (they may live on a GPU): a NaN or Inf in them
+    propagates, as in PyTorch, to the outputs that depend on its token (its hidden state, the
+    positions that attend to it, a target's continuous loss) and to no other document.
     """
 
     features: torch.Tensor
@@ -309,6 +316,7 @@ class _Document:
 
     def __init__(self, index: int):
         self.index = index
+        self.segment: int | None = None  # the segment being added, for error messages
         self.ids, self.kinds, self.weights, self.bidirectional, self.grid = [], [], [], [], []
         self.length = 0
         self.num_images = 0
@@ -330,14 +338,53 @@ class _Document:
         self.length += count
         return start
 
+    def where(self) -> str:
+        return f"document {self.index}" + ("" if self.segment is None else f", segment {self.segment}")
+
     def error(self, message: str) -> ValueError:
-        return ValueError(f"document {self.index}: {message}")
+        return ValueError(f"{self.where()}: {message}")
+
+    def type_error(self, message: str) -> TypeError:
+        return TypeError(f"{self.where()}: {message}")
 
 
-def _ids(values: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    if isinstance(values, torch.Tensor) and (values.is_floating_point() or values.dtype == torch.bool):
-        raise TypeError(f"token ids must be integers, got a {values.dtype} tensor")
-    return torch.as_tensor(values, dtype=torch.long).reshape(-1).cpu()
+def _is_int(value) -> bool:
+    """A Python / NumPy integer or a 0-dim integer tensor; never a bool, a float or a string."""
+    if type(value) is int:
+        return True
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _ids(values, doc: _Document, what: str, noun: str = "token id") -> torch.Tensor:
+    """Token ids (or other ``noun``s) ``what``: a list of ints or an integer tensor (any shape), as
+    a flat int64 CPU tensor. Floats are never truncated, bools never read as 0 / 1: a TypeError
+    names the entry."""
+    if isinstance(values, torch.Tensor):
+        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+            raise doc.type_error(f"{what} must hold integer {noun}s, got a {values.dtype} tensor")
+        return values.detach().reshape(-1).to("cpu", torch.long)
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) and not hasattr(values, "__array__"):
+        raise doc.type_error(f"{what} must be a list of int {noun}s or an integer tensor, got "
+                             f"{type(values).__name__}")
+    if not isinstance(values, Sequence):  # a NumPy array (or similar): by its dtype
+        try:
+            tensor = torch.as_tensor(values)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise doc.type_error(f"{what} must hold integer {noun}s: {err}") from None
+        return _ids(tensor, doc, what, noun)
+    plain = all(type(v) is int for v in values)  # the common case: one pass, then one conversion
+    if not plain:
+        bad = next((i for i, v in enumerate(values) if not _is_int(v)), None)
+        if bad is not None:
+            value = values[bad]
+            raise doc.type_error(f"{what}[{bad}] must be an int {noun}, got {value!r} ({type(value).__name__})")
+    try:
+        return torch.tensor(values if plain else [int(v) for v in values], dtype=torch.long)
+    except (OverflowError, RuntimeError, ValueError):  # beyond int64: certainly not a token id
+        bad = next(i for i, v in enumerate(values) if not -2**63 <= int(v) < 2**63)
+        raise doc.error(f"{what}[{bad}] = {int(values[bad])} is not a {noun}") from None
 
 
 def _specials(vocab: VocabLayout, *names: str | None) -> torch.Tensor:
@@ -352,7 +399,7 @@ def _size_ids(vocab: VocabLayout, fmt: ImageFormat, shape: tuple[int, int] | Non
     h, w = shape
     if fmt.size == "digits":
         return _specials(vocab, *[f"size_{c}" for c in str(h)], "size_x", *[f"size_{c}" for c in str(w)])
-    ids = _ids(fmt.size(h, w))
+    ids = _ids(fmt.size(h, w), doc, f"ImageFormat.size({h}, {w})")
     if ids.numel() and (ids.min() < 0 or ids.max() >= vocab.image_codes[0]):
         raise doc.error(f"size({h}, {w}) returned ids outside the text and special blocks [0, {vocab.image_codes[0]})")
     return ids
@@ -380,13 +427,23 @@ def _grid_body(cell_ids: torch.Tensor, cell_kind: Head, cells: torch.Tensor | No
 
 
 def _check_flags(doc: _Document, segment, loss: bool, weight: float) -> float:
-    """The loss weight of the segment's tokens (0 without loss)."""
+    """The loss weight of the segment's tokens (0 without loss); checks the segment's flags,
+    ``encoder`` and ``format`` where it has them."""
     name = type(segment).__name__
+    for flag in ("loss", "bidirectional"):
+        value = getattr(segment, flag, False)
+        if not isinstance(value, bool):
+            raise doc.type_error(f"{name}.{flag} must be True or False, got {value!r}")
+    if not isinstance(getattr(segment, "format", PLAIN_FORMAT), ImageFormat):
+        raise doc.type_error(f"{name}.format must be an ImageFormat, got {type(segment.format).__name__}")
+    encoder = getattr(segment, "encoder", "image")
+    if not (isinstance(encoder, str) and encoder):
+        raise doc.type_error(f"{name}.encoder must be an input projector's name (a non-empty str), got {encoder!r}")
     if loss and segment.bidirectional:
         raise doc.error(f"a bidirectional {name} cannot carry a loss: its tokens would see the tokens they predict")
     if not loss:
         return 0.0
-    if not (isinstance(weight, int | float) and 0 < weight < float("inf")):
+    if not (isinstance(weight, numbers.Real) and not isinstance(weight, bool) and 0 < weight < math.inf):
         raise doc.error(f"{name}.weight must be a positive finite number, got {weight!r}")
     return float(weight)
 
@@ -408,21 +465,22 @@ def _check_codes(doc: _Document, codes, vocab: VocabLayout, name: str) -> torch.
 def _check_features(doc: _Document, features, name: str) -> None:
     if not isinstance(features, torch.Tensor) or not features.is_floating_point():
         raise doc.error(f"{name}.features must be a floating torch.Tensor [L, F]")
-    if features.dim() != 2 or features.shape[0] == 0:
-        raise doc.error(f"{name}.features must be [L, F] with L >= 1, got shape {tuple(features.shape)}")
+    if features.dim() != 2 or features.shape[0] == 0 or features.shape[1] == 0:
+        raise doc.error(f"{name}.features must be [L, F] with L, F >= 1, got shape {tuple(features.shape)}")
 
 
 def _check_shape(doc: _Document, shape, length: int, name: str) -> tuple[int, int] | None:
     if shape is None:
         return None
-    if (len(shape) != 2 or not all(isinstance(s, int) and s >= 1 for s in shape) or shape[0] * shape[1] != length):
+    if not (isinstance(shape, Sequence) and len(shape) == 2 and all(_is_int(s) and s >= 1 for s in shape)
+            and shape[0] * shape[1] == length):
         raise doc.error(f"{name}.shape must be (h, w) with h * w = {length} features, got {shape!r}")
-    return tuple(shape)
+    return int(shape[0]), int(shape[1])
 
 
 def _add_text(doc: _Document, segment: Text, vocab: VocabLayout) -> None:
     weight = _check_flags(doc, segment, segment.loss, segment.weight)
-    ids = _ids(segment.ids)
+    ids = _ids(segment.ids, doc, "Text.ids")
     if ids.numel() and (ids.min() < 0 or ids.max() >= vocab.image_codes[0]):
         raise doc.error(f"Text ids must be in the text and special blocks [0, {vocab.image_codes[0]}), got values "
                         f"in [{int(ids.min())}, {int(ids.max())}]; image codes belong in a DiscreteImage")
@@ -464,7 +522,7 @@ def _add_continuous(doc: _Document, segment: ContinuousImage, vocab: VocabLayout
     shape = _check_shape(doc, segment.shape, length, "ContinuousImage")
     order = segment.order
     if order is not None:
-        order = torch.as_tensor(order, dtype=torch.long).cpu()
+        order = _ids(order, doc, "ContinuousImage.order", "index")
         if shape is None:
             raise doc.error("ContinuousImage.order needs ContinuousImage.shape")
         if order.shape != (length,) or not torch.equal(order.sort().values, torch.arange(length)):
@@ -569,6 +627,11 @@ def pack(documents: Sequence[Sequence[Segment]], max_tokens: int, *, vocab: Voca
 
     Runs on the CPU with a short Python loop per segment (it is meant for data loaders); move
     the result with ``Batch.to(device)``.
+
+    Everything that decides the layout is checked here, on the host: token ids must be ints
+    (a float or bool id is a TypeError naming the segment and the entry, never rounded) in the
+    text and special blocks, codes in ``[0, num_image_codes)``, flags bools, weights positive
+    and finite. Feature values are data and are passed through unread (``ContinuousImage``).
     """
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
@@ -587,7 +650,9 @@ def pack(documents: Sequence[Sequence[Segment]], max_tokens: int, *, vocab: Voca
         doc = _Document(index)
         if isinstance(segments, Segment):
             raise doc.error("each document must be a list of segments, got a bare segment")
-        for segment in segments:
+        if isinstance(segments, (str, bytes, torch.Tensor)) or not isinstance(segments, Sequence):
+            raise doc.error(f"each document must be a list of segments, got {type(segments).__name__}")
+        for doc.segment, segment in enumerate(segments):
             if isinstance(segment, Text):
                 _add_text(doc, segment, vocab)
             elif isinstance(segment, DiscreteImage):
@@ -597,8 +662,9 @@ def pack(documents: Sequence[Sequence[Segment]], max_tokens: int, *, vocab: Voca
             elif isinstance(segment, HybridImage):
                 _add_hybrid(doc, segment, vocab, placeholder_id)
             else:
-                raise doc.error(f"segments must be Text, DiscreteImage, ContinuousImage or HybridImage, "
-                                f"got {type(segment).__name__}")
+                raise doc.type_error(f"segments must be Text, DiscreteImage, ContinuousImage or HybridImage, "
+                                     f"got {type(segment).__name__}")
+        doc.segment = None
         if doc.length == 0:
             raise doc.error("the document has no tokens")
         if doc.length > max_tokens:

@@ -199,7 +199,8 @@ class UnifiedModel(nn.Module):
         """Input embeddings ``[B, S, hidden]`` (unscaled: the decoder applies ``embed_scale``).
 
         Args:
-            input_ids: int ``[B, S]`` ids in ``[0, vocab.size)`` (any id at continuous positions).
+            input_ids: int ``[B, S]`` ids in ``[0, vocab.size)``, continuous positions included (``pack``
+                writes ``placeholder_id`` there); see ``Decoder.embed_ids`` for ids out of range.
             features: encoder name -> ``Features``: projected and written over the embedding at
                 flat positions ``b * S + s``.
             added_features: encoder name -> ``Features`` projected and added there (TokLIP).
@@ -209,7 +210,7 @@ class UnifiedModel(nn.Module):
                 next-position embedding is added (when the model has them).
         """
         batch, seq = input_ids.shape
-        x = self.decoder.embed_tokens(input_ids)
+        x = self.decoder.embed_ids(input_ids)  # ids out of range: ValueError on the CPU, NaN on a GPU
         if features or added_features:
             flat = x.reshape(batch * seq, -1)
             for name, given in (features or {}).items():
