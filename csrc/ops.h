@@ -8,8 +8,10 @@ namespace unimm {
 // ---- vq.cu ---------------------------------------------------------------------------------
 // Nearest code by squared L2 for code dims d <= 32, split over the codebook: split s scans codes
 // [s * codes_per_split, min(k, (s + 1) * codes_per_split)) and writes, for each of the n rows, its
-// best squared distance to part_dist[s * n + row] (fp32) and the lowest index reaching it to
-// part_idx[s * n + row] (int64).
+// best scaled squared distance to part_dist[s * n + row] (fp32; +inf: no code at a finite
+// distance) and the lowest index reaching it to part_idx[s * n + row] (int64). On entry
+// part_dist[s * n + row] holds the row's power-of-two scale (the same for every s; NaN for a row
+// holding NaN / Inf): see vq.cu.
 constexpr int kVqSmallMaxDim = 32;
 constexpr int kVqSmallTileCodes = 256;
 int vq_small_d_rows_per_block(int64_t d);
@@ -38,9 +40,10 @@ void decode_attention(std::uintptr_t q, int64_t q_batch_stride, int64_t q_head_s
 // ---- sampling.cu ---------------------------------------------------------------------------
 // One token per output row (rules: unimm/kernels/reference/sampling.py). logits rows of row_stride
 // elements, unit stride along the vocab; with cfg, output row r guides cond row r with uncond row
-// r + rows_out. Vocab block [lo, lo + n). greedy: argmax (uniforms unused); else z = guided *
-// inv_temperature (an fp32 value), top_k active when < n, top_p when < 1, one fp32 uniform in
-// [0, 1) per output row. Writes int64 absolute ids to tokens [rows_out].
+// r + rows_out. Vocab block [lo, lo + n). greedy: argmax (uniforms unused); else z = (guided -
+// row max) * inv_temperature (an fp32 value), top_k active when < n, top_p when < 1, one fp32
+// uniform in [0, 1) per output row. NaN guided logits are never picked. Writes int64 absolute ids
+// to tokens [rows_out], -1 for a row whose block holds no non-NaN guided logit.
 constexpr int kSamplingFixedPointBits = 40;  // token weights are round(p * 2^40)
 constexpr int64_t kSamplingMaxBlock = int64_t{1} << 23;
 void sample_tokens(std::uintptr_t logits, int64_t row_stride, int64_t rows_out, int64_t lo, int64_t n, bool cfg,

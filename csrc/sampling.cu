@@ -3,8 +3,14 @@
 // unimm/kernels/sampling.py describes the passes and why they are shaped this way.
 //
 // A row is never written back: each pass re-reads the cond (and uncond) logits of the vocab block
-// and recomputes z = guided * inv_t on the fly. An fp32 scratch copy would move as many bytes as
-// the bf16 cond + uncond pair it replaces (more without guidance) and add a write.
+// and recomputes z = (g - max g) * inv_t from the guided logit g on the fly. An fp32 scratch copy
+// would move as many bytes as the bf16 cond + uncond pair it replaces (more without guidance) and
+// add a write.
+//
+// Subtracting the row max before the temperature keeps z in [-inf, 0] with its max exactly 0, so
+// neither huge logits nor a tiny temperature overflow (z = -inf only where the weight is 0). NaN
+// guided logits are not candidates: load() clears their bit in the valid mask, so every pass skips
+// them as it skips elements outside the block; a row with no candidate gets token -1.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -63,7 +69,8 @@ __device__ __forceinline__ float key_value(uint32_t key) {
   return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
-// Integer weight of a token: round(p * 2^40), p = 1 at the row max m, else exp(z - m).
+// Integer weight of a token: round(p * 2^40), p = 1 at the row max m, else exp(z - m) (m = 0 for
+// the tempered z of this kernel: p = exp(z)).
 __device__ __forceinline__ u64 fixed_mass(float z, float m) {
   const float p = z == m ? 1.0f : expf(__fsub_rn(z, m));
   return __float2ull_rn(__fmul_rn(p, kFixedPointScale));
@@ -85,7 +92,8 @@ struct SampleArgs {
   int64_t* tokens;
 };
 
-// The guided, tempered values z of one output row, chunk by chunk. Chunk c holds the elements
+// The guided values g, or the tempered values z = g == max ? 0 : (g - max) * inv_t once the max is
+// set, of one output row, chunk by chunk. Chunk c holds the elements
 // [first + c * kChunk, first + (c + 1) * kChunk); first is lo rounded down to a chunk boundary
 // when rows are 16-byte aligned, so whole chunks inside the block load as vectors.
 template <typename T, bool kAligned>
@@ -99,14 +107,25 @@ class RowReader {
         first_(kAligned ? args.lo & ~static_cast<int64_t>(kChunk - 1) : args.lo),
         cfg_(args.cfg),
         cfg_scale_(args.cfg_scale),
-        inv_temperature_(args.inv_temperature) {}
+        inv_temperature_(args.inv_temperature),
+        max_(0.0f) {}
+
+  // The row's largest candidate g, for the tempered loads.
+  __device__ void set_max(float m) { max_ = m; }
+
+  // The tempered value of a guided logit g <= max (not NaN): in [-inf, 0], 0 exactly at the max.
+  __device__ float temper(float g) const {
+    return g == max_ ? 0.0f : __fmul_rn(__fsub_rn(g, max_), inv_temperature_);
+  }
 
   __device__ int64_t num_chunks() const { return (hi_ - first_ + kChunk - 1) / kChunk; }
 
   // Index of element j of chunk c relative to lo.
   __device__ int64_t index(int64_t chunk, int j) const { return first_ + chunk * kChunk + j - lo_; }
 
-  // Fills z for chunk c; returns the mask of its elements that lie in [lo, hi).
+  // Fills z for chunk c (kTempered: tempered values, else the guided logits); returns the mask of
+  // its candidates: elements that lie in [lo, hi) and whose guided logit is not NaN.
+  template <bool kTempered = true>
   __device__ unsigned load(int64_t chunk, float z[kChunk]) const {
     const int64_t start = first_ + chunk * kChunk;
     float c[kChunk];
@@ -130,8 +149,8 @@ class RowReader {
     for (int j = 0; j < kChunk; ++j) {
       // Each operation rounded on its own (no FMA contraction), as the reference's torch ops.
       const float g = !cfg_ || c[j] == u[j] ? c[j] : __fadd_rn(u[j], __fmul_rn(cfg_scale_, __fsub_rn(c[j], u[j])));
-      const float value = __fmul_rn(g, inv_temperature_);
-      z[j] = isnan(value) ? -INFINITY : value;
+      if (isnan(g)) valid &= ~(1u << j);
+      z[j] = kTempered ? temper(g) : g;
     }
     return valid;
   }
@@ -145,6 +164,7 @@ class RowReader {
   bool cfg_;
   float cfg_scale_;
   float inv_temperature_;
+  float max_;
 };
 
 // ---- block-wide helpers ----------------------------------------------------------------------
@@ -446,17 +466,18 @@ template <typename T, bool kAligned>
 __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SampleArgs args) {
   __shared__ Shared sh;
   const int64_t out_row = blockIdx.x;
-  const RowReader<T, kAligned> row(args, out_row);
+  RowReader<T, kAligned> row(args, out_row);
   const int64_t num_chunks = row.num_chunks();
 
-  // Pass 1: the row max (as a key), the smallest finite value, and for greedy rows the best
-  // (key, lowest index) packed so that one unsigned max finds it.
+  // Pass 1, on the guided logits g: the row max (as a key; 0 when the row has no candidate), the
+  // smallest finite value, and for greedy rows the best (key, lowest index) packed so that one
+  // unsigned max finds it (0: no candidate).
   uint32_t max_key = 0;
   float min_finite = INFINITY;
   u64 best = 0;
   for (int64_t chunk = threadIdx.x; chunk < num_chunks; chunk += kThreads) {
     float z[kChunk];
-    const unsigned valid = row.load(chunk, z);
+    const unsigned valid = row.template load<false>(chunk, z);
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) {
       if (!(valid >> j & 1u)) continue;
@@ -469,19 +490,27 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SampleArg
   }
   if (args.greedy) {
     best = block_reduce(best, [](u64 a, u64 b) { return max(a, b); }, sh.scratch64);
-    if (threadIdx.x == 0) args.tokens[out_row] = args.lo + (0xffffffffu - static_cast<uint32_t>(best));
+    if (threadIdx.x == 0) {
+      args.tokens[out_row] = best == 0 ? -1 : args.lo + (0xffffffffu - static_cast<uint32_t>(best));
+    }
     return;
   }
   max_key = block_reduce(max_key, [](uint32_t a, uint32_t b) { return max(a, b); }, sh.scratch32);
+  if (max_key == 0) {  // no candidate (every guided logit NaN): the same in every thread
+    if (threadIdx.x == 0) args.tokens[out_row] = -1;
+    return;
+  }
   min_finite = block_reduce(min_finite, [](float a, float b) { return fminf(a, b); }, sh.scratchf);
-  const float m = key_value(max_key);
+  row.set_max(key_value(max_key));
+  // From here on z is tempered: its max is 0, and min_finite maps to the low end of the values.
+  const float m = 0.0f;
+  const float low = isfinite(min_finite) ? row.temper(min_finite) : 0.0f;
 
   uint32_t threshold = 0;  // survivors: keys >= threshold
   u64 survivor_mass = 0;
   bool mass_known = false;
   if (args.top_k < args.n) {
-    threshold = select_threshold<T, kAligned, false>(row, sh, m, 0, args.top_k, 0.0, value_bins(min_finite, m))
-                    .threshold;
+    threshold = select_threshold<T, kAligned, false>(row, sh, m, 0, args.top_k, 0.0, value_bins(low, m)).threshold;
   }
   if (args.top_p < 1.0) {
     const Selection nucleus = select_threshold<T, kAligned, true>(row, sh, m, threshold, 0, args.top_p,

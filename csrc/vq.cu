@@ -8,6 +8,15 @@
 // sum((z - e)^2) in fp32, so identical codes give identical distances and a strict `<` while
 // scanning codes in increasing order keeps the lowest index on ties. Blocks along grid.y split the
 // codebook so small N still fills the GPU; the caller reduces the per-split winners.
+//
+// Range: on entry part_dist[s * n + row] holds, for every split s, the row's scale s = 2^-m (a
+// power of two the caller computes, unimm/kernels/vq.py: m = max(exponent of max|z_row|, smallest
+// such exponent over the finite codes), under which the row and its nearest code are O(1)), and
+// the thread evaluates sum((s z - s e)^2) = s^2 sum((z - e)^2): exact scaling, so the same picks as
+// the unscaled fp32 form wherever that stays in range, for any finite magnitude. Only codes far
+// larger than the nearest one can overflow, to +inf. A NaN scale (a row holding NaN / Inf) makes
+// every distance of the row NaN; a code holding NaN / Inf gives NaN or +inf. Neither passes the
+// strict `<` against the initial +inf, so such a row keeps best = +inf: the caller's index -1.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -50,13 +59,16 @@ __global__ void __launch_bounds__(kThreads) vq_argmin_small_d_kernel(const Small
   const int d = args.d;
 
   const int64_t first_row = static_cast<int64_t>(blockIdx.x) * (kThreads * ROWS) + threadIdx.x;
-  float zr[ROWS][D];
+  const int64_t split_offset = static_cast<int64_t>(blockIdx.y) * n;
+  float zr[ROWS][D];   // s * z
+  float scale[ROWS];   // s: read from this split's own part_dist slots, written back at the end
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int64_t row = first_row + static_cast<int64_t>(r) * kThreads;
+    scale[r] = row < n ? args.part_dist[split_offset + row] : 0.0f;
 #pragma unroll
     for (int j = 0; j < D; ++j) {
-      zr[r][j] = (row < n && j < d) ? to_float(z[row * args.z_row_stride + j]) : 0.0f;
+      zr[r][j] = (row < n && j < d) ? __fmul_rn(to_float(z[row * args.z_row_stride + j]), scale[r]) : 0.0f;
     }
   }
 
@@ -96,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) vq_argmin_small_d_kernel(const Small
         float dist = 0.0f;
 #pragma unroll
         for (int j = 0; j < D; ++j) {
-          const float diff = zr[r][j] - e[j];
+          const float diff = fmaf(-scale[r], e[j], zr[r][j]);  // s z - s e, s e exact: one rounding
           dist = fmaf(diff, diff, dist);
         }
         if (dist < best[r]) {
@@ -107,7 +119,6 @@ __global__ void __launch_bounds__(kThreads) vq_argmin_small_d_kernel(const Small
     }
   }
 
-  const int64_t split_offset = static_cast<int64_t>(blockIdx.y) * n;
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int64_t row = first_row + static_cast<int64_t>(r) * kThreads;

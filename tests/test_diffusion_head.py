@@ -73,6 +73,7 @@ def test_schedule_matches_improved_ddpm():
     assert betas.shape == (1000,) and betas.max() <= 0.999 and (np.diff(betas) >= 0).all()
     assert diffusion.spaced_timesteps(1000, 100)[:3] == [0, 10, 20] and diffusion.spaced_timesteps(1000, 100)[-1] == 999
     assert diffusion.spaced_timesteps(1000, 1) == [0]
+    assert 499 in diffusion.spaced_timesteps(1000, 21)  # MAR's accumulated stride, not round(10 * 49.95)
     schedule = diffusion.DiffusionSchedule(1000)
     timesteps, table = schedule.sampling_tables(1000, DEVICE)
     assert torch.equal(timesteps.cpu(), torch.arange(1000))  # no respacing: the full schedule
@@ -162,9 +163,12 @@ def test_loss_terms_match_improved_ddpm():
     (lambda h: h.sample(torch.randn(3, 7)), ValueError, r"cond must be \[rows, 8\]"),
     (lambda h: h.sample(torch.randn(3, 8), num_steps=0), ValueError, "num_steps"),
     (lambda h: h.sample(torch.randn(3, 8), num_steps=1001), ValueError, "num_steps"),
-    (lambda h: h.sample(torch.full((3, 8), float("nan"))), ValueError, "non-finite"),
     (lambda h: h.sample(torch.randn(3, 8), num_steps=4, noise=torch.randn(4, 3, 4)), ValueError, "noise must be"),
     (lambda h: h.sample(torch.randint(0, 3, (3, 8))), TypeError, "floating"),
+    (lambda h: h.sample(torch.randn(3, 8), cfg_scale=float("nan")), ValueError, "cfg_scale must be finite"),
+    (lambda h: h.sample(torch.randn(3, 8), temperature=float("nan")), ValueError, "temperature must be finite"),
+    (lambda h: h.sample(torch.randn(3, 8), temperature=-1.0), ValueError, "temperature must be >= 0"),
+    (lambda h: h.loss(torch.randn(3, 8), torch.ones(3, 4, dtype=torch.long)), TypeError, "target must be a floating"),
     (lambda h: h.loss(torch.randn(3, 8), torch.randn(3, 5)), ValueError, "target must be"),
     (lambda h: h.loss(torch.randn(3, 8), torch.randn(3, 4), batch_mul=0), ValueError, "batch_mul"),
     (lambda h: h.loss(torch.randn(3, 8), torch.randn(3, 4), mask=torch.ones(2)), ValueError, "mask must be"),

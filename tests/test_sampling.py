@@ -201,14 +201,18 @@ def test_bad_input(make, options, error, match):
         sample_tokens(make(random((4, 20), 30)), **options)
 
 
-def test_nan_raises_on_cpu():
-    logits = random((4, 20), 31, device="cpu")
+def test_nan_is_never_sampled():
+    """No host check on any device: a NaN logit is never returned, a row of NaN only gives -1."""
+    logits = random((4, 20), 31)
     logits[2, 7] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        sample_tokens(logits)
-    assert sample_tokens(logits, vocab_range=(8, 20), generator=seeded(32)).shape == (4,)  # outside the block
-    guided = reference.guided_logits(logits)  # the GPU rule: NaN counts as -inf
-    assert guided[2, 7] == float("-inf")
+    logits[3] = float("nan")
+    logits[3, 19] = float("-inf")  # the only candidate of row 3
+    for options in [dict(), dict(temperature=0), dict(top_k=3, top_p=0.5), dict(temperature=50.0)]:
+        tokens = sample_tokens(logits.expand(4, -1).repeat(50, 1), generator=device_generator(32), **options)
+        assert (tokens.view(50, 4)[:, 2] != 7).all() and (tokens.view(50, 4)[:, 3] == 19).all()
+    logits[3, 19] = float("nan")
+    assert sample_tokens(logits, generator=device_generator(33))[3] == -1
+    assert sample_tokens(logits, temperature=0)[3] == -1
 
 
 def test_forced_cuda_on_cpu_fails_loudly(monkeypatch):
@@ -306,20 +310,37 @@ def test_gpu_agreement_rate_and_greedy(monkeypatch, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gpu_non_finite_rows_stay_in_range(monkeypatch, dtype):
+def test_gpu_non_finite_rows(monkeypatch, dtype):
+    """The library's rule on the CUDA kernel, against the reference: NaN never sampled, a row
+    with no non-NaN logit in its block gives -1, every other id inside the block; huge logits
+    and tiny temperatures do not overflow."""
     _cuda_live()
-    logits = random((6, 5000), 42, dtype)
+    logits = random((8, 5000), 42, dtype)
     logits[0] = float("nan")
     logits[1] = float("-inf")
     logits[2, 100:200] = float("nan")
     logits[3, 17] = float("inf")
-    monkeypatch.setenv("UNIMM_BACKEND", "cuda")
-    for options in [dict(), dict(top_k=10, top_p=0.5), dict(temperature=0), dict(cfg_scale=2.0)]:
-        tokens = sample_tokens(logits, vocab_range=(10, 4000), generator=device_generator(43), **options)
-        assert ((tokens >= 10) & (tokens < 4000)).all()
-        assert not ((tokens[2] >= 100) & (tokens[2] < 200))  # NaN (guided or not) is never sampled
-        if "cfg_scale" not in options:
-            assert tokens[3] == 17
+    logits[4, :2] = torch.tensor([3e38, -3e38], dtype=dtype)
+    logits[5, 3000:] = float("nan")
+    logits[5, :3000] = float("-inf")  # candidates: -inf only, before the NaN: uniform over them
+    uniforms = torch.rand(8, generator=device_generator(43), device=DEVICE)
+    for options in [dict(), dict(top_k=10, top_p=0.5), dict(temperature=0), dict(cfg_scale=2.0),
+                    dict(temperature=1e-37), dict(temperature=0.5, top_k=3)]:
+        cfg = options.get("cfg_scale")
+        u = uniforms[:4] if cfg else uniforms
+        temperature = options.get("temperature", 1.0)
+        span = (0, 4000)
+        want = reference.sample_tokens(logits, u, temperature=temperature, top_k=options.get("top_k"),
+                                       top_p=options.get("top_p"), vocab_range=span, cfg_scale=cfg)
+        monkeypatch.setenv("UNIMM_BACKEND", "cuda")
+        got = _op(logits, u, temperature, options.get("top_k"), options.get("top_p"), span, cfg)
+        monkeypatch.delenv("UNIMM_BACKEND")
+        assert (got != want).sum() <= 1, (options, got, want)  # exp may round apart at a CDF edge
+        assert got[0] == -1  # cond row 0 is all NaN (guided or not)
+        assert ((got[1:] >= 0) & (got[1:] < 4000)).all()
+        if not cfg:
+            assert not ((got[2] >= 100) & (got[2] < 200))  # NaN is never sampled
+            assert got[3] == 17 and got[4] == 0 and 0 <= got[5] < 3000
 
 
 @pytest.mark.gpu

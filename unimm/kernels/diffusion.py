@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import weakref
 
 import numpy as np
@@ -47,9 +48,53 @@ def cosine_betas(steps: int, max_beta: float = 0.999) -> np.ndarray:
 
 
 def spaced_timesteps(train_steps: int, num_steps: int) -> list[int]:
-    """``num_steps`` of ``train_steps`` timesteps, evenly spaced from 0 to the last (ADM's respacing)."""
+    """``num_steps`` of ``train_steps`` timesteps from 0 to the last, increasing: ADM's respacing
+    as MAR samples with it (``space_timesteps(train_steps, str(num_steps))``, one section).
+
+    The rule, to the bit: a float position starts at 0.0 and grows by the float stride
+    ``(train_steps - 1) / (num_steps - 1)`` (1 for a single step) once per step, and each step takes
+    ``round(position)`` (Python's round: ties to even). The position is accumulated, not computed
+    as ``i * stride``: the two round differently at 278 of the step counts 1-1000 (21 steps take
+    timestep 499, not 500)."""
+    if not (isinstance(train_steps, numbers.Integral) and isinstance(num_steps, numbers.Integral)
+            and 1 <= num_steps <= train_steps):
+        raise ValueError(f"num_steps must be an int in [1, train_steps = {train_steps}], got {num_steps!r}")
     stride = (train_steps - 1) / (num_steps - 1) if num_steps > 1 else 1
-    return [round(i * stride) for i in range(num_steps)]
+    position, taken = 0.0, []
+    for _ in range(num_steps):
+        taken.append(round(position))
+        position += stride
+    return sorted(set(taken))
+
+
+def check_finite_real(name: str, value) -> None:
+    """A Python real number (not a bool) that is finite: TypeError / ValueError naming ``name``."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def check_sampling_options(cfg_scale, temperature, clip_denoised=None, *,
+                           names: tuple[str, str, str] = ("cfg_scale", "temperature", "clip_denoised")) -> None:
+    """The Python-scalar options of diffusion sampling (``DiffusionHead.sample``; ``ImageSpec``'s
+    ``cfg_scale``, ``diffusion_temperature``, ``clip_denoised`` under ``names``): ``cfg_scale`` a
+    finite real, ``temperature`` a finite real >= 0, ``clip_denoised`` None or a finite real > 0.
+
+    Raises:
+        TypeError: an option that is not a real number (bools included).
+        ValueError: NaN, Inf or a value out of range; the message names the option.
+    """
+    real = check_finite_real
+    cfg_name, temperature_name, clip_name = names
+    real(cfg_name, cfg_scale)
+    real(temperature_name, temperature)
+    if temperature < 0:
+        raise ValueError(f"{temperature_name} must be >= 0, got {temperature!r}")
+    if clip_denoised is not None:
+        real(clip_name, clip_denoised)
+        if clip_denoised <= 0:
+            raise ValueError(f"{clip_name} must be a positive number or None, got {clip_denoised!r}")
 
 
 class _Tables:
@@ -90,9 +135,9 @@ class DiffusionSchedule:
         key = (num_steps, str(device))
         if key not in self._device_tables:
             use = spaced_timesteps(self.train_steps, num_steps)
-            betas, last = [], 1.0
+            used, betas, last = set(use), [], 1.0
             for i, alpha_cumprod in enumerate(self.full.alphas_cumprod):
-                if i in use:
+                if i in used:
                     betas.append(1 - alpha_cumprod / last)
                     last = alpha_cumprod
             tables = _Tables(np.array(betas))
@@ -153,7 +198,13 @@ def sample_loop(net, schedule: DiffusionSchedule, cond: torch.Tensor, noise: tor
                 cfg_scale: float, temperature: float, clip_denoised: float | None = None) -> torch.Tensor:
     """``noise[0]`` denoised over ``num_steps`` respaced steps; step k (k = 1..num_steps) injects
     ``noise[k]``. With ``cfg_scale != 1``, cond is ``[cond; uncond]`` and eps is guided.
-    ``clip_denoised=c`` clamps each step's x0 estimate to [-c, c] (improved DDPM's clip_denoised)."""
+    ``clip_denoised=c`` clamps each step's x0 estimate to [-c, c] (improved DDPM's clip_denoised).
+
+    Rows are independent: NaN / Inf in a row of ``cond`` (or its uncond row) or of ``noise``
+    reaches that output row only; nothing is checked on the host."""
+    check_sampling_options(cfg_scale, temperature, clip_denoised)
+    if noise.shape[1] == 0:  # no token: nothing to launch
+        return noise.new_empty(noise.shape[1:], dtype=torch.float32)
     param_dtype = net.input_proj.weight.dtype
     backend = dispatch.select("diffusion_sample", cond.device, implemented=("triton",), unsupported={
         "triton": None if param_dtype in (torch.float16, torch.bfloat16, torch.float32)

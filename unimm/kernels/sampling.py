@@ -9,24 +9,27 @@ decode step that samples can be captured in a CUDA graph (with a CUDA generator 
 Backends (see ``dispatch``):
   * cuda: ``csrc/sampling.cu``, one CTA of 1024 threads per output row. It never writes the
     guided logits: every pass re-reads the vocab block of the cond (and uncond) row with 16-byte
-    loads and recomputes ``z = (u + s (c - u)) * inv_t``. Passes: (1) the row max (and, for
-    temperature 0, the argmax: done); (2) top-k by radix select on the order-preserving uint32 key
-    of z: a first pass bins tokens by value into 256 bins over [min, max] (value bins spread a
-    row's tokens where key bits would pile them into a few exponents), then up to four passes of
-    8-bit digits of the key inside the chosen bin, each skipped once the chosen bin is wholly
-    kept; (3) top-p by the same select weighted by token mass; (4) the survivors' total mass when
-    top-p did not give it; (5) the inverse-CDF draw: tiles of 8192 tokens in index order, a block
-    prefix scan per tile, stopping at the tile that holds the target. No sort, no V-sized
-    scratch, no host synchronisation. Token weights are integers (``round(p * 2**40)``), so every
+    loads and recomputes ``z = (g - max g) * inv_t``, ``g = u + s (c - u)``. Passes: (1) the row
+    max of g (and, for temperature 0, the argmax: done); (2) top-k by radix select on the
+    order-preserving uint32 key of z: a first pass bins tokens by value into 256 bins over
+    [min, max] (value bins spread a row's tokens where key bits would pile them into a few
+    exponents), then up to four passes of 8-bit digits of the key inside the chosen bin, each
+    skipped once the chosen bin is wholly kept; (3) top-p by the same select weighted by token
+    mass; (4) the survivors' total mass when top-p did not give it; (5) the inverse-CDF draw:
+    tiles of 8192 tokens in index order, a block prefix scan per tile, stopping at the tile that
+    holds the target. No sort, no V-sized scratch, no host synchronisation. Token weights are integers (``round(p * 2**40)``), so every
     histogram and scan is exact and independent of thread order: the kernel is deterministic and
     agrees with the reference token for token except where ``exp`` rounds differently on the
     GPU. Histograms add weights as two 32-bit halves with carry (shared-memory 64-bit adds are
     compare-and-swap loops).
   * reference: the CPU path, and any CUDA call the kernel cannot serve.
 
-On CPU tensors NaN logits raise ValueError. On CUDA tensors nothing is checked (that would need a
-host sync): NaN counts as -inf, a row whose block is all -inf is sampled uniformly (temperature 0:
-its first id), and the ids returned are always inside the vocab block.
+Range: the tempered logits are ``(g - max g) / temperature``, the row maximum subtracted first,
+so no finite logit and no temperature whose inverse is a finite fp32 number (temperature above
+~2.9e-39) overflows. Non-finite logits are never checked (no host synchronisation, on any
+device): a NaN guided logit is never returned and takes no part in top-k / top-p; a row whose
+block holds only NaN returns -1; +inf logits share all the mass; a row of -inf only is sampled
+uniformly (greedy: its first id).
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
     Args:
         logits: ``[R, V]`` float32, float16 or bfloat16 (any row stride).
         temperature: 0 is greedy (argmax, lowest id on ties; top_k / top_p are then ignored and no
-            random number is drawn); otherwise logits are scaled by ``float32(1 / temperature)``.
+            random number is drawn); otherwise the logits less their row maximum are scaled by
+            ``float32(1 / temperature)``, which must be finite (temperature >= ~2.9e-39).
         top_k: keep the ``top_k`` highest logits (ties with the k-th all kept); None or
             ``>= hi - lo`` keeps all.
         top_p: nucleus: keep the smallest set of most likely tokens (of the top-k survivors)
@@ -67,19 +71,20 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
         generator: torch generator for the uniforms, on the device of ``logits``.
 
     Returns:
-        int64 ``[R]``, or ``[R // 2]`` with ``cfg_scale``.
+        int64 ``[R]``, or ``[R // 2]`` with ``cfg_scale``. Logits are not checked (no device
+        synchronisation): a token whose guided logit is NaN is never returned, and a row with no
+        other token in the block returns -1. Rules: ``unimm.kernels.reference.sampling``.
 
     Raises:
         TypeError: ``logits`` not a float32 / float16 / bfloat16 tensor, an option of the wrong type.
-        ValueError: ``logits`` not 2-D, an option out of range, odd R with ``cfg_scale``, a generator on
-            another device, NaN in ``logits`` (CPU tensors only).
+        ValueError: ``logits`` not 2-D, an option out of range (temperature NaN, negative or too
+            small for a finite fp32 inverse, ...), odd R with ``cfg_scale``, a generator on another
+            device.
     """
     lo, hi = _check_args(logits, temperature, top_k, top_p, vocab_range, cfg_scale, generator)
     rows_out = logits.shape[0] // 2 if cfg_scale is not None else logits.shape[0]
     if rows_out == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
-    if logits.device.type == "cpu" and logits[:, lo:hi].isnan().any():
-        raise ValueError("logits contain NaN")
     uniforms = None
     if temperature != 0:
         uniforms = torch.rand(rows_out, generator=generator, device=logits.device)

@@ -1,7 +1,7 @@
 """VQ codebook quantize / lookup: the nearest code of every vector, and codes back to vectors.
 
 Public: ``vq_quantize(z, codebook, *, metric="l2")`` and ``vq_lookup(indices, codebook)``; their
-meaning is ``unimm.kernels.reference.vq``.
+meaning, non-finite values included, is ``unimm.kernels.reference.vq``.
 
 Backends for ``vq_quantize`` (see ``dispatch``):
   * cuda: ``csrc/vq.cu``, code dims d <= 32 (Emu3 d=4, LlamaGen d=8): exact ``sum((z - e)^2)``
@@ -14,13 +14,32 @@ Backends for ``vq_quantize`` (see ``dispatch``):
   Both split the codebook over a second grid axis when there are too few row blocks to fill
   the GPU, and reduce the per-split winners with two small torch ops.
 
-Memory beyond inputs and output: per-code fp32 norms ``[K]`` (and ``[N]`` row norms for cosine
-on Triton) and per-split winners ``[splits, N]`` (fp32 + int64), splits <= 4 x SMs / row blocks;
-the CUDA cosine path normalises copies of z and the codebook in fp32 (``O((N + K) d)``). The
-N x K distance matrix is never formed.
+Range: any finite input. Squares and products of fp32 / bf16 values overflow fp32 past ~1e19
+(and underflow below ~1e-19), so both kernels work on values scaled by powers of two, which is
+exact: the result is the unscaled fp32 computation wherever that one stays in range. Row n's
+distances are evaluated in units of ``2**(2 m_n)``, ``m_n = max(e_n, e_min)`` (``e_n``: the
+binary exponent of ``max|z_n|``; ``e_min``: the smallest such exponent over the finite codes),
+a scale under which the row and its nearest code (no farther than the smallest code) are O(1);
+codes far larger may overflow to +inf, and such a code is not the nearest. The CUDA kernel scales
+``z - e`` by ``2**-m_n``; Triton, with ``dist - |z|^2 = |e|^2 - 2 z.e``, takes every code scaled
+by its own ``2**-f_k`` and row n by ``2**-m_n`` and computes ``t (t |e'|^2 - 2 z'.e')`` with
+``t = 2**(f_k - m_n)``. For cosine every row and code is scaled by its own ``2**-e`` (cosine does
+not see scale). float16 values cannot overflow fp32 products and are used as they are. So one
+outlier row or code changes no other row's result, and a pick is a nearest code up to fp32
+rounding relative to ``max(|z_n|, |e_nearest|)^2``.
+
+Non-finite values: rows or codes holding NaN / Inf get NaN factors, so every distance they take
+part in is NaN, and a NaN distance never wins (Triton maps it to +inf; the CUDA kernel's strict
+``<`` skips it); a row whose best distance is not finite gets -1 (``_combine_splits``). Nothing
+is checked on the host: no device synchronisation.
+
+Memory beyond inputs and output: per-row and per-code fp32 factors ``[N]``, ``[K]``, power-of-two
+scaled copies of z and the codebook (Triton, fp32 / bf16 inputs: ``O((N + K) d)`` in the input
+dtype; an fp32 copy of the codebook for its norms), per-split winners ``[splits, N]`` (fp32 +
+int64), splits <= 4 x SMs / row blocks; the CUDA cosine path normalises copies of z and the
+codebook in fp32 (``O((N + K) d)``). The N x K distance matrix is never formed.
 
 fp32 inputs follow ``torch.get_float32_matmul_precision()`` (see ``_triton_common``).
-Squared distances must be finite in fp32 (|values| below ~1e18).
 """
 
 from __future__ import annotations
@@ -43,8 +62,12 @@ except ImportError:  # the Triton backend is then not live (dispatch says why)
 
 METRICS = reference.METRICS
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_CODES = 2**31 - 1
+# Binary exponents of the kernels' power-of-two scales 2**-e: every scale is a normal fp32 (and
+# bf16) number, and a scaled value stays below 4 (fp32's largest finite value is < 2**128).
+_EXPONENTS = (-100, 126)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,12 +84,15 @@ def vq_quantize(z: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2") 
             both sides, as LlamaGen's tokenizer).
 
     Returns:
-        int64 indices of shape ``z.shape[:-1]``; ties go to the lowest index.
+        int64 indices of shape ``z.shape[:-1]``; ties go to the lowest index. Any finite
+        magnitude is served (the kernels scale by powers of two). Non-finite values are not
+        checked (no device synchronisation): a code holding NaN or Inf is never returned, and a
+        row holding NaN or Inf (or every row, when every code holds one) gets -1, which
+        ``vq_lookup`` turns into a NaN vector.
 
     Raises:
         TypeError: non-tensor, integer or mismatched dtypes.
-        ValueError: code-dim mismatch, empty codebook, different devices, unknown metric,
-            NaN or Inf in ``z`` or ``codebook``.
+        ValueError: code-dim mismatch, empty codebook, different devices, unknown metric.
     """
     _check_quantize_args(z, codebook, metric)
     if z.numel() == 0:
@@ -77,15 +103,18 @@ def vq_quantize(z: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2") 
 def vq_lookup(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """``codebook[indices]``: ``[...] -> [..., d]``, differentiable with respect to ``codebook``.
 
+    An index outside ``[0, K)`` (-1: ``vq_quantize``'s "no code" for a non-finite row) gives a
+    NaN vector and no gradient; indices are not checked on the host (no device synchronisation).
+
     Raises:
         TypeError: ``indices`` not an integer tensor, ``codebook`` not a floating tensor.
-        ValueError: ``codebook`` not 2-D, devices differ, an index outside ``[0, K)``.
+        ValueError: ``codebook`` not 2-D, devices differ.
     """
     for name, value in (("indices", indices), ("codebook", codebook)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+    if indices.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"indices must be an integer tensor (int64, int32, int16, int8, uint8), got {indices.dtype}")
     if codebook.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"codebook must be a floating tensor (float16, bfloat16, float32, float64), got {codebook.dtype}")
     if codebook.dim() != 2:
@@ -96,7 +125,7 @@ def vq_lookup(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks
+# Checks (shapes, dtypes and devices only: tensor data is never read on the host)
 # ---------------------------------------------------------------------------------------------
 
 def _check_quantize_args(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> None:
@@ -107,7 +136,7 @@ def _check_quantize_args(z: torch.Tensor, codebook: torch.Tensor, metric: str) -
             raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {value.dtype}")
     if z.dtype != codebook.dtype:
         raise TypeError(f"z and codebook must have the same dtype, got z {z.dtype} and codebook {codebook.dtype}")
-    if metric not in METRICS:
+    if not isinstance(metric, str) or metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if codebook.dim() != 2:
         raise ValueError(f"codebook must be 2-D [num_codes, code_dim], got shape {tuple(codebook.shape)}")
@@ -125,30 +154,12 @@ def _check_quantize_args(z: torch.Tensor, codebook: torch.Tensor, metric: str) -
         raise ValueError(f"z and codebook must be on the same device, got z on {z.device} and codebook on {codebook.device}")
 
 
-def _check_finite(**tensors: torch.Tensor) -> None:
-    """One device sync for all tensors; names the first that holds NaN or Inf."""
-    flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
-    for name, finite in zip(tensors, flags):
-        if not finite:
-            raise ValueError(f"{name} contains non-finite values (NaN or Inf)")
-
-
-def _check_index_range(indices: torch.Tensor, num_codes: int) -> None:
-    if indices.numel() == 0:
-        return
-    low, high = torch.stack([indices.min(), indices.max()]).tolist()
-    if low < 0 or high >= num_codes:
-        bad = low if low < 0 else high
-        raise ValueError(f"indices must lie in [0, {num_codes}) for a codebook of {num_codes} codes, found {bad}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Ops (opaque to torch.compile and CUDA graphs)
 # ---------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("unimm::vq_quantize", mutates_args=())
 def _vq_quantize_op(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
-    _check_finite(z=z, codebook=codebook)
     z_rows = _as_rows(z)
     codebook = _as_rows(codebook)
     backend = dispatch.select(
@@ -174,9 +185,14 @@ def _(z, codebook, metric):
 
 @torch.library.custom_op("unimm::vq_lookup", mutates_args=())
 def _vq_lookup_op(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    _check_index_range(indices, codebook.shape[0])
+    num_codes = codebook.shape[0]
+    if num_codes == 0:
+        return codebook.new_full((*indices.shape, codebook.shape[1]), float("nan"))
+    valid = (indices >= 0) & (indices < num_codes)
     # A gather moves each output byte once; torch's embedding kernel already runs at bandwidth.
-    return F.embedding(indices.long(), codebook)
+    # Out-of-range indices read code 0 and are overwritten with NaN (no device-side assert).
+    vectors = F.embedding(torch.where(valid, indices.long(), 0), codebook)
+    return vectors.masked_fill_(~valid[..., None], float("nan"))
 
 
 @_vq_lookup_op.register_fake
@@ -195,7 +211,13 @@ def _lookup_backward(ctx, grad_output):
     (indices,) = ctx.saved_tensors
     num_codes, code_dim = ctx.codebook_shape
     grad = torch.zeros(num_codes, code_dim, dtype=torch.float32, device=grad_output.device)
-    grad.index_add_(0, indices.reshape(-1).long(), grad_output.reshape(-1, code_dim).float())
+    if num_codes == 0:
+        return None, grad.to(ctx.codebook_dtype)
+    flat = indices.reshape(-1)
+    valid = (flat >= 0) & (flat < num_codes)
+    upstream = grad_output.reshape(-1, code_dim).float()
+    # out-of-range positions (NaN outputs) send no gradient; even a NaN upstream there stays out
+    grad.index_add_(0, torch.where(valid, flat.long(), 0), torch.where(valid[:, None], upstream, 0.0))
     return None, grad.to(ctx.codebook_dtype)
 
 
@@ -214,13 +236,49 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def _exponents(x_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (binary exponent of max|x| clamped to the kernels' range, row is all finite)."""
+    return reference.max_exponents(x_rows, *_EXPONENTS)
+
+
+def _pow2(exponent: torch.Tensor) -> torch.Tensor:
+    return reference.pow2(exponent, torch.float32)
+
+
+def _scaled(x_rows: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """``x * 2**-exponent`` per row, in x's dtype (exact: a power of two within range)."""
+    return x_rows * _pow2(-exponent).to(x_rows.dtype)[:, None]
+
+
+def _l2_scales(z_rows: torch.Tensor, codebook: torch.Tensor):
+    """(int32 ``[N]`` ``m_n = max(e_n, e_min)``, bool ``[N]`` finite rows, int32 ``[K]`` code
+    exponents ``f_k``, bool ``[K]`` finite codes): see the module docstring."""
+    row_exp, row_finite = _exponents(z_rows)
+    code_exp, code_finite = _exponents(codebook)
+    return (reference.nearest_scale_exponents(row_exp, code_exp, code_finite, _EXPONENTS[1]), row_finite,
+            code_exp, code_finite)
+
+
+def _normalized(x_rows: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x / max(|x|, eps)`` per row (``F.normalize``) without overflow or underflow in the
+    norm; rows holding NaN or Inf become NaN."""
+    exponent, finite = _exponents(x_rows)
+    scale = _pow2(-exponent)[:, None]
+    scaled = x_rows.float() * scale
+    out = scaled / torch.maximum(scaled.norm(dim=-1, keepdim=True), reference.NORMALIZE_EPS * scale)
+    return out.masked_fill_(~finite[:, None], float("nan"))
+
+
 def _combine_splits(part_dist: torch.Tensor, part_idx: torch.Tensor) -> torch.Tensor:
     """Per-split winners ``[splits, N]`` -> int64 ``[N]``. Splits hold increasing code ranges and
-    argmin returns the first minimum, so equal distances keep the lowest index."""
+    argmin returns the first minimum, so equal distances keep the lowest index. A row whose best
+    distance is not finite (it met no code at a finite distance) gets -1."""
     if part_idx.shape[0] == 1:
-        return part_idx[0]
-    best_split = part_dist.argmin(0, keepdim=True)
-    return part_idx.gather(0, best_split)[0]
+        best, idx = part_dist[0], part_idx[0]
+    else:
+        best_split = part_dist.argmin(0, keepdim=True)
+        best, idx = part_dist.gather(0, best_split)[0], part_idx.gather(0, best_split)[0]
+    return torch.where(best < float("inf"), idx, -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,17 +295,24 @@ def _cuda_unsupported(z_rows: torch.Tensor) -> str | None:
     return None
 
 
+def _cuda_row_scales(z_rows: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """What ``vq_argmin_small_d`` reads from ``part_dist`` on entry: fp32 ``[N]`` scales
+    ``2**-m_n``, NaN for rows holding NaN or Inf."""
+    row_exp, row_finite, _, _ = _l2_scales(z_rows, codebook)
+    return _pow2(-row_exp).masked_fill_(~row_finite, float("nan"))
+
+
 def _quantize_cuda(z_rows: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
     C = _ext.lib()
     if metric == "cosine":
-        z_rows = F.normalize(z_rows.float(), dim=-1, eps=reference.NORMALIZE_EPS)
-        codebook = F.normalize(codebook.float(), dim=-1, eps=reference.NORMALIZE_EPS)
+        z_rows, codebook = _normalized(z_rows), _normalized(codebook)
     n, d = z_rows.shape
     k = codebook.shape[0]
     device = z_rows.device
     row_blocks = cdiv(n, C.vq_small_d_rows_per_block(d))
     splits, codes_per_split = split_columns(row_blocks, k, C.VQ_SMALL_TILE_CODES, device)
-    part_dist = torch.empty(splits, n, dtype=torch.float32, device=device)
+    # in: every split's slots hold the row scales; out: the split's best distance per row
+    part_dist = _cuda_row_scales(z_rows, codebook).expand(splits, n).contiguous()
     part_idx = torch.empty(splits, n, dtype=torch.int64, device=device)
     C.vq_argmin_small_d(
         z_rows.data_ptr(), z_rows.stride(0), codebook.data_ptr(), codebook.stride(0), n, k, d, codes_per_split,
@@ -278,22 +343,52 @@ def _triton_config(code_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
     return dict(BLOCK_N=128, BLOCK_K=128, BLOCK_D=min(padded, 64), num_warps=8, num_stages=3)
 
 
+def _triton_operands(z_rows: torch.Tensor, codebook: torch.Tensor, metric: str):
+    """What ``_vq_argmin_kernel`` takes besides the tiles: (z, codebook) as the kernel reads them
+    (power-of-two scaled copies for fp32 / bf16; float16 as it is), and fp32 factors
+    (code_bias ``[K]``, code_scale ``[K]``, row_scale ``[N]``) such that
+
+        l2:     dist = t (t code_bias - 2 z.e),  t = row_scale code_scale
+        cosine: dist = code_bias - 2 (z.e) row_scale code_scale
+
+    orders the codes of each row as the reference does. Rows and codes holding NaN or Inf get
+    NaN factors: every distance they take part in is NaN, which the kernel never picks."""
+    scale = z_rows.dtype != torch.float16  # fp16 products cannot overflow fp32
+    nan = float("nan")
+    if metric == "l2":
+        row_exp, row_finite, code_exp, code_finite = _l2_scales(z_rows, codebook)
+        if not scale:
+            row_exp, code_exp = torch.zeros_like(row_exp), torch.zeros_like(code_exp)
+        else:
+            # z' = z 2**-m_n, e' = e 2**-f_k: |e|^2 - 2 z.e = 2**(2 m_n) t (t |e'|^2 - 2 z'.e')
+            z_rows, codebook = _scaled(z_rows, row_exp), _scaled(codebook, code_exp)
+        code_bias = codebook.float().square().sum(-1).masked_fill_(~code_finite, nan)
+        code_scale = _pow2(code_exp).masked_fill_(~code_finite, nan)
+        return z_rows, codebook, code_bias, code_scale, _pow2(-row_exp).masked_fill_(~row_finite, nan)
+    row_exp, row_finite = _exponents(z_rows)
+    code_exp, code_finite = _exponents(codebook)
+    if not scale:
+        row_exp, code_exp = torch.zeros_like(row_exp), torch.zeros_like(code_exp)
+    else:
+        z_rows, codebook = _scaled(z_rows, row_exp), _scaled(codebook, code_exp)
+    # dist(z_n, e_n) = u(|e|) - 2 (z.e) / (max(|z|, eps) max(|e|, eps)) + const (u: |e_n|^2, exactly
+    # 1 except for codes shorter than eps, F.normalize's definition), on the scaled vectors with
+    # eps scaled alike.
+    row_eps = reference.NORMALIZE_EPS * _pow2(-row_exp)
+    code_eps = reference.NORMALIZE_EPS * _pow2(-code_exp)
+    code_norm = codebook.float().norm(dim=-1)
+    code_scale = (1.0 / torch.maximum(code_norm, code_eps)).masked_fill_(~code_finite, nan)
+    code_bias = torch.where(code_norm >= code_eps, 1.0, (code_norm / code_eps).square()).masked_fill_(~code_finite, nan)
+    row_scale = (1.0 / torch.maximum(z_rows.float().norm(dim=-1), row_eps)).masked_fill_(~row_finite, nan)
+    return z_rows, codebook, code_bias, code_scale, row_scale
+
+
 def _quantize_triton(z_rows: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
     n, d = z_rows.shape
     k = codebook.shape[0]
     device = z_rows.device
     config = _triton_config(d, z_rows.dtype, dispatch.TRITON_INTERPRET)
-    codes32 = codebook.float()
-    if metric == "cosine":
-        # dist(z_n, e_n) = |e_n|^2 - 2 (z.e) / (max(|z|, eps) max(|e|, eps)) + const, where
-        # |e_n|^2 is exactly 1 except for codes shorter than eps (F.normalize's definition).
-        code_norm = codes32.norm(dim=-1)
-        code_scale = 1.0 / code_norm.clamp_min(reference.NORMALIZE_EPS)
-        code_bias = reference.unit_norm_squared(code_norm)
-        row_scale = 1.0 / z_rows.float().norm(dim=-1).clamp_min(reference.NORMALIZE_EPS)
-    else:
-        code_bias = codes32.square().sum(-1)
-        code_scale = row_scale = code_bias  # unused (COSINE=False)
+    z_rows, codebook, code_bias, code_scale, row_scale = _triton_operands(z_rows, codebook, metric)
     row_blocks = cdiv(n, config["BLOCK_N"])
     splits, codes_per_split = split_columns(row_blocks, k, config["BLOCK_K"], device)
     part_dist = torch.empty(splits, n, dtype=torch.float32, device=device)
@@ -305,7 +400,8 @@ def _quantize_triton(z_rows: torch.Tensor, codebook: torch.Tensor, metric: str) 
 
 def _launch_triton_argmin(z_rows, codebook, code_bias, code_scale, row_scale, part_dist, part_idx,
                           codes_per_split, cosine, config):
-    """Writes per-split winners into ``part_dist`` / ``part_idx`` ``[splits, N]``."""
+    """Writes per-split winners into ``part_dist`` / ``part_idx`` ``[splits, N]``; the factors are
+    ``_triton_operands``'s."""
     n, d = z_rows.shape
     grid = (cdiv(n, config["BLOCK_N"]), part_idx.shape[0])
     with torch.cuda.device(z_rows.device) if z_rows.is_cuda else contextlib.nullcontext():
@@ -331,8 +427,8 @@ if triton is not None:
         dims = tl.arange(0, BLOCK_D)
         code_begin = split.to(tl.int64) * codes_per_split
         code_end = tl.minimum(code_begin + codes_per_split, n_codes)
-        if COSINE:
-            row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
+        # cosine: the row's inverse norm; l2: its scale 2**-m_n (NaN: a row holding NaN / Inf)
+        row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
 
         # One flat loop over (code tile, d chunk) steps, the d chunk fastest, so the software
         # pipeline runs across tile boundaries; the row argmin is the epilogue of a tile's last chunk.
@@ -354,11 +450,17 @@ if triton is not None:
                                  mask=dim_ok[:, None] & code_ok[None, :], other=0.0)
             dot = tl.dot(z_chunk, code_chunk, dot, input_precision=PRECISION)
             if d0 + BLOCK_D >= code_dim:
+                # lanes past the codebook's end get benign factors here and +inf below
+                code_bias = tl.load(code_bias_ptr + codes, mask=code_ok, other=0.0)
+                code_scale = tl.load(code_scale_ptr + codes, mask=code_ok, other=0.0)
+                scale = row_scale[:, None] * code_scale[None, :]
                 if COSINE:
-                    code_scale = tl.load(code_scale_ptr + codes, mask=code_ok, other=0.0)
-                    dot = dot * (row_scale[:, None] * code_scale[None, :])
-                code_bias = tl.load(code_bias_ptr + codes, mask=code_ok, other=float("inf"))
-                dist = code_bias[None, :] - 2.0 * dot
+                    dist = code_bias[None, :] - 2.0 * (dot * scale)
+                else:  # (|e|^2 - 2 z.e) 2**-2m_n: t = 2**(f_k - m_n) may over- or underflow, only
+                    # for codes far from the nearest (+inf: never picked; 0: below fp32's resolution)
+                    dist = scale * (scale * code_bias[None, :] - 2.0 * dot)
+                # NaN (a row or code holding NaN / Inf: no finite distance) is never picked
+                dist = tl.where(code_ok[None, :] & (dist == dist), dist, float("inf"))
                 tile_best, tile_arg = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
                 better = tile_best < best  # strict: earlier tiles keep ties
                 best = tl.where(better, tile_best, best)

@@ -8,6 +8,7 @@ variance range), trained with ``loss`` and sampled with ``sample``.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -108,15 +109,20 @@ class DiffusionHead(nn.Module):
     ``loss(cond, target, mask=None, batch_mul=4)``: the improved-DDPM loss (MSE on the noise plus
     the variational bound for the learned variance), each row repeated ``batch_mul`` times with
     independent timesteps. ``sample(cond, num_steps=100, cfg_scale=1.0, temperature=1.0, ...)``:
-    ancestral sampling on the schedule respaced to ``num_steps``, with classifier-free guidance.
+    ancestral sampling on the schedule respaced to ``num_steps`` (MAR's respacing), with
+    classifier-free guidance.
+
+    Tensor data is never read on the host (no device synchronisation): NaN / Inf in ``cond``,
+    ``target`` or ``noise`` propagate, as in PyTorch, to the outputs that depend on them (the
+    loss, a sampled row) and no others (rows ``mask`` drops, other sampled rows). Python-scalar
+    options are checked: TypeError / ValueError naming the option.
     """
 
     def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, *, train_steps: int = 1000):
         super().__init__()
         for name, value in (("token_dim", token_dim), ("cond_dim", cond_dim), ("width", width),
                             ("depth", depth), ("train_steps", train_steps)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _check_positive_int(name, value)
         self.token_dim = token_dim
         self.cond_dim = cond_dim
         self.train_steps = train_steps
@@ -127,23 +133,36 @@ class DiffusionHead(nn.Module):
         return f"token_dim={self.token_dim}, cond_dim={self.cond_dim}, train_steps={self.train_steps}"
 
     def _check_cond(self, cond: torch.Tensor, name: str = "cond") -> None:
-        if not isinstance(cond, torch.Tensor) or not cond.is_floating_point():
-            raise TypeError(f"{name} must be a floating torch.Tensor")
+        """Type and shape only: values are not read (no host synchronisation)."""
+        _check_float_tensor(name, cond)
         if cond.dim() != 2 or cond.shape[1] != self.cond_dim:
             raise ValueError(f"{name} must be [rows, {self.cond_dim}], got {tuple(cond.shape)}")
-        if not torch.isfinite(cond).all():
-            raise ValueError(f"{name} contains non-finite values (NaN or Inf)")
 
     def loss(self, cond: torch.Tensor, target: torch.Tensor, *, mask: torch.Tensor | None = None,
              batch_mul: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mean diffusion loss over the rows ``mask`` keeps (all by default)."""
+        """Mean diffusion loss over the rows ``mask`` keeps (all by default; a float ``mask``
+        weights the rows). No rows (or none kept): 0, with zero gradients. The rows ``mask`` drops
+        take no part, so NaN / Inf there reach neither the loss nor the gradients; in a kept row
+        they make the loss NaN / Inf (they propagate)."""
         self._check_cond(cond)
+        _check_float_tensor("target", target)
         if target.dim() != 2 or target.shape != (cond.shape[0], self.token_dim):
             raise ValueError(f"target must be [{cond.shape[0]}, {self.token_dim}], got {tuple(target.shape)}")
-        if mask is not None and mask.shape != (cond.shape[0],):
-            raise ValueError(f"mask must be [{cond.shape[0]}], got {tuple(mask.shape)}")
-        if not isinstance(batch_mul, int) or batch_mul < 1:
-            raise ValueError(f"batch_mul must be a positive int, got {batch_mul!r}")
+        if target.device != cond.device:
+            raise ValueError(f"target must be on cond's device {cond.device}, got {target.device}")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+            if mask.shape != (cond.shape[0],):
+                raise ValueError(f"mask must be [{cond.shape[0]}], got {tuple(mask.shape)}")
+            if mask.device != cond.device:
+                raise ValueError(f"mask must be on cond's device {cond.device}, got {mask.device}")
+        _check_positive_int("batch_mul", batch_mul)
+        if mask is not None:
+            # dropped rows are zeroed before the network sees them: their values never matter
+            kept = (mask != 0)[:, None]
+            cond = torch.where(kept, cond, torch.zeros((), dtype=cond.dtype, device=cond.device))
+            target = torch.where(kept, target, torch.zeros((), dtype=target.dtype, device=target.device))
         cond = cond.repeat(batch_mul, 1)
         target = target.repeat(batch_mul, 1)
         rows = target.shape[0]
@@ -151,7 +170,7 @@ class DiffusionHead(nn.Module):
         noise = torch.randn(target.shape, device=target.device, generator=generator, dtype=target.dtype)
         per_row = self.schedule.training_losses(self.net, target, t, noise, cond)
         if mask is None:
-            return per_row.mean()
+            return per_row.mean() if rows else per_row.sum()  # no rows: 0, still in the graph
         keep = mask.float().repeat(batch_mul)
         return (per_row * keep).sum() / keep.sum().clamp_min(1.0)
 
@@ -168,10 +187,18 @@ class DiffusionHead(nn.Module):
         schedule ends at alpha_bar ~ 2e-9, where x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)
         multiplies any error in eps by ~2e4: a head that is not yet fully trained (early
         checkpoints, small demos) throws its first steps far off unless x0 is bounded. Use a bound
-        a few times the data's range, e.g. 3-5 for standardised tokens."""
+        a few times the data's range, e.g. 3-5 for standardised tokens.
+
+        Options (``kernels.check_sampling_options``): ``cfg_scale`` finite, ``temperature`` finite
+        and >= 0, ``clip_denoised`` None or finite and > 0. Rows are independent: NaN / Inf in a
+        row of ``cond`` (or of its uncond row) or of ``noise`` make that token NaN / Inf only."""
         self._check_cond(cond)
-        if not isinstance(num_steps, int) or not 1 <= num_steps <= self.train_steps:
+        if not isinstance(num_steps, numbers.Integral) or isinstance(num_steps, bool):
+            raise TypeError(f"num_steps must be an int, got {type(num_steps).__name__}")
+        if not 1 <= num_steps <= self.train_steps:
             raise ValueError(f"num_steps must be an int in [1, {self.train_steps}], got {num_steps!r}")
+        kernels.check_sampling_options(cfg_scale, temperature, clip_denoised)
+        num_steps = int(num_steps)
         guided = cfg_scale != 1.0
         if guided and cond.shape[0] % 2:
             raise ValueError(f"with cfg_scale != 1, cond must hold [cond; uncond] halves: an even row count, "
@@ -180,13 +207,30 @@ class DiffusionHead(nn.Module):
         shape = (num_steps + 1, rows, self.token_dim)
         if noise is None:
             noise = torch.randn(shape, device=cond.device, generator=generator, dtype=torch.float32)
-        elif tuple(noise.shape) != shape:
-            raise ValueError(f"noise must be [num_steps + 1, M, token_dim] = {list(shape)}, got {list(noise.shape)}")
-        if clip_denoised is not None and not (isinstance(clip_denoised, (int, float)) and clip_denoised > 0):
-            raise ValueError(f"clip_denoised must be a positive number or None, got {clip_denoised!r}")
+        else:
+            _check_float_tensor("noise", noise)
+            if tuple(noise.shape) != shape:
+                raise ValueError(f"noise must be [num_steps + 1, M, token_dim] = {list(shape)}, "
+                                 f"got {list(noise.shape)}")
+            if noise.device != cond.device:
+                raise ValueError(f"noise must be on cond's device {cond.device}, got {noise.device}")
         return kernels.sample_loop(self.net, self.schedule, cond, noise, num_steps=num_steps,
                                    cfg_scale=float(cfg_scale), temperature=float(temperature),
                                    clip_denoised=None if clip_denoised is None else float(clip_denoised))
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_float_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
 
 
 class RegressionHead(nn.Module):
@@ -213,22 +257,32 @@ class RegressionHead(nn.Module):
 
     def loss(self, cond: torch.Tensor, target: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of ``1 - cos(self(cond), target)`` over the rows, weighted by ``mask`` (bool or
-        float ``[rows]``) when given; computed in fp32."""
+        float ``[rows]``) when given; computed in fp32. No rows (or none kept): 0, with zero
+        gradients; NaN / Inf in a dropped row reach neither the loss nor the gradients."""
+        _check_float_tensor("cond", cond)
+        _check_float_tensor("target", target)
         if cond.dim() != 2 or target.shape != (cond.shape[0], self.token_dim):
             raise ValueError(f"cond must be [rows, {self.cond_dim}] and target [rows, {self.token_dim}], got "
                              f"{tuple(cond.shape)} and {tuple(target.shape)}")
-        per_row = 1.0 - F.cosine_similarity(self(cond).float(), target.float(), dim=-1)
         if mask is None:
-            return per_row.mean()
+            per_row = 1.0 - F.cosine_similarity(self(cond).float(), target.float(), dim=-1)
+            return per_row.mean() if per_row.numel() else per_row.sum()
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
         if mask.shape != (cond.shape[0],):
             raise ValueError(f"mask must be [{cond.shape[0]}], got {tuple(mask.shape)}")
+        kept = (mask != 0)[:, None]
+        cond = torch.where(kept, cond, torch.zeros((), dtype=cond.dtype, device=cond.device))
+        target = torch.where(kept, target, torch.zeros((), dtype=target.dtype, device=target.device))
+        per_row = 1.0 - F.cosine_similarity(self(cond).float(), target.float(), dim=-1)
         keep = mask.float()
         return (per_row * keep).sum() / keep.sum().clamp_min(1e-12)
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, *, cfg_scale: float = 1.0) -> torch.Tensor:
-        """The predicted tokens; with ``cfg_scale != 1``, ``cond`` is ``[cond; uncond]`` and the
-        result is ``u + cfg_scale (c - u)`` of the two predictions."""
+        """The predicted tokens; with ``cfg_scale != 1`` (a finite number), ``cond`` is
+        ``[cond; uncond]`` and the result is ``u + cfg_scale (c - u)`` of the two predictions."""
+        kernels.check_finite_real("cfg_scale", cfg_scale)
         prediction = self(cond)
         if cfg_scale == 1.0:
             return prediction

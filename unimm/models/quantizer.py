@@ -5,14 +5,28 @@ Nearest-code search and lookup run through ``unimm.kernels.vq_quantize`` / ``vq_
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unimm.kernels import vq_lookup, vq_quantize
-from unimm.kernels.reference.vq import METRICS, NORMALIZE_EPS
+from unimm.kernels.reference.vq import METRICS, NORMALIZE_EPS, max_exponents, pow2
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(x, dim=-1, eps=NORMALIZE_EPS)``, differentiable, without overflow or underflow
+    in the norm at any finite magnitude: each vector is first scaled by a power of two (exact, a
+    constant for autograd); float16 is computed in float32."""
+    work = x.float() if x.dtype == torch.float16 else x
+    wide = work.dtype == torch.float64
+    exponent, _ = max_exponents(work.detach(), *((-1000, 1000) if wide else (-100, 126)))
+    scale = pow2(-exponent, torch.float64 if wide else torch.float32).to(work.dtype)[..., None]
+    scaled = work * scale
+    out = scaled / torch.maximum(scaled.norm(dim=-1, keepdim=True), NORMALIZE_EPS * scale)
+    return out.to(x.dtype)
 
 
 @dataclass
@@ -24,7 +38,7 @@ class QuantizerOutput:
     indices: torch.Tensor  # int64 [...]
     codebook_loss: torch.Tensor  # mean ||sg(z) - e||^2: moves codes to the encoder outputs
     commitment_loss: torch.Tensor  # mean ||z - sg(e)||^2 (unscaled): keeps z near its code
-    perplexity: torch.Tensor  # exp(entropy of this batch's code histogram), 1..num_codes
+    perplexity: torch.Tensor  # exp(entropy of this batch's code histogram), 1..num_codes (1: no codes)
     codes_used: torch.Tensor  # distinct codes in this batch
     dead_codes: torch.Tensor  # codes unused for the last `dead_after` training batches
 
@@ -42,19 +56,30 @@ class VectorQuantizer(nn.Module):
 
     ``forward(z)`` returns a :class:`QuantizerOutput`. Usage is tracked in training mode only;
     ``reset_dead_codes(z)`` re-seeds dead codes from encoder outputs, the usual restart trick.
+
+    ``forward`` never reads tensor data on the host (no device synchronisation). Empty input
+    gives losses 0 (with zero gradients) and perplexity 1. A vector of ``z`` holding NaN or Inf
+    gets index -1 (``vq_quantize``): its ``quantized`` row is NaN, the losses (means over every
+    vector) are NaN, and it counts towards no code's usage.
     """
 
     def __init__(self, num_codes: int, code_dim: int, *, metric: str = "l2", beta: float = 0.25,
                  dead_after: int = 100):
         super().__init__()
+        for name, value in (("num_codes", num_codes), ("code_dim", code_dim), ("dead_after", dead_after)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if num_codes < 1 or code_dim < 1:
             raise ValueError(f"num_codes and code_dim must be >= 1, got {num_codes} and {code_dim}")
-        if metric not in METRICS:
+        if not isinstance(metric, str) or metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
+        if not isinstance(beta, numbers.Real) or isinstance(beta, bool):
+            raise TypeError(f"beta must be a real number, got {type(beta).__name__}")
+        if not (math.isfinite(beta) and beta >= 0):
+            raise ValueError(f"beta must be finite and >= 0, got {beta}")
         if dead_after < 1:
             raise ValueError(f"dead_after must be >= 1, got {dead_after}")
+        num_codes, code_dim, dead_after, beta = int(num_codes), int(code_dim), int(dead_after), float(beta)
         self.num_codes = num_codes
         self.code_dim = code_dim
         self.metric = metric
@@ -64,7 +89,7 @@ class VectorQuantizer(nn.Module):
         self.codebook = nn.Parameter(torch.empty(num_codes, code_dim).uniform_(-1.0 / num_codes, 1.0 / num_codes))
         if metric == "cosine":
             with torch.no_grad():
-                self.codebook.copy_(F.normalize(self.codebook, dim=-1))
+                self.codebook.copy_(_normalize(self.codebook))
         self.register_buffer("batches_since_used", torch.zeros(num_codes, dtype=torch.int64), persistent=True)
 
     def extra_repr(self) -> str:
@@ -73,26 +98,41 @@ class VectorQuantizer(nn.Module):
     def codes(self) -> torch.Tensor:
         """The codebook as the search sees it (unit rows for cosine), differentiable."""
         if self.metric == "cosine":
-            return F.normalize(self.codebook, dim=-1, eps=NORMALIZE_EPS)
+            return _normalize(self.codebook)
         return self.codebook
 
+    def _check_z(self, z, name: str = "z") -> None:
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+        if not z.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {z.dtype}")
+        if z.dim() == 0 or z.shape[-1] != self.code_dim:
+            raise ValueError(f"{name} must be [..., {self.code_dim}] (channels last), got shape {tuple(z.shape)}")
+        if z.device != self.codebook.device:
+            raise ValueError(f"{name} must be on the codebook's device {self.codebook.device}, got {z.device}")
+
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        if z.shape[-1] != self.code_dim:
-            raise ValueError(f"z must be [..., {self.code_dim}] (channels last), got shape {tuple(z.shape)}")
+        self._check_z(z)
         if self.metric == "cosine":
-            z = F.normalize(z, dim=-1, eps=NORMALIZE_EPS)
+            z = _normalize(z)
         codes = self.codes()
         indices = vq_quantize(z.detach(), codes.detach().to(z.dtype), metric="l2")
         code_vectors = vq_lookup(indices, codes).to(z.dtype)
-        codebook_loss = F.mse_loss(code_vectors.float(), z.detach().float())
-        commitment_loss = F.mse_loss(z.float(), code_vectors.detach().float())
+        count = max(1, z.numel())  # mean over elements; empty input: sum 0 / 1, still in the graph
+        codebook_loss = (code_vectors.float() - z.detach().float()).square().sum() / count
+        commitment_loss = (z.float() - code_vectors.detach().float()).square().sum() / count
         quantized = z + (code_vectors - z).detach()
 
-        counts = torch.bincount(indices.reshape(-1), minlength=self.num_codes)
+        # usage histogram without a host sync (bincount reads the indices back): index -1 (a
+        # non-finite vector) lands in an extra slot that is dropped
+        flat = indices.reshape(-1)
+        slots = torch.where(flat >= 0, flat, self.num_codes)
+        counts = torch.zeros(self.num_codes + 1, dtype=torch.int64, device=flat.device)
+        counts = counts.index_add_(0, slots, torch.ones_like(slots))[:self.num_codes]
         if self.training:
             with torch.no_grad():
                 self.batches_since_used.add_(1).masked_fill_(counts > 0, 0)
-        probs = counts.float() / max(1, indices.numel())
+        probs = counts.float() / counts.sum().clamp_min(1)
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
         return QuantizerOutput(
             quantized=quantized,
@@ -111,7 +151,11 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def reset_dead_codes(self, z: torch.Tensor, generator: torch.Generator | None = None) -> int:
-        """Re-seeds every dead code with a random vector of ``z [..., d]``; returns how many."""
+        """Re-seeds every dead code with a random vector of ``z [..., d]``; returns how many
+        (reading that count back is a host synchronisation: call it between steps, not in one)."""
+        self._check_z(z)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         dead = (self.batches_since_used >= self.dead_after).nonzero().squeeze(-1)
         vectors = z.detach().reshape(-1, self.code_dim)
         if dead.numel() == 0 or vectors.shape[0] == 0:
