@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from unimm.kernels import AttentionMask, sample_tokens
+from unimm.kernels.diffusion import check_sampling_options
 from unimm.models.decoder import Decoder, KVCache
 from unimm.models.heads import DiffusionHead, RegressionHead
 from unimm.models.sequence import (
@@ -136,15 +137,12 @@ class ImageSpec:
             object.__setattr__(self, "format", _DEFAULT_FORMATS[self.kind])
         elif not isinstance(self.format, ImageFormat):
             raise TypeError(f"ImageSpec.format must be an ImageFormat or None, got {type(self.format).__name__}")
-        if not (_is_real(self.cfg_scale) and math.isfinite(self.cfg_scale)):
-            raise ValueError(f"ImageSpec.cfg_scale must be a finite number, got {self.cfg_scale!r}")
+        check_sampling_options(self.cfg_scale, self.diffusion_temperature, self.clip_denoised,
+                               names=("ImageSpec.cfg_scale", "ImageSpec.diffusion_temperature",
+                                      "ImageSpec.clip_denoised"))
         _check_sampling("ImageSpec.", self.temperature, self.top_k, self.top_p)
         if not (_is_int(self.diffusion_steps) and self.diffusion_steps >= 1):
             raise ValueError(f"ImageSpec.diffusion_steps must be a positive int, got {self.diffusion_steps!r}")
-        if not (_is_real(self.diffusion_temperature) and self.diffusion_temperature >= 0):
-            raise ValueError(f"ImageSpec.diffusion_temperature must be >= 0, got {self.diffusion_temperature!r}")
-        if self.clip_denoised is not None and not (_is_real(self.clip_denoised) and self.clip_denoised > 0):
-            raise ValueError(f"ImageSpec.clip_denoised must be a positive number or None, got {self.clip_denoised!r}")
         if self.random_order:
             if self.kind == "discrete":
                 raise ValueError("ImageSpec.random_order applies to continuous images only")
