@@ -157,8 +157,10 @@ def cross_entropy_cases():
 ATTENTION_KERNELS = ("fwd", "bwd dq", "bwd dk dv")
 
 
-def attention_case(dtype: torch.dtype, head_dim: int, kernel: str, arch: int) -> Case:
-    """``kernel`` (one of ATTENTION_KERNELS) at the tiles ``attention._config`` picks for ``arch``."""
+def attention_case(dtype: torch.dtype, head_dim: int, kernel: str, arch: int, safe: bool = False) -> Case:
+    """``kernel`` (one of ATTENTION_KERNELS) at the tiles ``attention._config`` picks for ``arch``;
+    ``safe``: its second launch, for the programs that meet non-finite rows (the same tiles, and
+    flagged rows loaded as zeros)."""
     attn = importlib.import_module("unimm.kernels.attention")  # the package exports the function by this name
     from unimm.kernels._triton_common import dot_precision
 
@@ -171,18 +173,20 @@ def attention_case(dtype: torch.dtype, head_dim: int, kernel: str, arch: int) ->
     if kernel == "fwd":
         fn, key = attn._attn_fwd_kernel, "fwd"
         signature = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", o_ptr=f"*{t}", lse_ptr="*fp32",
-                         start_ptr="*i32", end_ptr="*i32", **sizes, group="i32", **strides("q", "k", "v", "o"),
-                         **scalars)
+                         start_ptr="*i32", end_ptr="*i32", flags_ptr="*i32", counts_ptr="*i32", **sizes, group="i32",
+                         **strides("q", "k", "v", "o"), **scalars)
     elif kernel == "bwd dq":
         fn, key = attn._attn_bwd_dq_kernel, "dq"
         signature = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", do_ptr=f"*{t}", dq_ptr=f"*{t}",
-                         lse_ptr="*fp32", delta_ptr="*fp32", start_ptr="*i32", end_ptr="*i32", **sizes, group="i32",
+                         lse_ptr="*fp32", delta_ptr="*fp32", start_ptr="*i32", end_ptr="*i32", flags_ptr="*i32",
+                         counts_ptr="*i32", row_flags_ptr="*i8", **sizes, group="i32",
                          **strides("q", "k", "v", "do", "dq"), **scalars)
     else:
         fn, key = attn._attn_bwd_dkdv_kernel, "dkdv"
         signature = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", do_ptr=f"*{t}", dk_ptr=f"*{t}",
                          dv_ptr=f"*{t}", lse_ptr="*fp32", delta_ptr="*fp32", start_ptr="*i32", end_ptr="*i32",
-                         first_ptr="*i32", last_ptr="*i32", **sizes, kv_heads="i32", group="i32",
+                         first_ptr="*i32", last_ptr="*i32", flags_ptr="*i32", row_flags_ptr="*i8",
+                         row_counts_ptr="*i32", seen_ptr="*i32", **sizes, kv_heads="i32", group="i32",
                          **strides("q", "k", "v", "do", "dk", "dv"), stride_mask="i32", stride_tiles="i32",
                          scale="fp32", softcap="fp32")
     tiles = dict(attn._config(head_dim, dtype, interpret=False, arch=arch)[key])
@@ -205,9 +209,36 @@ def attention_case(dtype: torch.dtype, head_dim: int, kernel: str, arch: int) ->
         hopper = f"{kernel} at D = {head_dim}: {tiles['BLOCK_M']}-row tiles, and wgmma needs 64"
     else:
         hopper = True
-    return Case("attention", f"attention {kernel} {t} d={head_dim}", fn, signature,
-                dict(HAS_SOFTCAP=True, HEAD_DIM=head_dim, PRECISION=dot_precision(dtype), **tiles), aligned,
-                launch, pipelined=True, hopper=hopper if arch == 90 else None, archs=(arch,))
+    return Case("attention", f"attention {kernel}{' safe' if safe else ''} {t} d={head_dim}", fn, signature,
+                dict(HAS_SOFTCAP=True, HEAD_DIM=head_dim, PRECISION=dot_precision(dtype), SAFE=safe, **tiles),
+                aligned, launch, pipelined=not (safe and kernel == "bwd dk dv"), hopper=hopper if arch == 90 else None,
+                archs=(arch,))
+
+
+def attention_key_flags_case(dtype: torch.dtype, head_dim: int) -> Case:
+    """The pass that flags key rows holding a NaN or an infinity, at the block ``_key_flags`` picks."""
+    attn = importlib.import_module("unimm.kernels.attention")
+    t = TRITON_TYPES[dtype]
+    signature = dict(k_ptr=f"*{t}", v_ptr=f"*{t}", flags_ptr="*i32", num_keys="i32", kv_heads="i32",
+                     **{f"stride_{n}": "i32" for n in ("kb", "ks", "kh", "vb", "vs", "vh")})
+    aligned = {n for n, kind in signature.items() if kind.startswith("*") or n.startswith("stride_")}
+    return Case("attention", f"attention key flags {t} d={head_dim}", attn._key_flags_kernel, signature,
+                dict(HEAD_DIM=head_dim, BLOCK=max(8, 2048 // head_dim)), aligned, dict(num_warps=4, num_stages=1),
+                pipelined=False)
+
+
+def attention_bwd_prep_case(dtype: torch.dtype, head_dim: int) -> Case:
+    """The backward's per-row pass (delta = dO . O, row flags), at the rows ``_attention_backward_op`` picks."""
+    attn = importlib.import_module("unimm.kernels.attention")
+    t = TRITON_TYPES[dtype]
+    signature = dict(q_ptr=f"*{t}", do_ptr=f"*{t}", o_ptr=f"*{t}", delta_ptr="*fp32", row_flags_ptr="*i8",
+                     spans_ptr="*i32", start_ptr="*i32", end_ptr="*i32", counts_ptr="*i32", seq_len="i32",
+                     num_keys="i32", heads="i32", group="i32",
+                     **{f"stride_{n}{axis}": "i32" for n in ("q", "do", "o") for axis in "bsh"}, stride_mask="i32")
+    aligned = {n for n, kind in signature.items() if kind.startswith("*") or n.startswith("stride_")}
+    return Case("attention", f"attention bwd prep {t} d={head_dim}", attn._attn_bwd_prep_kernel, signature,
+                dict(HEAD_DIM=head_dim, BLOCK_M=max(1, 2048 // head_dim)), aligned, dict(num_warps=4, num_stages=1),
+                pipelined=False)
 
 
 def attention_cases():
@@ -215,12 +246,16 @@ def attention_cases():
                             (torch.bfloat16, 256), (torch.float16, 64), (torch.float16, 128), (torch.float16, 256),
                             (torch.float32, 64)):
         for kernel in ATTENTION_KERNELS:
-            hopper, ampere = (attention_case(dtype, head_dim, kernel, arch) for arch in (90, 80))
-            if (hopper.constexprs, hopper.launch) == (ampere.constexprs, ampere.launch):
-                yield dataclasses.replace(hopper, archs=ARCHS)  # one config for both chips
-            else:
-                yield hopper
-                yield ampere
+            for safe in (False, True):
+                hopper, ampere = (attention_case(dtype, head_dim, kernel, arch, safe) for arch in (90, 80))
+                if (hopper.constexprs, hopper.launch) == (ampere.constexprs, ampere.launch):
+                    yield dataclasses.replace(hopper, archs=ARCHS)  # one config for both chips
+                else:
+                    yield hopper
+                    yield ampere
+    for dtype, head_dim in ((torch.bfloat16, 128), (torch.bfloat16, 256), (torch.float32, 64)):
+        yield attention_key_flags_case(dtype, head_dim)
+        yield attention_bwd_prep_case(dtype, head_dim)
 
 
 def diffusion_cases():

@@ -4,13 +4,29 @@ Row ``i`` of batch ``b`` sees keys ``[kv_start[b, i], kv_end[b, i])``. Causal, p
 bidirectional image spans inside packed documents and sliding windows all have this form, at
 8 bytes per token instead of an N x N mask. Builders are a few tensor ops on the input's device
 (no Python loop over tokens) and check their input once (one device read).
+
+A hand-built mask (``AttentionMask(kv_start, kv_end, num_keys)``) is checked for types, shapes
+and devices only (reading its values would sync with the device). Where it meets the keys,
+``attention`` and ``to_dense`` clamp its bounds to ``[0, Skv]``; a row with ``kv_end <= kv_start``
+sees nothing.
 """
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _check_size(name: str, value, low: int) -> int:
+    """A Python int argument (not a bool, not a float) >= low."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
 
 
 def _check_int(name: str, value, dims: int) -> None:
@@ -22,11 +38,27 @@ def _check_int(name: str, value, dims: int) -> None:
         raise ValueError(f"{name} must have {dims} dims, got shape {tuple(value.shape)}")
 
 
-def _split_runs(run_starts: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """bool ``[B]``: some id starts two runs in the row, i.e. its tokens are not contiguous."""
-    sentinel = torch.iinfo(torch.int64).min
-    first = torch.where(run_starts, ids, sentinel).sort(dim=1).values
-    return ((first[:, 1:] == first[:, :-1]) & (first[:, 1:] != sentinel)).any(1)
+def _split_runs(run_starts: torch.Tensor, *keys: torch.Tensor) -> torch.Tensor:
+    """bool ``[B]``: some key (a tuple of ids, e.g. (doc, span)) starts two runs in the row, i.e.
+    its tokens are not contiguous. Compares the tuples themselves (stable sorts, least significant
+    key first, run starts ahead of the rest), so any int64 ids work."""
+    order = torch.arange(run_starts.shape[1], device=run_starts.device).expand_as(run_starts)
+    for key in (*reversed(keys), (~run_starts).to(torch.int8)):
+        order = order.gather(1, key.gather(1, order).sort(dim=1, stable=True).indices)
+    starts = run_starts.gather(1, order)
+    repeated = starts[:, 1:] & starts[:, :-1]
+    for key in keys:
+        key = key.gather(1, order)
+        repeated &= key[:, 1:] == key[:, :-1]
+    return repeated.any(1)
+
+
+def _as_int32(bounds: torch.Tensor) -> torch.Tensor:
+    """int32, contiguous (what the kernels read); other integer dtypes saturate, not wrap."""
+    if bounds.dtype != torch.int32:
+        info = torch.iinfo(torch.int32)
+        bounds = bounds.to(torch.int64).clamp(info.min, info.max).to(torch.int32)
+    return bounds.contiguous()
 
 
 def _first_bad_row(bad: torch.Tensor) -> int | None:
@@ -44,9 +76,14 @@ class AttentionMask:
     """
 
     def __init__(self, kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int):
-        self.kv_start = kv_start
-        self.kv_end = kv_end
-        self.num_keys = num_keys
+        _check_int("kv_start", kv_start, 2)
+        _check_int("kv_end", kv_end, 2)
+        if kv_end.shape != kv_start.shape or kv_end.device != kv_start.device:
+            raise ValueError(f"kv_end must match kv_start in shape and device, got {tuple(kv_end.shape)} on "
+                             f"{kv_end.device} and {tuple(kv_start.shape)} on {kv_start.device}")
+        self.kv_start = _as_int32(kv_start)
+        self.kv_end = _as_int32(kv_end)
+        self.num_keys = _check_size("num_keys", num_keys, 0)
         self._tile_bounds: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     @property
@@ -65,9 +102,9 @@ class AttentionMask:
     @classmethod
     def causal(cls, batch_size: int, seq_len: int, *, past_len: int = 0, device=None) -> AttentionMask:
         """Row i sees ``[0, past_len + i + 1)``: causal attention after ``past_len`` cached keys."""
-        for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 0), ("past_len", past_len, 0)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        batch_size = _check_size("batch_size", batch_size, 1)
+        seq_len = _check_size("seq_len", seq_len, 0)
+        past_len = _check_size("past_len", past_len, 0)
         end = torch.arange(past_len + 1, past_len + seq_len + 1, dtype=torch.int32, device=device)
         end = end.expand(batch_size, seq_len).contiguous()
         return cls(torch.zeros_like(end), end, past_len + seq_len)
@@ -77,8 +114,7 @@ class AttentionMask:
         """Row i of batch b sees ``[0, max(i + 1, prefix_lens[b]))``: the prefix (image +
         question) is bidirectional, the rest causal (PaliGemma / UniFluid)."""
         _check_int("prefix_lens", prefix_lens, 1)
-        if not isinstance(seq_len, int) or seq_len < 0:
-            raise ValueError(f"seq_len must be an int >= 0, got {seq_len!r}")
+        seq_len = _check_size("seq_len", seq_len, 0)
         bad = _first_bad_row(((prefix_lens < 0) | (prefix_lens > seq_len))[:, None])
         if bad is not None:
             raise ValueError(f"prefix_lens[{bad}] = {int(prefix_lens[bad])} is outside [0, {seq_len}]")
@@ -109,7 +145,7 @@ class AttentionMask:
             (doc < -1).any(1),
             (span < 0).any(1),
             _split_runs(doc_starts & (doc >= 0), doc),
-            _split_runs(span_starts & (span != 0) & (doc >= 0), doc * 2**32 + span),  # a span within its doc
+            _split_runs(span_starts & (span != 0) & (doc >= 0), doc, span),  # a span within its doc
         ])
         if problems.any():  # the one device read
             kind, row = problems.nonzero()[0].tolist()
@@ -143,13 +179,14 @@ class AttentionMask:
         if bad is not None:
             raise ValueError(f"kv_start / kv_end row {bad}: need 0 <= kv_start <= kv_end")
         num_keys = int(kv_end.max()) if kv_end.numel() else 0
-        return cls(kv_start.to(torch.int32).contiguous(), kv_end.to(torch.int32).contiguous(), num_keys)
+        return cls(kv_start, kv_end, num_keys)
 
     # ---- views ------------------------------------------------------------------------------
 
     def to_dense(self, num_keys: int) -> torch.Tensor:
-        """bool ``[B, S, num_keys]``: True where a query row sees a key. For debugging and tests."""
-        keys = torch.arange(num_keys, device=self.device)
+        """bool ``[B, S, num_keys]``: True where a query row sees a key (bounds outside
+        ``[0, num_keys]`` are so clamped). For debugging, tests and the reference."""
+        keys = torch.arange(_check_size("num_keys", num_keys, 0), device=self.device)
         return (keys >= self.kv_start[..., None]) & (keys < self.kv_end[..., None])
 
     def visible_pairs(self) -> int:
@@ -166,8 +203,9 @@ class AttentionMask:
             q_tiles = -(-seq_len // block_m)
             k_tiles = -(-num_keys // block_n)
             pad = q_tiles * block_m - seq_len
-            start = torch.nn.functional.pad(self.kv_start, (0, pad), value=num_keys).reshape(batch, q_tiles, block_m)
-            end = torch.nn.functional.pad(self.kv_end, (0, pad), value=0).reshape(batch, q_tiles, block_m)
+            # bounds clamped to the keys, as the kernels clamp them
+            start, end = (torch.nn.functional.pad(bound.clamp(0, num_keys), (0, pad), value=value).reshape(
+                batch, q_tiles, block_m) for bound, value in ((self.kv_start, num_keys), (self.kv_end, 0)))
             # a query tile may touch key tile j when its rows' hull [min start, max end) meets it
             empty = end <= start
             lo = torch.where(empty, num_keys, start).min(-1).values
