@@ -5,7 +5,7 @@ import torch
 
 from conftest import DEVICE, HAS_GPU, seeded
 from unimm.kernels import BackendUnavailable, cross_entropy, linear_cross_entropy
-from unimm.kernels._triton_common import cdiv
+from unimm.kernels._common import cdiv
 from unimm.kernels.reference import cross_entropy as reference
 
 # Relative-norm tolerance by input dtype (DESIGN.md, Numerics); dx is rounded to the input dtype.

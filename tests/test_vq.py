@@ -6,7 +6,7 @@ import torch
 from conftest import DEVICE, HAS_GPU, available_backends, seeded
 from unimm import _ext
 from unimm.kernels import BackendUnavailable, vq, vq_lookup, vq_quantize
-from unimm.kernels._triton_common import cdiv, split_columns
+from unimm.kernels._common import cdiv, split_columns
 from unimm.kernels.reference import vq as reference
 
 # Interpreter paths run in fp32/fp16 (tl.dot on bf16 is unreliable in triton's interpreter).

@@ -95,7 +95,7 @@ def _launch(config: dict) -> dict:
 
 def vq_cases():
     from unimm.kernels import vq
-    from unimm.kernels._triton_common import dot_precision
+    from unimm.kernels._common import dot_precision
 
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for code_dim, cosine in ((4, False), (8, True), (100, False), (256, False), (256, True)):
@@ -116,7 +116,7 @@ def vq_cases():
 
 def cross_entropy_cases():
     from unimm.kernels import cross_entropy as ce
-    from unimm.kernels._triton_common import dot_precision
+    from unimm.kernels._common import dot_precision
 
     matmul_args = dict(M="i32", N="i32", K="i32", stride_am="i32", stride_ak="i32", stride_bk="i32", stride_bn="i32",
                        stride_cm="i32", stride_cn="i32", col_offset="i32", vocab="i32", softcap="fp32",
@@ -162,7 +162,7 @@ def attention_case(dtype: torch.dtype, head_dim: int, kernel: str, arch: int, sa
     ``safe``: its second launch, for the programs that meet non-finite rows (the same tiles, and
     flagged rows loaded as zeros)."""
     attn = importlib.import_module("unimm.kernels.attention")  # the package exports the function by this name
-    from unimm.kernels._triton_common import dot_precision
+    from unimm.kernels._common import dot_precision
 
     def strides(*names):  # [B, S, H, D] tensors: batch, seq and head strides (D is contiguous)
         return {f"stride_{n}{axis}": "i32" for n in names for axis in "bsh"}
@@ -260,7 +260,7 @@ def attention_cases():
 
 def diffusion_cases():
     from unimm.kernels import diffusion
-    from unimm.kernels._triton_common import dot_precision
+    from unimm.kernels._common import dot_precision
 
     for dtype, width in ((torch.bfloat16, 1024), (torch.bfloat16, 1536), (torch.float32, 1024)):
         t = TRITON_TYPES[dtype]
@@ -300,7 +300,7 @@ def diffusion_cases():
 
 def decode_split_case(dtype: torch.dtype, head_dim: int, group: int) -> Case:
     from unimm.kernels import decode
-    from unimm.kernels._triton_common import dot_precision
+    from unimm.kernels._common import dot_precision
 
     t = TRITON_TYPES[dtype]
     config = decode._triton_config(group, head_dim, interpret=False)

@@ -33,7 +33,7 @@ import numbers
 import torch
 
 from unimm.kernels import dispatch
-from unimm.kernels._triton_common import cdiv, dot_precision
+from unimm.kernels._common import cdiv, dot_precision
 from unimm.kernels.masks import AttentionMask
 from unimm.kernels.reference import attention as reference
 

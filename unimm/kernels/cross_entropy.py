@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from unimm.kernels import dispatch
-from unimm.kernels._triton_common import cdiv, dot_precision, split_columns
+from unimm.kernels._common import cdiv, dot_precision, split_columns
 from unimm.kernels.reference import cross_entropy as reference
 
 try:

@@ -32,7 +32,7 @@ import torch
 
 from unimm import _ext
 from unimm.kernels import dispatch
-from unimm.kernels._triton_common import cdiv, dot_precision, multiprocessor_count
+from unimm.kernels._common import cdiv, dot_precision, multiprocessor_count
 from unimm.kernels.reference import decode as reference
 
 try:

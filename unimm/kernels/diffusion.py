@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from unimm.kernels import dispatch
-from unimm.kernels._triton_common import cdiv, dot_precision
+from unimm.kernels._common import cdiv, check_finite_real, dot_precision
 
 try:
     import triton
@@ -65,14 +65,6 @@ def spaced_timesteps(train_steps: int, num_steps: int) -> list[int]:
         taken.append(round(position))
         position += stride
     return sorted(set(taken))
-
-
-def check_finite_real(name: str, value) -> None:
-    """A Python real number (not a bool) that is finite: TypeError / ValueError naming ``name``."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
 
 
 def check_sampling_options(cfg_scale, temperature, clip_denoised=None, *,

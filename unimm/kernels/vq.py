@@ -39,7 +39,7 @@ dtype; an fp32 copy of the codebook for its norms), per-split winners ``[splits,
 int64), splits <= 4 x SMs / row blocks; the CUDA cosine path normalises copies of z and the
 codebook in fp32 (``O((N + K) d)``). The N x K distance matrix is never formed.
 
-fp32 inputs follow ``torch.get_float32_matmul_precision()`` (see ``_triton_common``).
+fp32 inputs follow ``torch.get_float32_matmul_precision()`` (see ``_common``).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from unimm import _ext
 from unimm.kernels import dispatch
-from unimm.kernels._triton_common import cdiv, dot_precision, split_columns
+from unimm.kernels._common import cdiv, dot_precision, split_columns
 from unimm.kernels.reference import vq as reference
 
 try:

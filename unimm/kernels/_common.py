@@ -1,10 +1,40 @@
-"""Small pieces every Triton kernel family shares."""
+"""Small pieces every kernel family shares: argument predicates and checks, the CUDA device guard,
+constants, and the Triton launch helpers. Models import the predicates from here too, so a rule
+such as "an int is never a bool" is written once."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
+import numbers
 
 import torch
+
+LOG2E = 1.4426950408889634  # log2(e): Triton kernels work in base 2 (exp2), scaling by this
+
+
+def is_int(value) -> bool:
+    """A Python or NumPy integer, never a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A Python or NumPy real number (ints included), never a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_finite_real(name: str, value) -> None:
+    """A real number (not a bool) that is finite: TypeError / ValueError naming ``name``."""
+    if not is_real(value):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def device_guard(device: torch.device):
+    """The context a launch on ``device`` runs in: that CUDA device current, or nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def cdiv(a: int, b: int) -> int:
