@@ -1,6 +1,6 @@
 // Shared helpers for unimm's CUDA kernels: dtype codes, error checks, device guard.
 //
-// Binding convention (DESIGN.md): kernels take raw device pointers, sizes, strides, a dtype code
+// Binding convention (docs/ARCHITECTURE.md): kernels take raw device pointers, sizes, strides, a dtype code
 // and the CUDA stream as integers. Shapes and dtypes are checked once, in Python; the checks here
 // only guard what would otherwise corrupt memory or crash the context.
 #pragma once

@@ -8,7 +8,7 @@ from unimm.kernels import BackendUnavailable, cross_entropy, linear_cross_entrop
 from unimm.kernels._common import cdiv
 from unimm.kernels.reference import cross_entropy as reference
 
-# Relative-norm tolerance by input dtype (DESIGN.md, Numerics); dx is rounded to the input dtype.
+# Relative-norm tolerance by input dtype (docs/ARCHITECTURE.md, Numerics); dx is rounded to the input dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
 

@@ -10,7 +10,7 @@ from unimm.kernels.reference import decode as reference
 
 # Interpreter paths run in fp32/fp16 (tl.dot on bf16 is unreliable in triton's interpreter).
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
-# Relative-norm error against the fp32 reference (DESIGN.md, Numerics).
+# Relative-norm error against the fp32 reference (docs/ARCHITECTURE.md, Numerics).
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 

@@ -1,6 +1,6 @@
 """Attention with interval masks: unimm.kernels.attention against SDPA and FlexAttention.
 
-Every layout is one ``AttentionMask`` (DESIGN.md, "Attention masks"): per query row one range
+Every layout is one ``AttentionMask`` (docs/ARCHITECTURE.md, "Attention masks"): per query row one range
 of visible keys ``[kv_start, kv_end)``. For each layout and head shape, in this process on the
 same bf16 inputs (q, k, v in unimm's layout [B, S, H, D], all requiring grad):
   * unimm: ``attention(q, k, v, mask)`` with the layout's AttentionMask.
@@ -111,7 +111,7 @@ PURE_CAUSAL = "causal"  # every other layout is "mixed" for the target
 QUICK_SHAPES = ("h16-d128",)
 QUICK_LAYOUTS = ("causal", "packed-images")
 
-# Relative-norm error against the fp32 reference (DESIGN.md, Numerics). NaN never passes.
+# Relative-norm error against the fp32 reference (docs/ARCHITECTURE.md, Numerics). NaN never passes.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 SDPA_CAUSAL = ("sdpa[flash]", "sdpa[cudnn]")

@@ -77,7 +77,7 @@ SMOKE_SHAPES = {
     "tiny": (37, 24, 301, None, 100),
     "tiny-softcap": (37, 24, 301, 2.0, None),
 }
-# Relative-norm error a gradient may have against the fp32 reference (DESIGN.md, Numerics); the
+# Relative-norm error a gradient may have against the fp32 reference (docs/ARCHITECTURE.md, Numerics); the
 # loss may differ by this much relative to the reference loss.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 

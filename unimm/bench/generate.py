@@ -160,7 +160,7 @@ DECODE_UNIMM = (("unimm", None), ("unimm[triton]", "triton"), ("unimm[cuda]", "c
 DECODE_ANCHOR = "sdpa"
 DECODE_ANCHORS = (DECODE_ANCHOR, "flashinfer")
 FLASHINFER_WORKSPACE_BYTES = 128 * 2**20
-# Relative-norm error against the fp32 reference (DESIGN.md, Numerics).
+# Relative-norm error against the fp32 reference (docs/ARCHITECTURE.md, Numerics).
 DECODE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 

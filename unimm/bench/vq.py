@@ -43,7 +43,7 @@ SMOKE_SHAPES = {
     "tiny-d4": (1, 64, 100, 4, "cosine"),
     "tiny-d40": (1, 64, 100, 40, "l2"),
 }
-# Largest distance gap between two picks that rounding explains (DESIGN.md, Numerics).
+# Largest distance gap between two picks that rounding explains (docs/ARCHITECTURE.md, Numerics).
 GAP_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 

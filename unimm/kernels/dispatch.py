@@ -1,6 +1,6 @@
 """Backend choice for every kernel call: ``"cuda"``, ``"triton"`` or ``"reference"``.
 
-Rules (DESIGN.md):
+Rules (docs/ARCHITECTURE.md):
   * CUDA tensors go to the fastest live backend that can serve the call, in the order the
     kernel family states (e.g. CUDA for small code dims, else Triton), then the reference.
   * CPU tensors go to the reference, or to Triton when ``TRITON_INTERPRET=1`` was set before

@@ -1,4 +1,4 @@
-"""AttentionMask: one interval of visible keys per query row (DESIGN.md, "Attention masks").
+"""AttentionMask: one interval of visible keys per query row (docs/ARCHITECTURE.md, "Attention masks").
 
 Row ``i`` of batch ``b`` sees keys ``[kv_start[b, i], kv_end[b, i])``. Causal, prefix-LM,
 bidirectional image spans inside packed documents and sliding windows all have this form, at

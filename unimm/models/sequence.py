@@ -1,4 +1,4 @@
-"""Multimodal documents -> packed training tensors (DESIGN.md: "Vocabulary layout", "Attention masks").
+"""Multimodal documents -> packed training tensors (docs/ARCHITECTURE.md: "Vocabulary layout", "Attention masks").
 
 A document is a list of segments:
 

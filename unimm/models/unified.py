@@ -1,7 +1,7 @@
 """UnifiedModel: one decoder that reads and writes text, image codes and continuous image tokens.
 
 ``UnifiedModel.from_decoder(decoder, num_image_codes=..., ...)`` expands the decoder's
-embedding and output head to ``[text | special tokens | image codes]`` (DESIGN.md) and adds
+embedding and output head to ``[text | special tokens | image codes]`` (docs/ARCHITECTURE.md) and adds
 the modality parts the papers need:
 
 - input projectors (``FeatureProjector``, 2-layer GELU MLP) from each continuous encoder's
