@@ -37,6 +37,26 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def capture_cuda_graph(step, device: torch.device, *, warmups: int = 1, reset=None):
+    """Records one call of ``step()`` in a CUDA graph and returns ``(graph, what that call returned)``;
+    ``graph.replay()`` then rewrites those tensors in place. ``step`` first runs ``warmups`` times on a
+    side stream, so Triton compiles and autotunes outside the capture (a capture cannot launch a
+    compiler), with ``reset()`` after each warm-up run to undo its side effects (a KV cache's lengths,
+    say). The capture itself records and runs nothing."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            step()
+            if reset is not None:
+                reset()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
