@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, seeded
 from unimm.kernels import diffusion
 from unimm.models import DiffusionHead
+from unimm.models.heads import training_losses
+from unimm.testing import DEVICE, available_backends, rel_err, seeded
 
 
 def make_head(token_dim=4, cond_dim=8, width=32, depth=2, seed=0):
@@ -31,8 +32,6 @@ def sample(head, backend, monkeypatch, cond, **kwargs):
 @pytest.mark.parametrize("num_steps", [1, 2, 25])
 @pytest.mark.parametrize("cfg_scale, temperature, clip_denoised", [(1.0, 1.0, None), (3.0, 0.9, None), (2.0, 1.0, 0.5)])
 def test_fused_matches_reference(monkeypatch, num_steps, cfg_scale, temperature, clip_denoised):
-    from conftest import available_backends
-
     if "triton" not in available_backends():
         pytest.skip("triton backend not live here")
     head = make_head()
@@ -91,19 +90,15 @@ def test_sampler_with_an_oracle_denoiser(monkeypatch, num_steps):
     alphas_cumprod = torch.tensor(schedule.full.alphas_cumprod, dtype=torch.float32)
     mu, sigma = torch.tensor([0.3, -0.2]), 0.1
 
-    class Oracle(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.input_proj = torch.nn.Linear(1, 1)  # the sampler reads the parameter dtype here
-
+    class Oracle(torch.nn.Module):  # not MAR's MLP: no weights for the fused loop, the reference runs it
         def forward(self, x, t, cond):
             abar = alphas_cumprod[t][:, None]
             eps = (x - abar.sqrt() * mu) * (1 - abar).sqrt() / (abar * sigma**2 + 1 - abar)
             return torch.cat([eps, -torch.ones_like(eps)], -1)
 
     noise = torch.randn(num_steps + 1, 4096, 2, generator=seeded(16))
-    x = diffusion.sample_loop(Oracle(), schedule, torch.zeros(4096, 1), noise, num_steps=num_steps, cfg_scale=1.0,
-                              temperature=1.0)
+    x = diffusion.sample_loop(Oracle(), None, schedule, torch.zeros(4096, 1), noise, num_steps=num_steps,
+                              cfg_scale=1.0, temperature=1.0)
     assert (x.mean(0) - mu).abs().max() < 0.01
     assert ((x.std(0) - sigma).abs() < 0.03).all(), x.std(0)
 
@@ -121,7 +116,7 @@ def test_loss_and_gradients():
     mask = torch.tensor([1, 1, 1, 0, 0, 0], device=DEVICE)
     shifted = target.clone()
     shifted[3:] += 100.0
-    gen = lambda: torch.Generator(DEVICE).manual_seed(11)  # noqa: E731
+    gen = lambda: torch.Generator(DEVICE).manual_seed(11)
     torch.testing.assert_close(head.loss(cond, target, mask=mask, generator=gen()),
                                head.loss(cond, shifted, mask=mask, generator=gen()))
 
@@ -134,7 +129,7 @@ def test_loss_terms_match_improved_ddpm():
     noise = torch.randn(4, 3, generator=seeded(13))
     t = torch.tensor([0, 7, 30, 49])
     output = torch.randn(4, 6, generator=seeded(14)) * 0.5
-    losses = schedule.training_losses(lambda x, tt, c: output, x0, t, noise, None)
+    losses = training_losses(schedule, lambda x, tt, c: output, x0, t, noise, None)
     full = schedule.full
     for row, step in enumerate(t.tolist()):
         eps, v = output[row, :3].double(), output[row, 3:].double()
@@ -145,7 +140,7 @@ def test_loss_terms_match_improved_ddpm():
         log_var = (v + 1) / 2 * math.log(full.betas[step]) + (1 - v) / 2 * full.posterior_log_var[step]
         mse = (noise[row].double() - eps).square().mean()
         if step == 0:
-            cdf = lambda z: 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))  # noqa: E731
+            cdf = lambda z: 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
             inv = torch.exp(-0.5 * log_var)
             prob = cdf(inv * (x0[row].double() - mean + 1 / 255)) - cdf(inv * (x0[row].double() - mean - 1 / 255))
             vb = -torch.log(prob.clamp_min(1e-12)).mean() / math.log(2)
@@ -225,8 +220,6 @@ def test_learns_a_conditional_distribution(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("epilogue", ["plain", "silu", "gated"])
 def test_fused_linear_epilogues(epilogue, dtype):
-    from conftest import available_backends
-
     if "triton" not in available_backends():
         pytest.skip("triton backend not live here")
     rows, k, n = 37, 45, 70  # odd sizes: partial tiles on every axis
@@ -280,10 +273,6 @@ def mar_head(token_dim=16, cond_dim=1024, width=1024, depth=6, seed=0, dtype=tor
     return head.to(DEVICE, dtype)
 
 
-def relative(got, want):
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
-
-
 def check_sampler(monkeypatch, head, rows, cfg_scale, clip_denoised, *, num_steps=100, seed=0):
     """On the automatic (Triton, graphed) path: the graph replays to exactly the eager fused loop,
     for the capturing call and for a second call with new inputs; and both agree with the fp32
@@ -297,7 +286,8 @@ def check_sampler(monkeypatch, head, rows, cfg_scale, clip_denoised, *, num_step
     for call in range(2):  # capture, then replay with new inputs
         cond = torch.randn(cond_rows, head.cond_dim, generator=gen).to(DEVICE)
         noise = torch.randn(num_steps + 1, rows, head.token_dim, generator=gen).to(DEVICE)
-        eager = diffusion._fused_steps(head.net, cond, noise, timesteps, table, cfg_scale, 1.0, clip_denoised)
+        eager = diffusion._fused_steps(head.net.kernel_weights(), cond, noise, timesteps, table, cfg_scale, 1.0,
+                                       clip_denoised)
         graphed = head.sample(cond, noise=noise, **options)
         assert graphed.shape == (rows, head.token_dim) and graphed.dtype == torch.float32
         assert torch.isfinite(graphed).all()
@@ -309,7 +299,7 @@ def check_sampler(monkeypatch, head, rows, cfg_scale, clip_denoised, *, num_step
     torch_path = head.sample(cond, noise=noise, **options)
     monkeypatch.delenv("UNIMM_BACKEND")
     floor = 1e-3 if dtype == torch.float32 else 2e-3
-    error, torch_error = relative(graphed, want), relative(torch_path, want)
+    error, torch_error = rel_err(graphed, want), rel_err(torch_path, want)
     assert error <= max(3 * torch_error, floor), f"fused {error:.3g} vs PyTorch's {dtype} loop {torch_error:.3g}"
 
 

@@ -115,7 +115,7 @@ def vq_cases():
 
 
 def cross_entropy_cases():
-    from unimm.kernels import cross_entropy as ce
+    from unimm.kernels import _cross_entropy_triton as ce
     from unimm.kernels._common import dot_precision
 
     matmul_args = dict(M="i32", N="i32", K="i32", stride_am="i32", stride_ak="i32", stride_bk="i32", stride_bn="i32",
@@ -148,7 +148,7 @@ def cross_entropy_cases():
                              **{k: v for k, v in matmul_args.items() if k not in unit})
             aligned = {"a_ptr", "b_ptr", "c_ptr", "bias_ptr", "lse_ptr", "column_ptr", "coef_ptr", "M", "N", "K",
                        "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm"} - unit
-            constexprs = dict(**{k: 1 for k in unit}, EPILOGUE=epilogue, HAS_BIAS=True, HAS_SOFTCAP=True,
+            constexprs = dict(**{k: 1 for k in unit}, EPILOGUE=int(epilogue), HAS_BIAS=True, HAS_SOFTCAP=True,
                               PRECISION=precision, **config)
             yield Case("cross_entropy", f"matmul {t} {name}", ce._matmul_kernel, signature, constexprs, aligned,
                        launch, pipelined=True, hopper=True)
@@ -161,8 +161,10 @@ def attention_case(dtype: torch.dtype, head_dim: int, kernel: str, arch: int, sa
     """``kernel`` (one of ATTENTION_KERNELS) at the tiles ``attention._config`` picks for ``arch``;
     ``safe``: its second launch, for the programs that meet non-finite rows (the same tiles, and
     flagged rows loaded as zeros)."""
-    attn = importlib.import_module("unimm.kernels.attention")  # the package exports the function by this name
+    from unimm.kernels import _attention_triton as kernels
     from unimm.kernels._common import dot_precision
+
+    attn = importlib.import_module("unimm.kernels.attention")  # the package exports the function by this name
 
     def strides(*names):  # [B, S, H, D] tensors: batch, seq and head strides (D is contiguous)
         return {f"stride_{n}{axis}": "i32" for n in names for axis in "bsh"}
@@ -171,18 +173,18 @@ def attention_case(dtype: torch.dtype, head_dim: int, kernel: str, arch: int, sa
     scalars = dict(stride_mask="i32", scale="fp32", softcap="fp32")
     sizes = dict(seq_len="i32", num_keys="i32", heads="i32")
     if kernel == "fwd":
-        fn, key = attn._attn_fwd_kernel, "fwd"
+        fn, key = kernels._attn_fwd_kernel, "fwd"
         signature = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", o_ptr=f"*{t}", lse_ptr="*fp32",
                          start_ptr="*i32", end_ptr="*i32", flags_ptr="*i32", counts_ptr="*i32", **sizes, group="i32",
                          **strides("q", "k", "v", "o"), **scalars)
     elif kernel == "bwd dq":
-        fn, key = attn._attn_bwd_dq_kernel, "dq"
+        fn, key = kernels._attn_bwd_dq_kernel, "dq"
         signature = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", do_ptr=f"*{t}", dq_ptr=f"*{t}",
                          lse_ptr="*fp32", delta_ptr="*fp32", start_ptr="*i32", end_ptr="*i32", flags_ptr="*i32",
                          counts_ptr="*i32", row_flags_ptr="*i8", **sizes, group="i32",
                          **strides("q", "k", "v", "do", "dq"), **scalars)
     else:
-        fn, key = attn._attn_bwd_dkdv_kernel, "dkdv"
+        fn, key = kernels._attn_bwd_dkdv_kernel, "dkdv"
         signature = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", do_ptr=f"*{t}", dk_ptr=f"*{t}",
                          dv_ptr=f"*{t}", lse_ptr="*fp32", delta_ptr="*fp32", start_ptr="*i32", end_ptr="*i32",
                          first_ptr="*i32", last_ptr="*i32", flags_ptr="*i32", row_flags_ptr="*i8",
@@ -217,26 +219,28 @@ def attention_case(dtype: torch.dtype, head_dim: int, kernel: str, arch: int, sa
 
 def attention_key_flags_case(dtype: torch.dtype, head_dim: int) -> Case:
     """The pass that flags key rows holding a NaN or an infinity, at the block ``_key_flags`` picks."""
-    attn = importlib.import_module("unimm.kernels.attention")
+    from unimm.kernels import _attention_triton as kernels
+
     t = TRITON_TYPES[dtype]
     signature = dict(k_ptr=f"*{t}", v_ptr=f"*{t}", flags_ptr="*i32", num_keys="i32", kv_heads="i32",
                      **{f"stride_{n}": "i32" for n in ("kb", "ks", "kh", "vb", "vs", "vh")})
     aligned = {n for n, kind in signature.items() if kind.startswith("*") or n.startswith("stride_")}
-    return Case("attention", f"attention key flags {t} d={head_dim}", attn._key_flags_kernel, signature,
+    return Case("attention", f"attention key flags {t} d={head_dim}", kernels._key_flags_kernel, signature,
                 dict(HEAD_DIM=head_dim, BLOCK=max(8, 2048 // head_dim)), aligned, dict(num_warps=4, num_stages=1),
                 pipelined=False)
 
 
 def attention_bwd_prep_case(dtype: torch.dtype, head_dim: int) -> Case:
     """The backward's per-row pass (delta = dO . O, row flags), at the rows ``_attention_backward_op`` picks."""
-    attn = importlib.import_module("unimm.kernels.attention")
+    from unimm.kernels import _attention_triton as kernels
+
     t = TRITON_TYPES[dtype]
     signature = dict(q_ptr=f"*{t}", do_ptr=f"*{t}", o_ptr=f"*{t}", delta_ptr="*fp32", row_flags_ptr="*i8",
                      spans_ptr="*i32", start_ptr="*i32", end_ptr="*i32", counts_ptr="*i32", seq_len="i32",
                      num_keys="i32", heads="i32", group="i32",
                      **{f"stride_{n}{axis}": "i32" for n in ("q", "do", "o") for axis in "bsh"}, stride_mask="i32")
     aligned = {n for n, kind in signature.items() if kind.startswith("*") or n.startswith("stride_")}
-    return Case("attention", f"attention bwd prep {t} d={head_dim}", attn._attn_bwd_prep_kernel, signature,
+    return Case("attention", f"attention bwd prep {t} d={head_dim}", kernels._attn_bwd_prep_kernel, signature,
                 dict(HEAD_DIM=head_dim, BLOCK_M=max(1, 2048 // head_dim)), aligned, dict(num_warps=4, num_stages=1),
                 pipelined=False)
 

@@ -1,6 +1,7 @@
 """Small pieces every kernel family shares: argument predicates and checks, the CUDA device guard,
 constants, and the Triton launch helpers. Models import the predicates from here too, so a rule
-such as "an int is never a bool" is written once."""
+such as "an int is never a bool" is written once. Nothing here needs triton; the shared
+``@triton.jit`` helpers are in ``unimm.kernels._triton``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import functools
 import math
 import numbers
+from collections.abc import Collection, Mapping
 
 import torch
 
@@ -30,6 +32,35 @@ def check_finite_real(name: str, value) -> None:
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def check_tensors(tensors: Mapping[str, object], *, like: tuple[str, torch.Tensor] | None = None,
+                  floating: bool = False, dtypes: Collection[torch.dtype] | None = None,
+                  kind: str = "a floating tensor", same_dtype: bool = False, dims: int | None = None,
+                  layout: str = "") -> None:
+    """The argument checks every kernel family makes, on each named tensor in order; the errors name
+    the argument. Each must be a torch.Tensor (TypeError), floating with ``floating`` and of one of
+    ``dtypes`` when given (TypeError "must be ``kind``"). With ``like = (name, tensor)``: on that
+    tensor's device (ValueError), and of its dtype with ``same_dtype`` (TypeError). With ``dims``:
+    that many dimensions (ValueError, quoting ``layout``). Shapes and values are the caller's."""
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if (floating and not value.is_floating_point()) or (dtypes is not None and value.dtype not in dtypes):
+            raise TypeError(f"{name} must be {kind}, got {value.dtype}")
+        if like is not None:
+            like_name, like_tensor = like
+            if same_dtype and value.dtype != like_tensor.dtype:
+                raise TypeError(f"{name} must have {like_name}'s dtype {like_tensor.dtype}, got {value.dtype}")
+            if value.device != like_tensor.device:
+                raise ValueError(f"{name} is on {value.device} but {like_name} is on {like_tensor.device}")
+        if dims is not None and value.dim() != dims:
+            raise ValueError(f"{name} must be {dims}-D {layout}, got shape {tuple(value.shape)}")
+
+
+def unserved_dtype(dtype: torch.dtype, served: Collection[torch.dtype]) -> str | None:
+    """For ``dispatch.select``'s ``unsupported``: None when the kernels serve ``dtype``, else why not."""
+    return None if dtype in served else f"dtype {dtype} is served by the reference only"
 
 
 def device_guard(device: torch.device):

@@ -25,23 +25,25 @@ leaves the cache.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 
 from unimm import _ext
 from unimm.kernels import dispatch
-from unimm.kernels._common import cdiv, dot_precision, multiprocessor_count
+from unimm.kernels._common import cdiv, check_tensors, device_guard, dot_precision, multiprocessor_count
 from unimm.kernels.reference import decode as reference
 
 try:
     import triton
     import triton.language as tl
+
+    from unimm.kernels._triton import LOG2E, tanh
 except ImportError:  # the Triton backend is then not live (dispatch says why)
     triton = None
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES_TEXT = "float16, bfloat16 or float32"
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _CUDA_HEAD_DIMS = (64, 128, 256)
 # Split plan: about this many programs per SM (several resident per SM keep enough loads in
@@ -89,19 +91,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 def _check_args(q, k_cache, v_cache, cache_lens, scale, softcap) -> None:
-    for name, value, dims, layout in (("q", q, 3, "[batch, q_heads, head_dim]"),
-                                      ("k_cache", k_cache, 4, "[batch, max_len, kv_heads, head_dim]"),
-                                      ("v_cache", v_cache, 4, "[batch, max_len, kv_heads, head_dim]")):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if value.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {value.dtype}")
-        if value.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {value.dtype}")
-        if value.device != q.device:
-            raise ValueError(f"{name} is on {value.device} but q is on {q.device}")
-        if value.dim() != dims:
-            raise ValueError(f"{name} must be {dims}-D {layout}, got shape {tuple(value.shape)}")
+    check_tensors({"q": q}, dtypes=_DTYPES, kind=_DTYPES_TEXT, dims=3, layout="[batch, q_heads, head_dim]")
+    check_tensors({"k_cache": k_cache, "v_cache": v_cache}, like=("q", q), dtypes=_DTYPES, kind=_DTYPES_TEXT,
+                  same_dtype=True, dims=4, layout="[batch, max_len, kv_heads, head_dim]")
     batch, q_heads, head_dim = q.shape
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
@@ -117,15 +109,10 @@ def _check_args(q, k_cache, v_cache, cache_lens, scale, softcap) -> None:
     for name, value in (("k_cache", k_cache), ("v_cache", v_cache)):
         if value.stride(3) != 1:
             raise ValueError(f"{name} must be contiguous along head_dim (stride 1), got strides {value.stride()}")
-    if not isinstance(cache_lens, torch.Tensor):
-        raise TypeError(f"cache_lens must be a torch.Tensor, got {type(cache_lens).__name__}")
-    if cache_lens.dtype != torch.int32:
-        raise TypeError(f"cache_lens must be int32, got {cache_lens.dtype}")
+    check_tensors({"cache_lens": cache_lens}, like=("q", q), dtypes=(torch.int32,), kind="int32")
     if cache_lens.shape != (batch,):
         raise ValueError(f"cache_lens must be 1-D [{batch}] (one length per batch row), got shape "
                          f"{tuple(cache_lens.shape)}")
-    if cache_lens.device != q.device:
-        raise ValueError(f"cache_lens is on {cache_lens.device} but q is on {q.device}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
@@ -193,10 +180,6 @@ def _workspace(batch: int, q_heads: int, splits: int, head_dim: int, device: tor
             torch.empty(batch, q_heads, splits, dtype=torch.float32, device=device))
 
 
-def _device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------------------------------
 # CUDA backend (csrc/decode.cu)
 # ---------------------------------------------------------------------------------------------
@@ -224,13 +207,18 @@ def _decode_cuda(q, k_cache, v_cache, cache_lens, scale, softcap):
     out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype, device=q.device)
     part_out, part_lse = _workspace(batch, q_heads, splits, head_dim, q.device) if splits > 1 else (None, None)
     C.decode_attention(
-        q.data_ptr(), q.stride(0), q.stride(1),
-        k_cache.data_ptr(), *k_cache.stride()[:3], v_cache.data_ptr(), *v_cache.stride()[:3],
-        cache_lens.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1),
-        part_out.data_ptr() if part_out is not None else 0, part_lse.data_ptr() if part_lse is not None else 0,
-        batch, q_heads, kv_heads, head_dim, max_len, keys_per_split, splits, scale,
-        softcap if softcap is not None else 0.0, _ext.DTYPE_CODES[q.dtype], q.device.index,
-        _ext.stream_handle(q.device),
+        q=q.data_ptr(), q_batch_stride=q.stride(0), q_head_stride=q.stride(1),
+        k_cache=k_cache.data_ptr(), k_batch_stride=k_cache.stride(0), k_row_stride=k_cache.stride(1),
+        k_head_stride=k_cache.stride(2),
+        v_cache=v_cache.data_ptr(), v_batch_stride=v_cache.stride(0), v_row_stride=v_cache.stride(1),
+        v_head_stride=v_cache.stride(2),
+        cache_lens=cache_lens.data_ptr(), out=out.data_ptr(), out_batch_stride=out.stride(0),
+        out_head_stride=out.stride(1),
+        part_out=part_out.data_ptr() if part_out is not None else 0,
+        part_lse=part_lse.data_ptr() if part_lse is not None else 0,
+        batch=batch, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, max_len=max_len,
+        keys_per_split=keys_per_split, splits=splits, scale=scale, softcap=softcap if softcap is not None else 0.0,
+        dtype=_ext.DTYPE_CODES[q.dtype], device=q.device.index, stream=_ext.stream_handle(q.device),
     )
     return out
 
@@ -289,7 +277,7 @@ def _launch_triton_split(q, k_cache, v_cache, cache_lens, out, part_out, part_ls
     max_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
     q_tiles = cdiv(group, config["BLOCK_G"])
-    with _device(q):
+    with device_guard(q.device):
         _decode_split_kernel[(batch * kv_heads * q_tiles, splits)](
             q, k_cache, v_cache, cache_lens, out, part_out, part_lse,
             max_len, kv_heads, group, q_tiles, q_heads, keys_per_split, splits,
@@ -302,7 +290,7 @@ def _launch_triton_split(q, k_cache, v_cache, cache_lens, out, part_out, part_ls
 
 def _launch_triton_combine(part_out, part_lse, cache_lens, out, max_len, keys_per_split):
     batch, q_heads, splits, head_dim = part_out.shape
-    with _device(out):
+    with device_guard(out.device):
         _decode_combine_kernel[(batch * q_heads,)](
             part_out, part_lse, cache_lens, out, q_heads, max_len, keys_per_split, splits,
             out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_S=_COMBINE_BLOCK_SPLITS,
@@ -311,11 +299,6 @@ def _launch_triton_combine(part_out, part_lse, cache_lens, out, max_len, keys_pe
 
 
 if triton is not None:
-
-    @triton.jit
-    def _tanh(x):
-        # 1 - 2 / (exp(2x) + 1): exact limits at +-inf, no overflow
-        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
     @triton.jit
     def _row_length(lens_ptr, b, max_len):
@@ -367,8 +350,8 @@ if triton is not None:
                 s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
             s = s * scale
             if HAS_SOFTCAP:
-                s = softcap * _tanh(s / softcap)
-            s = tl.where(col_ok[None, :], s * 1.4426950408889634, float("-inf"))
+                s = softcap * tanh(s / softcap)
+            s = tl.where(col_ok[None, :], s * LOG2E, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: column n0 is visible
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])

@@ -1,22 +1,25 @@
 """Per-token diffusion (MAR / UniFluid): the improved-DDPM Gaussian diffusion with a cosine
-schedule and learned variance range, its training loss, and the sampling loop.
+schedule and learned variance range, and its sampling loop. The training loss is the model's
+(``unimm.models.heads``); this module knows the network only as a callable and as the plain
+tensors of ``DenoiserWeights``.
 
 The sampling loop is the hot path: ~100 denoising steps of a small MLP on every image token.
-  * reference: the eager loop over ``SimpleMLPAdaLN`` (what ``UNIMM_BACKEND=reference`` runs);
-  * triton: the same network with the adaLN-modulated LayerNorm (``_modulated_layernorm_kernel``),
-    each residual block's MLP as two fused GEMMs (``_linear_kernel``: bias + SiLU in the first
-    one's epilogue, bias + gate + residual in the second's) and the whole per-step update
-    (guidance, x0, posterior mean, learned variance, noise: ``_step_kernel``) fused; the timestep
-    MLP of every step is computed once per call and every block's adaLN modulation of a step in
-    one GEMM over the concatenated weights; on a GPU the whole loop is captured in a CUDA graph
-    per (rows, steps, guidance) and replayed.
+  * reference: the eager loop over the denoiser callable (the model's ``SimpleMLPAdaLN``; what
+    ``UNIMM_BACKEND=reference`` runs);
+  * triton: the same network, from its ``DenoiserWeights``, with the adaLN-modulated LayerNorm
+    (``_modulated_layernorm_kernel``), each residual block's MLP as two fused GEMMs
+    (``_linear_kernel``: bias + SiLU in the first one's epilogue, bias + gate + residual in the
+    second's) and the whole per-step update (guidance, x0, posterior mean, learned variance,
+    noise: ``_step_kernel``) fused; the timestep MLP of every step is computed once per call and
+    every block's adaLN modulation of a step in one GEMM over the concatenated weights; on a GPU
+    the whole loop is captured in a CUDA graph per (rows, steps, guidance) and replayed.
 Schedule tables live on the device; the loop makes no host synchronisation and no host-to-device
 copy. Its meaning is the reference loop: both take the same ``noise`` and agree to rounding.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
 import numbers
 import weakref
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from unimm.kernels import dispatch
-from unimm.kernels._common import cdiv, check_finite_real, dot_precision
+from unimm.kernels._common import capture_cuda_graph, cdiv, check_finite_real, device_guard, dot_precision
 
 try:
     import triton
@@ -43,7 +46,7 @@ _LN_EPS = 1e-6
 
 def cosine_betas(steps: int, max_beta: float = 0.999) -> np.ndarray:
     """Improved DDPM's cosine schedule: beta_i = 1 - abar((i+1)/T) / abar(i/T), capped."""
-    abar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    abar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
     return np.array([min(1 - abar((i + 1) / steps) / abar(i / steps), max_beta) for i in range(steps)])
 
 
@@ -137,74 +140,98 @@ class DiffusionSchedule:
                                         tables.step_table(device))
         return self._device_tables[key]
 
-    def training_losses(self, net, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                        cond: torch.Tensor) -> torch.Tensor:
-        """Per-row loss: MSE between the noise and the predicted noise, plus the variational
-        bound (bits per dim) for the learned variance with the mean frozen."""
-        full = self.full
-        gather = lambda table: torch.as_tensor(table, dtype=torch.float32, device=x_start.device)[t][:, None]  # noqa: E731
-        x_t = gather(np.sqrt(full.alphas_cumprod)) * x_start + gather(np.sqrt(1 - full.alphas_cumprod)) * noise
-        out = net(x_t, t, cond).float()
-        eps, var_values = out.chunk(2, dim=-1)
-        mse = (noise.float() - eps).square().mean(-1)
-        # the bound trains only the variance: the mean's gradient comes from the MSE alone
-        model_mean, model_log_var = _posterior_from_output(x_t.float(), eps.detach(), var_values, gather, full)
-        true_mean = gather(full.coef1) * x_start + gather(full.coef2) * x_t
-        true_log_var = gather(full.posterior_log_var)
-        kl = _normal_kl(true_mean, true_log_var, model_mean, model_log_var).mean(-1) / math.log(2.0)
-        nll = -_discretized_gaussian_log_likelihood(x_start.float(), model_mean, 0.5 * model_log_var).mean(-1)
-        vb = torch.where(t == 0, nll / math.log(2.0), kl)
-        return mse + vb
+
+# ---------------------------------------------------------------------------------------------
+# The denoiser's weights
+# ---------------------------------------------------------------------------------------------
+
+Linear = tuple[torch.Tensor, torch.Tensor]  # (weight [out, in], bias [out])
 
 
-def _posterior_from_output(x_t, eps, var_values, gather, tables):
-    x0 = gather(tables.sqrt_recip_ac) * x_t - gather(tables.sqrt_recipm1_ac) * eps
-    mean = gather(tables.coef1) * x0 + gather(tables.coef2) * x_t
-    frac = (var_values + 1) / 2
-    log_var = frac * gather(tables.log_betas) + (1 - frac) * gather(tables.posterior_log_var)
-    return mean, log_var
+@dataclasses.dataclass(frozen=True)
+class BlockWeights:
+    """One residual block: ``h + gate * mlp_out(SiLU(mlp_in(LayerNorm(h) (1 + scale) + shift)))``,
+    ``(shift, scale, gate) = modulation(SiLU(y))``."""
+
+    norm: Linear  # the LayerNorm's (weight, bias), eps 1e-6
+    mlp_in: Linear
+    mlp_out: Linear
+    modulation: Linear  # width -> 3 width
 
 
-def _normal_kl(mean1, logvar1, mean2, logvar2):
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2).square() * torch.exp(-logvar2))
+@dataclasses.dataclass(frozen=True)
+class DenoiserWeights:
+    """The tensors of MAR's denoiser (``SimpleMLPAdaLN``, whose ``kernel_weights`` builds this) that
+    the fused loop reads: ``y = time_out(SiLU(time_in(features(t)))) + cond_proj(cond)``,
+    ``h = input_proj(x)``, the blocks, then ``final(LayerNorm(h) (1 + scale) + shift)`` with
+    ``(shift, scale) = final_modulation(SiLU(y))`` (that LayerNorm has no affine)."""
+
+    time_in: Linear  # the sinusoidal features (``timestep_features``, as many as its input) -> width
+    time_out: Linear
+    cond_proj: Linear
+    input_proj: Linear
+    blocks: tuple[BlockWeights, ...]
+    final_modulation: Linear  # width -> 2 width
+    final: Linear  # width -> 2 token_dim: [eps, variance interpolation]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.input_proj[0].dtype
+
+    def tensors(self) -> list[torch.Tensor]:
+        linears = [self.time_in, self.time_out, self.cond_proj, self.input_proj, self.final_modulation, self.final]
+        for block in self.blocks:
+            linears += [block.norm, block.mlp_in, block.mlp_out, block.modulation]
+        return [tensor for pair in linears for tensor in pair]
 
 
-def _discretized_gaussian_log_likelihood(x, means, log_scales):
-    """ADM's likelihood of data in [-1, 1] discretised to 255 bins (the bound's t = 0 term)."""
-    cdf = lambda v: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v.pow(3))))  # noqa: E731
-    centered = x - means
-    inv_std = torch.exp(-log_scales)
-    cdf_plus = cdf(inv_std * (centered + 1.0 / 255.0))
-    cdf_min = cdf(inv_std * (centered - 1.0 / 255.0))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """fp32 ``[len(t), dim]`` sinusoidal features of the timesteps (MAR / DiT): cosines then sines."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(embedding, (0, dim % 2))
 
 
 # ---------------------------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------------------------
 
-def sample_loop(net, schedule: DiffusionSchedule, cond: torch.Tensor, noise: torch.Tensor, *, num_steps: int,
-                cfg_scale: float, temperature: float, clip_denoised: float | None = None) -> torch.Tensor:
+def sample_loop(denoiser, weights: DenoiserWeights | None, schedule: DiffusionSchedule, cond: torch.Tensor,
+                noise: torch.Tensor, *, num_steps: int, cfg_scale: float, temperature: float,
+                clip_denoised: float | None = None) -> torch.Tensor:
     """``noise[0]`` denoised over ``num_steps`` respaced steps; step k (k = 1..num_steps) injects
     ``noise[k]``. With ``cfg_scale != 1``, cond is ``[cond; uncond]`` and eps is guided.
     ``clip_denoised=c`` clamps each step's x0 estimate to [-c, c] (improved DDPM's clip_denoised).
+
+    ``denoiser(x, t, cond) -> [eps, variance interpolation]`` is the network in plain PyTorch: the
+    reference backend calls it, its inputs cast to ``weights.dtype``. ``weights``: the same
+    network's tensors, which the Triton backend reads; None (a denoiser that is not MAR's MLP):
+    the reference only, in fp32. On a GPU the Triton loop is captured in a CUDA graph, cached
+    per ``denoiser`` (weakly: the graphs go with it).
 
     Rows are independent: NaN / Inf in a row of ``cond`` (or its uncond row) or of ``noise``
     reaches that output row only; nothing is checked on the host."""
     check_sampling_options(cfg_scale, temperature, clip_denoised)
     if noise.shape[1] == 0:  # no token: nothing to launch
         return noise.new_empty(noise.shape[1:], dtype=torch.float32)
-    param_dtype = net.input_proj.weight.dtype
-    backend = dispatch.select("diffusion_sample", cond.device, implemented=("triton",), unsupported={
-        "triton": None if param_dtype in (torch.float16, torch.bfloat16, torch.float32)
-        else f"parameters in {param_dtype} are served by the reference only"})
+    if weights is None:
+        unsupported = "no weights were given for the fused loop (a denoiser other than MAR's MLP)"
+    elif weights.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        unsupported = f"parameters in {weights.dtype} are served by the reference only"
+    else:
+        unsupported = None
+    backend = dispatch.select("diffusion_sample", cond.device, implemented=("triton",),
+                              unsupported={"triton": unsupported})
     timesteps, table = schedule.sampling_tables(num_steps, cond.device)
+    options = (cfg_scale, temperature, clip_denoised)
     if backend == "reference":
-        return _reference_loop(net, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised)
-    return _fused_loop(net, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised)
+        dtype = weights.dtype if weights is not None else torch.float32
+        return _reference_loop(denoiser, dtype, cond, noise, timesteps, table, *options)
+    if cond.is_cuda and not torch.cuda.is_current_stream_capturing():
+        return _graphed_loop(denoiser, weights, cond, noise, timesteps, table, *options)
+    return _fused_steps(weights, cond, noise, timesteps, table, *options)
 
 
 def _guide(out, token_dim, cfg_scale):
@@ -218,14 +245,14 @@ def _guide(out, token_dim, cfg_scale):
     return eps_uncond + cfg_scale * (eps_cond - eps_uncond), var_values[:rows]
 
 
-def _reference_loop(net, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised):
+def _reference_loop(denoiser, dtype, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised):
     num_steps = timesteps.shape[0]
     token_dim = noise.shape[-1]
     x = noise[0].float()
     for i in reversed(range(num_steps)):
         model_in = torch.cat([x, x]) if cfg_scale != 1.0 else x
         t = timesteps[i].expand(model_in.shape[0])
-        out = net(model_in.to(net.input_proj.weight.dtype), t, cond.to(net.input_proj.weight.dtype))
+        out = denoiser(model_in.to(dtype), t, cond.to(dtype))
         eps, var_values = _guide(out, token_dim, cfg_scale)
         a, b, c1, c2, min_log, max_log = table[i]
         x0 = a * x - b * eps
@@ -238,65 +265,54 @@ def _reference_loop(net, cond, noise, timesteps, table, cfg_scale, temperature, 
     return x
 
 
-def _fused_loop(net, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised):
-    """The Triton path: the step loop, captured in a CUDA graph on a GPU."""
-    if cond.is_cuda and not torch.cuda.is_current_stream_capturing():
-        return _graphed_loop(net, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised)
-    return _fused_steps(net, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised)
-
-
-def _fused_steps(net, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised):
+def _fused_steps(weights: DenoiserWeights, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised):
+    """The Triton loop, eagerly (what ``_graphed_loop`` captures)."""
     num_steps = timesteps.shape[0]
-    dtype = net.input_proj.weight.dtype
+    dtype = weights.dtype
     cond = cond.to(dtype)
     guided = cfg_scale != 1.0
-    c_emb = F.linear(cond, net.cond_proj.weight, net.cond_proj.bias)
-    t_emb = net.time_embed(timesteps)  # every step's timestep embedding in one call
+    c_emb = F.linear(cond, *weights.cond_proj)
+    # every step's timestep embedding in one call
+    features = timestep_features(timesteps, weights.time_in[0].shape[1]).to(weights.time_in[0].dtype)
+    t_emb = F.linear(F.silu(F.linear(features, *weights.time_in)), *weights.time_out)
     # every adaLN modulation of a step reads the same SiLU(y): one GEMM over all their weights
-    modulations = [block.adaLN_modulation[1] for block in net.res_blocks] + [net.final_layer.adaLN_modulation[1]]
-    mod_weight = torch.cat([m.weight for m in modulations])
-    mod_bias = torch.cat([m.bias for m in modulations])
-    width = net.input_proj.weight.shape[0]
+    modulations = [block.modulation for block in weights.blocks] + [weights.final_modulation]
+    mod_weight = torch.cat([weight for weight, _ in modulations])
+    mod_bias = torch.cat([bias for _, bias in modulations])
+    width = weights.input_proj[0].shape[0]
     x = noise[0].float().clone()
     for i in reversed(range(num_steps)):
         model_in = torch.cat([x, x]) if guided else x
         mods = fused_linear(F.silu(t_emb[i] + c_emb), mod_weight, mod_bias).split(width, dim=-1)
-        h = fused_linear(model_in.to(dtype), net.input_proj.weight, net.input_proj.bias)
-        for k, block in enumerate(net.res_blocks):
+        h = fused_linear(model_in.to(dtype), *weights.input_proj)
+        for k, block in enumerate(weights.blocks):
             shift, scale, gate = mods[3 * k:3 * k + 3]
-            normed = modulated_layernorm(h, shift, scale, block.in_ln.weight, block.in_ln.bias)
-            hidden = fused_linear(normed, block.mlp[0].weight, block.mlp[0].bias, silu=True)
-            h = fused_linear(hidden, block.mlp[2].weight, block.mlp[2].bias, residual=h, gate=gate)
-        final = net.final_layer
+            normed = modulated_layernorm(h, shift, scale, *block.norm)
+            hidden = fused_linear(normed, *block.mlp_in, silu=True)
+            h = fused_linear(hidden, *block.mlp_out, residual=h, gate=gate)
         shift, scale = mods[-2:]
-        out = fused_linear(modulated_layernorm(h, shift, scale, None, None), final.linear.weight, final.linear.bias)
+        out = fused_linear(modulated_layernorm(h, shift, scale, None, None), *weights.final)
         x = denoise_step(x, out, noise[num_steps - i], table[i], cfg_scale, temperature if i > 0 else 0.0,
                          clip_denoised)
     return x
 
 
-_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # net -> {call shape: captured graph}
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # denoiser -> {call key: captured graph}
 
 
-def _graphed_loop(net, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised):
-    """Captures the whole loop once per (net, shapes, steps, guidance, temperature) and replays it:
-    one launch per sampled token batch instead of ~100 x (depth x 6) kernels."""
-    # the graph reads the parameters where they were at capture: their addresses are part of the key
-    key = (tuple(p.data_ptr() for p in net.parameters()), tuple(cond.shape), cond.dtype, tuple(noise.shape),
+def _graphed_loop(denoiser, weights, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised):
+    """Captures the whole loop once per (denoiser, weights, shapes, steps, guidance, temperature) and
+    replays it: one launch per sampled token batch instead of ~100 x (depth x 6) kernels."""
+    # the graph reads the weights where they were at capture: their addresses are part of the key
+    key = (tuple(t.data_ptr() for t in weights.tensors()), tuple(cond.shape), cond.dtype, tuple(noise.shape),
            timesteps.shape[0], cfg_scale, temperature, clip_denoised, cond.device)
-    graphs = _GRAPHS.setdefault(net, {})
+    graphs = _GRAPHS.setdefault(denoiser, {})
     entry = graphs.get(key)
     if entry is None:
         static_cond, static_noise = cond.clone(), noise.clone()
-        stream = torch.cuda.Stream(cond.device)
-        stream.wait_stream(torch.cuda.current_stream(cond.device))
-        with torch.cuda.stream(stream):  # warm up: compile the Triton kernels outside capture
-            _fused_steps(net, static_cond, static_noise, timesteps, table, cfg_scale, temperature, clip_denoised)
-        torch.cuda.current_stream(cond.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = _fused_steps(net, static_cond, static_noise, timesteps, table, cfg_scale, temperature,
-                                      clip_denoised)
+        graph, static_out = capture_cuda_graph(
+            lambda: _fused_steps(weights, static_cond, static_noise, timesteps, table, cfg_scale, temperature,
+                                 clip_denoised), cond.device)
         entry = graphs[key] = (graph, static_cond, static_noise, static_out)
     graph, static_cond, static_noise, static_out = entry
     static_cond.copy_(cond)
@@ -315,11 +331,12 @@ def modulated_layernorm(x, shift, scale, weight, bias):
     rows, width = x.shape
     out = torch.empty_like(x)
     block = triton.next_power_of_2(width)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with device_guard(x.device):
         _modulated_layernorm_kernel[(rows,)](
             x, shift, scale, weight if weight is not None else x, bias if bias is not None else x, out,
             width, x.stride(0), shift.stride(0), scale.stride(0), out.stride(0), _LN_EPS,
-            AFFINE=weight is not None, BLOCK=block, num_warps=1 if dispatch.TRITON_INTERPRET else min(16, max(1, block // 256)),
+            AFFINE=weight is not None, BLOCK=block,
+            num_warps=1 if dispatch.TRITON_INTERPRET else min(16, max(1, block // 256)),
         )
     return out
 
@@ -347,7 +364,7 @@ def fused_linear(x, weight, bias, *, silu=False, residual=None, gate=None):
     gated = residual is not None
     config = _linear_config(rows, x.dtype, dispatch.TRITON_INTERPRET)
     grid = (cdiv(rows, config["BLOCK_M"]), cdiv(n, config["BLOCK_N"]))
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with device_guard(x.device):
         _linear_kernel[grid](
             x, weight, bias, residual if gated else out, gate if gated else out, out, rows, n, k,
             x.stride(0), weight.stride(0), (residual if gated else out).stride(0), (gate if gated else out).stride(0),
@@ -365,7 +382,7 @@ def denoise_step(x, out, noise, step, cfg_scale, noise_scale, clip_denoised=None
     rows, token_dim = x.shape
     new_x = torch.empty_like(x)
     block = triton.next_power_of_2(token_dim)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with device_guard(x.device):
         _step_kernel[(rows,)](
             x, out, noise, step, new_x, token_dim, out.stride(0), rows, cfg_scale, noise_scale,
             clip_denoised if clip_denoised is not None else 0.0,

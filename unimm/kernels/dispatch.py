@@ -7,6 +7,20 @@ Rules (docs/ARCHITECTURE.md):
     unimm (and so triton) defined its kernels: that is how CPU tests run Triton code.
   * ``UNIMM_BACKEND=reference|triton|cuda`` forces a backend. A forced backend that cannot serve
     a call raises ``BackendUnavailable`` saying why; it never falls back silently.
+
+Where ``select`` is called, relative to the family's ``torch.library.custom_op``:
+  * Inside the op, for the families without a backward (``decode_attention``, ``sample_tokens``,
+    ``vq_quantize``): one op, with one fake, serves every backend, so torch.compile and CUDA-graph
+    capture see the same opaque op whichever backend runs, and the choice is made when the op
+    runs (under torch.compile too, never frozen into a trace).
+  * Outside the op, in the public function, for the families with a backward (``attention``,
+    ``linear_cross_entropy``): their Triton forward and backward are a pair of custom ops joined
+    by ``register_autograd``, and an op has one backward, while the reference backend is
+    differentiated by autograd through its plain PyTorch ops. So the op wraps the Triton backend
+    alone and the choice is made before it (under torch.compile, when the call is traced).
+  * ``vq_lookup`` has one implementation, a torch gather (a custom op with its autograd), and no
+    choice to make; the diffusion sampling loop has no op at all: it is a Python loop of launches
+    (captured whole in a CUDA graph on a GPU), and chooses in ``sample_loop``.
 """
 
 from __future__ import annotations

@@ -17,11 +17,11 @@ Backends (see ``dispatch``):
     skipped once the chosen bin is wholly kept; (3) top-p by the same select weighted by token
     mass; (4) the survivors' total mass when top-p did not give it; (5) the inverse-CDF draw:
     tiles of 8192 tokens in index order, a block prefix scan per tile, stopping at the tile that
-    holds the target. No sort, no V-sized scratch, no host synchronisation. Token weights are integers (``round(p * 2**40)``), so every
-    histogram and scan is exact and independent of thread order: the kernel is deterministic and
-    agrees with the reference token for token except where ``exp`` rounds differently on the
-    GPU. Histograms add weights as two 32-bit halves with carry (shared-memory 64-bit adds are
-    compare-and-swap loops).
+    holds the target. No sort, no V-sized scratch, no host synchronisation. Token weights are
+    integers (``round(p * 2**40)``), so every histogram and scan is exact and independent of
+    thread order: the kernel is deterministic and agrees with the reference token for token
+    except where ``exp`` rounds differently on the GPU. Histograms add weights as two 32-bit
+    halves with carry (shared-memory 64-bit adds are compare-and-swap loops).
   * reference: the CPU path, and any CUDA call the kernel cannot serve.
 
 Range: the tempered logits are ``(g - max g) / temperature``, the row maximum subtracted first,
@@ -35,12 +35,12 @@ uniformly (greedy: its first id).
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
 from unimm import _ext
 from unimm.kernels import dispatch
+from unimm.kernels._common import check_tensors, is_int, is_real
 from unimm.kernels.reference import sampling as reference
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -97,25 +97,13 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
 # Checks
 # ---------------------------------------------------------------------------------------------
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_args(logits, temperature, top_k, top_p, vocab_range, cfg_scale, generator) -> tuple[int, int]:
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in _DTYPES:
-        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be 2-D [rows, vocab], got shape {tuple(logits.shape)}")
+    check_tensors({"logits": logits}, dtypes=_DTYPES, kind="float32, float16 or bfloat16", dims=2,
+                  layout="[rows, vocab]")
     vocab = logits.shape[1]
     if vocab == 0:
         raise ValueError("logits has an empty vocab dimension")
-    if not _is_real(temperature):
+    if not is_real(temperature):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
@@ -123,19 +111,19 @@ def _check_args(logits, temperature, top_k, top_p, vocab_range, cfg_scale, gener
         raise ValueError(f"temperature {temperature} is too small: 1 / temperature overflows float32 "
                          "(use 0 for greedy)")
     if top_k is not None:
-        if not _is_int(top_k):
+        if not is_int(top_k):
             raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None:
-        if not _is_real(top_p):
+        if not is_real(top_p):
             raise TypeError(f"top_p must be a real number or None, got {type(top_p).__name__}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if vocab_range is None:
         lo, hi = 0, vocab
     else:
-        if not (isinstance(vocab_range, (tuple, list)) and len(vocab_range) == 2 and all(map(_is_int, vocab_range))):
+        if not (isinstance(vocab_range, (tuple, list)) and len(vocab_range) == 2 and all(map(is_int, vocab_range))):
             raise TypeError(f"vocab_range must be a pair of ints (lo, hi), got {vocab_range!r}")
         lo, hi = int(vocab_range[0]), int(vocab_range[1])
         if not 0 <= lo < hi <= vocab:
@@ -143,7 +131,7 @@ def _check_args(logits, temperature, top_k, top_p, vocab_range, cfg_scale, gener
     if hi - lo > reference.MAX_BLOCK:
         raise ValueError(f"the vocab block holds {hi - lo} tokens; at most {reference.MAX_BLOCK} are supported")
     if cfg_scale is not None:
-        if not _is_real(cfg_scale):
+        if not is_real(cfg_scale):
             raise TypeError(f"cfg_scale must be a real number or None, got {type(cfg_scale).__name__}")
         if not math.isfinite(cfg_scale):
             raise ValueError(f"cfg_scale must be finite, got {cfg_scale}")
@@ -186,8 +174,9 @@ def _sample_cuda(logits, uniforms, temperature, top_k, top_p, lo, hi, cfg_scale)
     tokens = torch.empty(rows_out, dtype=torch.int64, device=logits.device)
     greedy = temperature == 0
     _ext.lib().sample_tokens(
-        logits.data_ptr(), logits.stride(0), rows_out, lo, hi - lo, cfg_scale is not None,
-        0.0 if cfg_scale is None else cfg_scale, greedy, 1.0 if greedy else reference.inverse_temperature(temperature),
-        top_k, top_p, 0 if greedy else uniforms.data_ptr(), tokens.data_ptr(), _ext.DTYPE_CODES[logits.dtype],
-        logits.device.index, _ext.stream_handle(logits.device))
+        logits=logits.data_ptr(), row_stride=logits.stride(0), rows_out=rows_out, lo=lo, n=hi - lo,
+        cfg=cfg_scale is not None, cfg_scale=0.0 if cfg_scale is None else cfg_scale, greedy=greedy,
+        inv_temperature=1.0 if greedy else reference.inverse_temperature(temperature), top_k=top_k, top_p=top_p,
+        uniforms=0 if greedy else uniforms.data_ptr(), tokens=tokens.data_ptr(),
+        dtype=_ext.DTYPE_CODES[logits.dtype], device=logits.device.index, stream=_ext.stream_handle(logits.device))
     return tokens

@@ -44,14 +44,12 @@ fp32 inputs follow ``torch.get_float32_matmul_precision()`` (see ``_common``).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from unimm import _ext
 from unimm.kernels import dispatch
-from unimm.kernels._common import cdiv, dot_precision, split_columns
+from unimm.kernels._common import cdiv, check_tensors, device_guard, dot_precision, split_columns, unserved_dtype
 from unimm.kernels.reference import vq as reference
 
 try:
@@ -62,7 +60,9 @@ except ImportError:  # the Triton backend is then not live (dispatch says why)
 
 METRICS = reference.METRICS
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_TEXT = "a floating tensor (float16, bfloat16, float32, float64)"
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+_INDEX_TEXT = "an integer tensor (int64, int32, int16, int8, uint8)"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_CODES = 2**31 - 1
 # Binary exponents of the kernels' power-of-two scales 2**-e: every scale is a normal fp32 (and
@@ -110,17 +110,13 @@ def vq_lookup(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         TypeError: ``indices`` not an integer tensor, ``codebook`` not a floating tensor.
         ValueError: ``codebook`` not 2-D, devices differ.
     """
-    for name, value in (("indices", indices), ("codebook", codebook)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if indices.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"indices must be an integer tensor (int64, int32, int16, int8, uint8), got {indices.dtype}")
-    if codebook.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"codebook must be a floating tensor (float16, bfloat16, float32, float64), got {codebook.dtype}")
+    check_tensors({"indices": indices}, dtypes=_INDEX_DTYPES, kind=_INDEX_TEXT)
+    check_tensors({"codebook": codebook}, dtypes=_FLOAT_DTYPES, kind=_FLOAT_TEXT)
     if codebook.dim() != 2:
         raise ValueError(f"codebook must be 2-D [num_codes, code_dim], got shape {tuple(codebook.shape)}")
     if indices.device != codebook.device:
-        raise ValueError(f"indices and codebook must be on the same device, got {indices.device} and {codebook.device}")
+        raise ValueError(f"indices and codebook must be on the same device, got {indices.device} and "
+                         f"{codebook.device}")
     return torch.ops.unimm.vq_lookup(indices, codebook)
 
 
@@ -129,11 +125,7 @@ def vq_lookup(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def _check_quantize_args(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> None:
-    for name, value in (("z", z), ("codebook", codebook)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if value.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {value.dtype}")
+    check_tensors({"z": z, "codebook": codebook}, dtypes=_FLOAT_DTYPES, kind=_FLOAT_TEXT)
     if z.dtype != codebook.dtype:
         raise TypeError(f"z and codebook must have the same dtype, got z {z.dtype} and codebook {codebook.dtype}")
     if not isinstance(metric, str) or metric not in METRICS:
@@ -151,7 +143,8 @@ def _check_quantize_args(z: torch.Tensor, codebook: torch.Tensor, metric: str) -
         raise ValueError(f"code-dim mismatch: z must be [..., {code_dim}] to match codebook [{num_codes}, {code_dim}], "
                          f"got z of shape {tuple(z.shape)}")
     if z.device != codebook.device:
-        raise ValueError(f"z and codebook must be on the same device, got z on {z.device} and codebook on {codebook.device}")
+        raise ValueError(f"z and codebook must be on the same device, got z on {z.device} and codebook on "
+                         f"{codebook.device}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +159,7 @@ def _vq_quantize_op(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> tor
         "vq_quantize", z.device, implemented=("cuda", "triton"),
         unsupported={
             "cuda": _cuda_unsupported(z_rows),
-            "triton": None if z.dtype in _KERNEL_DTYPES else f"dtype {z.dtype} is served by the reference only",
+            "triton": unserved_dtype(z.dtype, _KERNEL_DTYPES),
         },
     )
     if backend == "cuda":
@@ -315,9 +308,10 @@ def _quantize_cuda(z_rows: torch.Tensor, codebook: torch.Tensor, metric: str) ->
     part_dist = _cuda_row_scales(z_rows, codebook).expand(splits, n).contiguous()
     part_idx = torch.empty(splits, n, dtype=torch.int64, device=device)
     C.vq_argmin_small_d(
-        z_rows.data_ptr(), z_rows.stride(0), codebook.data_ptr(), codebook.stride(0), n, k, d, codes_per_split,
-        splits, part_dist.data_ptr(), part_idx.data_ptr(), _ext.DTYPE_CODES[z_rows.dtype], device.index,
-        _ext.stream_handle(device),
+        z=z_rows.data_ptr(), z_row_stride=z_rows.stride(0), codebook=codebook.data_ptr(),
+        codebook_row_stride=codebook.stride(0), n=n, k=k, d=d, codes_per_split=codes_per_split, splits=splits,
+        part_dist=part_dist.data_ptr(), part_idx=part_idx.data_ptr(), dtype=_ext.DTYPE_CODES[z_rows.dtype],
+        device=device.index, stream=_ext.stream_handle(device),
     )
     return _combine_splits(part_dist, part_idx)
 
@@ -404,7 +398,7 @@ def _launch_triton_argmin(z_rows, codebook, code_bias, code_scale, row_scale, pa
     ``_triton_operands``'s."""
     n, d = z_rows.shape
     grid = (cdiv(n, config["BLOCK_N"]), part_idx.shape[0])
-    with torch.cuda.device(z_rows.device) if z_rows.is_cuda else contextlib.nullcontext():
+    with device_guard(z_rows.device):
         _vq_argmin_kernel[grid](
             z_rows, codebook, code_bias, code_scale, row_scale, part_dist, part_idx,
             n, codebook.shape[0], d, z_rows.stride(0), codebook.stride(0), codes_per_split,

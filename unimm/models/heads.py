@@ -2,19 +2,21 @@
 
 ``DiffusionHead``: MAR's / UniFluid's small MLP diffusion model on every image position
 (``SimpleMLPAdaLN`` + an improved-DDPM Gaussian diffusion with a cosine schedule and learned
-variance range), trained with ``loss`` and sampled with ``sample``.
+variance range), trained with ``loss`` (``training_losses``) and sampled with ``sample``, which
+hands the network's tensors to ``unimm.kernels.diffusion``.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from unimm.kernels import diffusion as kernels
+from unimm.kernels._common import check_finite_real, check_tensors, is_int
 
 
 class TimestepEmbedder(nn.Module):
@@ -25,16 +27,8 @@ class TimestepEmbedder(nn.Module):
         self.frequencies = frequencies
         self.mlp = nn.Sequential(nn.Linear(frequencies, width), nn.SiLU(), nn.Linear(width, width))
 
-    @staticmethod
-    def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t.float()[:, None] * freqs[None]
-        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return F.pad(embedding, (0, dim % 2))
-
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.sinusoid(t, self.frequencies).to(self.mlp[0].weight.dtype))
+        return self.mlp(kernels.timestep_features(t, self.frequencies).to(self.mlp[0].weight.dtype))
 
 
 class ResBlock(nn.Module):
@@ -95,6 +89,19 @@ class SimpleMLPAdaLN(nn.Module):
             h = block(h, y)
         return self.final_layer(h, y)
 
+    def kernel_weights(self) -> kernels.DenoiserWeights:
+        """The parameters, as the fused sampling loop takes them (the tensors themselves, no copies)."""
+        def linear(layer: nn.Module) -> kernels.Linear:
+            return layer.weight, layer.bias
+
+        blocks = tuple(kernels.BlockWeights(norm=linear(block.in_ln), mlp_in=linear(block.mlp[0]),
+                                            mlp_out=linear(block.mlp[2]), modulation=linear(block.adaLN_modulation[1]))
+                       for block in self.res_blocks)
+        return kernels.DenoiserWeights(
+            time_in=linear(self.time_embed.mlp[0]), time_out=linear(self.time_embed.mlp[2]),
+            cond_proj=linear(self.cond_proj), input_proj=linear(self.input_proj), blocks=blocks,
+            final_modulation=linear(self.final_layer.adaLN_modulation[1]), final=linear(self.final_layer.linear))
+
 
 class DiffusionHead(nn.Module):
     """A per-token diffusion head (MAR, UniFluid): predicts a continuous token from the decoder's
@@ -134,7 +141,7 @@ class DiffusionHead(nn.Module):
 
     def _check_cond(self, cond: torch.Tensor, name: str = "cond") -> None:
         """Type and shape only: values are not read (no host synchronisation)."""
-        _check_float_tensor(name, cond)
+        check_tensors({name: cond}, floating=True)
         if cond.dim() != 2 or cond.shape[1] != self.cond_dim:
             raise ValueError(f"{name} must be [rows, {self.cond_dim}], got {tuple(cond.shape)}")
 
@@ -145,7 +152,7 @@ class DiffusionHead(nn.Module):
         take no part, so NaN / Inf there reach neither the loss nor the gradients; in a kept row
         they make the loss NaN / Inf (they propagate)."""
         self._check_cond(cond)
-        _check_float_tensor("target", target)
+        check_tensors({"target": target}, floating=True)
         if target.dim() != 2 or target.shape != (cond.shape[0], self.token_dim):
             raise ValueError(f"target must be [{cond.shape[0]}, {self.token_dim}], got {tuple(target.shape)}")
         if target.device != cond.device:
@@ -168,7 +175,7 @@ class DiffusionHead(nn.Module):
         rows = target.shape[0]
         t = torch.randint(0, self.train_steps, (rows,), device=target.device, generator=generator)
         noise = torch.randn(target.shape, device=target.device, generator=generator, dtype=target.dtype)
-        per_row = self.schedule.training_losses(self.net, target, t, noise, cond)
+        per_row = training_losses(self.schedule, self.net, target, t, noise, cond)
         if mask is None:
             return per_row.mean() if rows else per_row.sum()  # no rows: 0, still in the graph
         keep = mask.float().repeat(batch_mul)
@@ -193,7 +200,7 @@ class DiffusionHead(nn.Module):
         and >= 0, ``clip_denoised`` None or finite and > 0. Rows are independent: NaN / Inf in a
         row of ``cond`` (or of its uncond row) or of ``noise`` make that token NaN / Inf only."""
         self._check_cond(cond)
-        if not isinstance(num_steps, numbers.Integral) or isinstance(num_steps, bool):
+        if not is_int(num_steps):
             raise TypeError(f"num_steps must be an int, got {type(num_steps).__name__}")
         if not 1 <= num_steps <= self.train_steps:
             raise ValueError(f"num_steps must be an int in [1, {self.train_steps}], got {num_steps!r}")
@@ -208,29 +215,69 @@ class DiffusionHead(nn.Module):
         if noise is None:
             noise = torch.randn(shape, device=cond.device, generator=generator, dtype=torch.float32)
         else:
-            _check_float_tensor("noise", noise)
+            check_tensors({"noise": noise}, floating=True)
             if tuple(noise.shape) != shape:
                 raise ValueError(f"noise must be [num_steps + 1, M, token_dim] = {list(shape)}, "
                                  f"got {list(noise.shape)}")
             if noise.device != cond.device:
                 raise ValueError(f"noise must be on cond's device {cond.device}, got {noise.device}")
-        return kernels.sample_loop(self.net, self.schedule, cond, noise, num_steps=num_steps,
-                                   cfg_scale=float(cfg_scale), temperature=float(temperature),
+        return kernels.sample_loop(self.net, self.net.kernel_weights(), self.schedule, cond, noise,
+                                   num_steps=num_steps, cfg_scale=float(cfg_scale), temperature=float(temperature),
                                    clip_denoised=None if clip_denoised is None else float(clip_denoised))
 
 
+def training_losses(schedule: kernels.DiffusionSchedule, denoiser, x_start: torch.Tensor, t: torch.Tensor,
+                    noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """Per-row loss of ``denoiser(x_t, t, cond) -> [eps, variance interpolation]`` on ``schedule``:
+    MSE between the noise and the predicted noise, plus the variational bound (bits per dim) for
+    the learned variance with the mean frozen (improved DDPM)."""
+    full = schedule.full
+    gather = lambda table: torch.as_tensor(table, dtype=torch.float32, device=x_start.device)[t][:, None]
+    x_t = gather(np.sqrt(full.alphas_cumprod)) * x_start + gather(np.sqrt(1 - full.alphas_cumprod)) * noise
+    out = denoiser(x_t, t, cond).float()
+    eps, var_values = out.chunk(2, dim=-1)
+    mse = (noise.float() - eps).square().mean(-1)
+    # the bound trains only the variance: the mean's gradient comes from the MSE alone
+    model_mean, model_log_var = _posterior_from_output(x_t.float(), eps.detach(), var_values, gather, full)
+    true_mean = gather(full.coef1) * x_start + gather(full.coef2) * x_t
+    true_log_var = gather(full.posterior_log_var)
+    kl = _normal_kl(true_mean, true_log_var, model_mean, model_log_var).mean(-1) / math.log(2.0)
+    nll = -_discretized_gaussian_log_likelihood(x_start.float(), model_mean, 0.5 * model_log_var).mean(-1)
+    vb = torch.where(t == 0, nll / math.log(2.0), kl)
+    return mse + vb
+
+
+def _posterior_from_output(x_t, eps, var_values, gather, tables):
+    x0 = gather(tables.sqrt_recip_ac) * x_t - gather(tables.sqrt_recipm1_ac) * eps
+    mean = gather(tables.coef1) * x0 + gather(tables.coef2) * x_t
+    frac = (var_values + 1) / 2
+    log_var = frac * gather(tables.log_betas) + (1 - frac) * gather(tables.posterior_log_var)
+    return mean, log_var
+
+
+def _normal_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2).square() * torch.exp(-logvar2))
+
+
+def _discretized_gaussian_log_likelihood(x, means, log_scales):
+    """ADM's likelihood of data in [-1, 1] discretised to 255 bins (the bound's t = 0 term)."""
+    cdf = lambda v: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v.pow(3))))
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
 def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_float_tensor(name: str, value) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
 
 
 class RegressionHead(nn.Module):
@@ -259,8 +306,7 @@ class RegressionHead(nn.Module):
         """Mean of ``1 - cos(self(cond), target)`` over the rows, weighted by ``mask`` (bool or
         float ``[rows]``) when given; computed in fp32. No rows (or none kept): 0, with zero
         gradients; NaN / Inf in a dropped row reach neither the loss nor the gradients."""
-        _check_float_tensor("cond", cond)
-        _check_float_tensor("target", target)
+        check_tensors({"cond": cond, "target": target}, floating=True)
         if cond.dim() != 2 or target.shape != (cond.shape[0], self.token_dim):
             raise ValueError(f"cond must be [rows, {self.cond_dim}] and target [rows, {self.token_dim}], got "
                              f"{tuple(cond.shape)} and {tuple(target.shape)}")
@@ -282,7 +328,7 @@ class RegressionHead(nn.Module):
     def sample(self, cond: torch.Tensor, *, cfg_scale: float = 1.0) -> torch.Tensor:
         """The predicted tokens; with ``cfg_scale != 1`` (a finite number), ``cond`` is
         ``[cond; uncond]`` and the result is ``u + cfg_scale (c - u)`` of the two predictions."""
-        kernels.check_finite_real("cfg_scale", cfg_scale)
+        check_finite_real("cfg_scale", cfg_scale)
         prediction = self(cond)
         if cfg_scale == 1.0:
             return prediction

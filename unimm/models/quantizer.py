@@ -6,13 +6,13 @@ Nearest-code search and lookup run through ``unimm.kernels.vq_quantize`` / ``vq_
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from unimm.kernels import vq_lookup, vq_quantize
+from unimm.kernels._common import check_tensors, is_int, is_real
 from unimm.kernels.reference.vq import METRICS, NORMALIZE_EPS, max_exponents, pow2
 
 
@@ -67,13 +67,13 @@ class VectorQuantizer(nn.Module):
                  dead_after: int = 100):
         super().__init__()
         for name, value in (("num_codes", num_codes), ("code_dim", code_dim), ("dead_after", dead_after)):
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            if not is_int(value):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if num_codes < 1 or code_dim < 1:
             raise ValueError(f"num_codes and code_dim must be >= 1, got {num_codes} and {code_dim}")
         if not isinstance(metric, str) or metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        if not isinstance(beta, numbers.Real) or isinstance(beta, bool):
+        if not is_real(beta):
             raise TypeError(f"beta must be a real number, got {type(beta).__name__}")
         if not (math.isfinite(beta) and beta >= 0):
             raise ValueError(f"beta must be finite and >= 0, got {beta}")
@@ -102,10 +102,7 @@ class VectorQuantizer(nn.Module):
         return self.codebook
 
     def _check_z(self, z, name: str = "z") -> None:
-        if not isinstance(z, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
-        if not z.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {z.dtype}")
+        check_tensors({name: z}, floating=True, kind="a floating tensor (float16, bfloat16, float32, float64)")
         if z.dim() == 0 or z.shape[-1] != self.code_dim:
             raise ValueError(f"{name} must be [..., {self.code_dim}] (channels last), got shape {tuple(z.shape)}")
         if z.device != self.codebook.device:
