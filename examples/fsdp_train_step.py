@@ -28,7 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from unimm.kernels import AttentionMask
-from unimm.models.decoder import Decoder, DecoderConfig
+from unimm.models import Decoder, DecoderConfig
 
 CONFIG = DecoderConfig(family="llama", vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
                        num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True)
@@ -99,7 +99,8 @@ def full_gradients(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="file for {'loss', 'grads', 'world_size', 'sharded_params'} (torch.save)")
+    parser.add_argument("--out", required=True,
+                        help="file for {'loss', 'grads', 'world_size', 'sharded_params'} (torch.save)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda: one GPU per process, NCCL; cpu: gloo (default: cuda when available)")

@@ -31,8 +31,8 @@ def info_lines() -> list[str]:
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
-            lines.append(f"GPU {index}    {props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
-                         f"{props.total_memory / 2**30:.0f} GiB)")
+            lines.append(f"GPU {index}    {props.name} (sm_{props.major}{props.minor}, "
+                         f"{props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)")
     else:
         lines.append("GPU      none")
 

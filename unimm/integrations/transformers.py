@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from unimm.kernels import AttentionMask, attention, linear_cross_entropy
+from unimm.kernels.masks import packed_documents, span_ids_of_runs
 
 IMPLEMENTATION = "unimm"
 SUPPORTED_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
@@ -352,9 +353,7 @@ class _CallIntervals:
                 raise ValueError(f"the attention layer got {num_keys} keys but its mask needs {self.total_keys}")
             return self.mask
         positions = torch.arange(self.past_len, self.total_keys, device=self.mask.device, dtype=torch.int32)
-        start = torch.maximum(self.mask.kv_start, positions - (sliding_window - 1)) - dropped
-        end = torch.maximum(self.mask.kv_end - dropped, start)
-        return AttentionMask(start.clamp_min(0).contiguous(), end.clamp_min(0).contiguous(), self.total_keys - dropped)
+        return self.mask.windowed(sliding_window, positions).dropping(dropped)
 
 
 def _call_intervals(attention_mask, position_ids, token_type_ids, past_len: int, batch: int, seq_len: int,
@@ -377,7 +376,7 @@ def _call_intervals(attention_mask, position_ids, token_type_ids, past_len: int,
         return _CallIntervals(attention_mask, 0)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
         # a mask transformers (or the caller) prepared: it holds any image spans already
-        return _CallIntervals(dense_intervals(attention_mask.to(device), seq_len, past_len), past_len)
+        return _CallIntervals(AttentionMask.from_dense(attention_mask.to(device), seq_len, past_len), past_len)
     if isinstance(attention_mask, torch.Tensor):
         if attention_mask.dim() != 2:
             raise ValueError("attention_mask must be a 2-D padding mask [batch, past + seq], a 4-D mask or an unimm "
@@ -396,17 +395,17 @@ def _call_intervals(attention_mask, position_ids, token_type_ids, past_len: int,
     if spans is None and documents is None:
         if attention_mask is None:
             return _CallIntervals(AttentionMask.causal(batch, seq_len, past_len=past_len, device=device), past_len)
-        return _CallIntervals(padding_intervals(attention_mask.to(device), seq_len, past_len), past_len)
+        return _CallIntervals(AttentionMask.from_padding(attention_mask.to(device), seq_len, past_len), past_len)
     if spans is None:
         spans = torch.zeros_like(documents)
     if documents is None:
         documents = torch.zeros_like(spans)
     # over every key the call knows, then this call's rows: [doc start, max(i + 1, span end))
-    mask = AttentionMask.from_spans(documents, spans)
-    start, end = mask.kv_start[:, past_len:], mask.kv_end[:, past_len:]
+    known = AttentionMask.from_spans(documents, spans)
+    mask = AttentionMask(known.kv_start[:, past_len:], known.kv_end[:, past_len:], past_len + seq_len)
     if attention_mask is not None:
-        start, end = _within_padding(attention_mask.to(device), start, end)
-    return _CallIntervals(AttentionMask(start.contiguous(), end.contiguous(), past_len + seq_len), past_len)
+        mask = mask.within_padding(attention_mask.to(device))
+    return _CallIntervals(mask, past_len)
 
 
 def _image_spans(token_type_ids, past_len: int, batch: int, seq_len: int, device) -> torch.Tensor | None:
@@ -419,93 +418,7 @@ def _image_spans(token_type_ids, past_len: int, batch: int, seq_len: int, device
     if tuple(token_type_ids.shape) != (batch, past_len + seq_len):
         raise ValueError(f"token_type_ids must be [batch, past + seq] = [{batch}, {past_len + seq_len}], "
                          f"got {list(token_type_ids.shape)}")
-    image = token_type_ids.to(device) == 1
-    starts = image & ~F.pad(image, (1, 0))[:, :-1]
-    return torch.where(image, starts.long().cumsum(-1), 0)
-
-
-def _within_padding(attention_mask: torch.Tensor, start: torch.Tensor, end: torch.Tensor):
-    """Intersects intervals (absolute key positions) with each row's run of kept keys of a 2-D
-    padding mask; rows left with nothing become empty."""
-    first, last = _kept_run(attention_mask)
-    start = torch.maximum(start, first[:, None].to(start.dtype))
-    end = torch.maximum(torch.minimum(end, last[:, None].to(end.dtype)), start)
-    return start.to(torch.int32), end.to(torch.int32)
-
-
-def _kept_run(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[first, last)`` of each row's ones in a 2-D padding mask (``[0, 0)`` for a row of zeros);
-    the ones must form one contiguous run."""
-    keep = attention_mask.bool()
-    total = keep.shape[1]
-    count = keep.sum(1)
-    first = keep.int().argmax(1)  # 0 for a row of zeros
-    last = total - keep.flip(1).int().argmax(1)
-    split = (count > 0) & (count != last - first)
-    if split.any():
-        row = int(split.nonzero()[0, 0])
-        raise ValueError(f"attention_mask row {row}: its ones must form one contiguous run (right or left padding)")
-    return torch.where(count > 0, first, 0), torch.where(count > 0, last, 0)
-
-
-def padding_intervals(attention_mask: torch.Tensor, seq_len: int, past_len: int = 0) -> AttentionMask:
-    """Causal attention under a 2-D padding mask ``[B, past_len + seq_len]`` (1: a real token):
-    query row i (absolute position ``past_len + i``) sees the kept keys ``j <= past_len + i``.
-    Each row's ones must be one contiguous run (right or left padding); rows before the run see
-    nothing."""
-    batch = attention_mask.shape[0]
-    causal_end = torch.arange(past_len + 1, past_len + seq_len + 1, device=attention_mask.device)
-    start, end = _within_padding(attention_mask, torch.zeros(batch, seq_len, dtype=torch.int64,
-                                                             device=attention_mask.device),
-                                 causal_end.expand(batch, seq_len))
-    return AttentionMask(start.contiguous(), end.contiguous(), past_len + seq_len)
-
-
-def dense_intervals(mask: torch.Tensor, seq_len: int, past_len: int = 0) -> AttentionMask:
-    """The intervals of a 4-D mask ``[B, 1, S, K]``: bool (True: visible) or additive float (0:
-    visible, <= -1e3: masked, as transformers builds them), column j = key position j
-    (``K >= past_len + S``; a static cache's unwritten slots must be masked). Each row's visible
-    keys must be one contiguous run."""
-    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != seq_len or mask.shape[3] < past_len + seq_len:
-        raise ValueError(f"a 4-D attention_mask must be [batch, 1, seq, keys >= past + seq] = [B, 1, {seq_len}, "
-                         f">= {past_len + seq_len}], got {list(mask.shape)}")
-    if mask.dtype == torch.bool:
-        visible = mask[:, 0]
-        other = torch.zeros((), dtype=torch.bool, device=mask.device)
-    elif mask.is_floating_point():
-        visible = mask[:, 0] == 0
-        other = ((mask[:, 0] != 0) & (mask[:, 0] > -1e3)).any()
-    else:
-        raise TypeError(f"a 4-D attention_mask must be bool or floating point, got {mask.dtype}")
-    keys = mask.shape[3]
-    count = visible.sum(-1)
-    first = visible.int().argmax(-1)
-    last = keys - visible.flip(-1).int().argmax(-1)
-    nonempty = count > 0
-    problems = torch.stack([other, (nonempty & (count != last - first)).any(),
-                            (nonempty & (last > past_len + seq_len)).any()])
-    if problems.any():  # the one device read
-        kind = int(problems.nonzero()[0, 0])
-        raise ValueError([
-            "a float 4-D attention_mask may hold only 0 (visible) and large negative values (masked): "
-            "unimm's attention takes no additive biases",
-            "a 4-D attention_mask row's visible keys must form one contiguous run (one key interval per row)",
-            f"a 4-D attention_mask lets rows see keys at or after position {past_len + seq_len}, which this "
-            "call has not written",
-        ][kind])
-    start = torch.where(nonempty, first, 0).to(torch.int32)
-    end = torch.where(nonempty, last, 0).to(torch.int32)
-    return AttentionMask(start.contiguous(), end.contiguous(), past_len + seq_len)
-
-
-def packed_documents(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """Document ids ``[B, S]`` of sequences packed into one row, found where ``position_ids``
-    do not step by one (as transformers finds them); None when every row holds one sequence."""
-    steps = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
-    documents = (steps != 1).cumsum(-1)
-    if (documents[:, -1] == 0).all():
-        return None
-    return documents
+    return span_ids_of_runs(token_type_ids.to(device) == 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,13 @@ bidirectional image spans inside packed documents and sliding windows all have t
 8 bytes per token instead of an N x N mask. Builders are a few tensor ops on the input's device
 (no Python loop over tokens) and check their input once (one device read).
 
+Every way unimm turns what a caller holds into intervals lives here, so the decoder, generation
+and the transformers integration build masks one way: packed documents and spans
+(``from_spans``, with ``span_ids_of_runs`` and ``packed_documents`` to derive their ids), 2-D
+padding masks (``from_padding``, ``within_padding``), 4-D dense masks (``from_dense``), chunks
+after cached keys (``causal_after``, ``continued``), sliding windows (``windowed``) and caches that
+dropped their oldest keys (``dropping``).
+
 A hand-built mask (``AttentionMask(kv_start, kv_end, num_keys)``) is checked for types, shapes
 and devices only (reading its values would sync with the device). Where it meets the keys,
 ``attention`` and ``to_dense`` clamp its bounds to ``[0, Skv]``; a row with ``kv_end <= kv_start``
@@ -181,6 +188,96 @@ class AttentionMask:
         num_keys = int(kv_end.max()) if kv_end.numel() else 0
         return cls(kv_start, kv_end, num_keys)
 
+    @classmethod
+    def from_padding(cls, padding: torch.Tensor, seq_len: int, past_len: int = 0) -> AttentionMask:
+        """Causal attention under a 2-D padding mask ``[B, past_len + seq_len]`` (1: a real token):
+        query row i (absolute position ``past_len + i``) sees the kept keys ``j <= past_len + i``.
+        Each row's ones must be one contiguous run (right or left padding); rows before the run see
+        nothing."""
+        end = torch.arange(past_len + 1, past_len + seq_len + 1, dtype=torch.int32, device=padding.device)
+        end = end.expand(padding.shape[0], seq_len)
+        return cls(torch.zeros_like(end), end, past_len + seq_len).within_padding(padding)
+
+    @classmethod
+    def from_dense(cls, mask: torch.Tensor, seq_len: int, past_len: int = 0) -> AttentionMask:
+        """The intervals of a 4-D mask ``[B, 1, S, K]``: bool (True: visible) or additive float (0:
+        visible, <= -1e3: masked, as transformers builds them), column j = key position j
+        (``K >= past_len + S``; a static cache's unwritten slots must be masked). Each row's visible
+        keys must be one contiguous run."""
+        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != seq_len or mask.shape[3] < past_len + seq_len:
+            raise ValueError(f"a 4-D attention_mask must be [batch, 1, seq, keys >= past + seq] = [B, 1, {seq_len}, "
+                             f">= {past_len + seq_len}], got {list(mask.shape)}")
+        if mask.dtype == torch.bool:
+            visible = mask[:, 0]
+            other = torch.zeros((), dtype=torch.bool, device=mask.device)
+        elif mask.is_floating_point():
+            visible = mask[:, 0] == 0
+            other = ((mask[:, 0] != 0) & (mask[:, 0] > -1e3)).any()
+        else:
+            raise TypeError(f"a 4-D attention_mask must be bool or floating point, got {mask.dtype}")
+        keys = mask.shape[3]
+        count = visible.sum(-1)
+        first = visible.int().argmax(-1)
+        last = keys - visible.flip(-1).int().argmax(-1)
+        nonempty = count > 0
+        problems = torch.stack([other, (nonempty & (count != last - first)).any(),
+                                (nonempty & (last > past_len + seq_len)).any()])
+        if problems.any():  # the one device read
+            kind = int(problems.nonzero()[0, 0])
+            raise ValueError([
+                "a float 4-D attention_mask may hold only 0 (visible) and large negative values (masked): "
+                "unimm's attention takes no additive biases",
+                "a 4-D attention_mask row's visible keys must form one contiguous run (one key interval per row)",
+                f"a 4-D attention_mask lets rows see keys at or after position {past_len + seq_len}, which this "
+                "call has not written",
+            ][kind])
+        start = torch.where(nonempty, first, 0).to(torch.int32)
+        end = torch.where(nonempty, last, 0).to(torch.int32)
+        return cls(start, end, past_len + seq_len)
+
+    @classmethod
+    def causal_after(cls, past_lens: torch.Tensor, seq_len: int, num_keys: int) -> AttentionMask:
+        """Causal rows after ``past_lens[b]`` cached keys of each row (int ``[B]``, not read back):
+        row i of batch b sees ``[0, past_lens[b] + i + 1)`` of ``num_keys`` (the cache's capacity)."""
+        rows = torch.arange(1, seq_len + 1, dtype=torch.int32, device=past_lens.device)
+        end = rows + past_lens[:, None]
+        return cls(torch.zeros_like(end), end.to(torch.int32), num_keys)
+
+    # ---- derived masks ----------------------------------------------------------------------
+
+    def continued(self, past_lens: torch.Tensor, num_keys: int) -> AttentionMask:
+        """This chunk's mask after ``past_lens[b]`` cached keys of each row (int ``[B]``, not read
+        back), over ``num_keys`` keys: an interval ``[s, e)`` becomes ``[s + past, e + past)``, and
+        one that starts at the chunk's first key also sees every cached key, ``[0, e + past)``, so
+        a causal or prefix-LM chunk continues the cached sequence. Empty rows stay empty."""
+        shift = past_lens[:, None]
+        end = self.kv_end + shift
+        start = torch.where(self.kv_start > 0, self.kv_start + shift, 0)
+        start = torch.where(self.kv_end <= self.kv_start, end, start)
+        return AttentionMask(start.to(torch.int32), end.to(torch.int32), num_keys)
+
+    def windowed(self, window: int, positions: torch.Tensor) -> AttentionMask:
+        """Each row's interval cut to the ``window`` keys ending at its own key position
+        (``positions``, int, broadcast to ``[B, S]``): keys ``j > positions - window``. A row
+        left with nothing is empty."""
+        start = torch.maximum(self.kv_start, positions - (window - 1))
+        return AttentionMask(torch.minimum(start, self.kv_end).to(torch.int32), self.kv_end, self.num_keys)
+
+    def dropping(self, count: int) -> AttentionMask:
+        """The mask over the keys left after the first ``count`` are dropped (a sliding-window cache
+        that keeps only recent keys): key j becomes ``j - count``, bounds clamped at 0."""
+        return AttentionMask((self.kv_start - count).clamp_min(0), (self.kv_end - count).clamp_min(0),
+                             max(self.num_keys - count, 0))
+
+    def within_padding(self, padding: torch.Tensor) -> AttentionMask:
+        """Each row's interval intersected with its batch row's run of kept keys in a 2-D padding
+        mask ``[B, num_keys]`` (1: a real token; the ones must form one contiguous run); rows
+        left with nothing become empty."""
+        first, last = _kept_run(padding)
+        start = torch.maximum(self.kv_start, first[:, None].to(self.kv_start.dtype))
+        end = torch.maximum(torch.minimum(self.kv_end, last[:, None].to(self.kv_end.dtype)), start)
+        return AttentionMask(start, end, self.num_keys)
+
     # ---- views ------------------------------------------------------------------------------
 
     def to_dense(self, num_keys: int) -> torch.Tensor:
@@ -217,3 +314,37 @@ class AttentionMask:
             last = torch.where(any_touch, q_tiles - touches.flip(1).int().argmax(1), 0)
             self._tile_bounds[key] = (first.to(torch.int32).contiguous(), last.to(torch.int32).contiguous())
         return self._tile_bounds[key]
+
+
+def _kept_run(padding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[first, last)`` of each row's ones in a 2-D padding mask (``[0, 0)`` for a row of zeros);
+    the ones must form one contiguous run."""
+    keep = padding.bool()
+    total = keep.shape[1]
+    count = keep.sum(1)
+    first = keep.int().argmax(1)  # 0 for a row of zeros
+    last = total - keep.flip(1).int().argmax(1)
+    split = (count > 0) & (count != last - first)
+    if split.any():
+        row = int(split.nonzero()[0, 0])
+        raise ValueError(f"attention_mask row {row}: its ones must form one contiguous run (right or left padding)")
+    return torch.where(count > 0, first, 0), torch.where(count > 0, last, 0)
+
+
+def span_ids_of_runs(flags: torch.Tensor) -> torch.Tensor:
+    """int64 span ids of per-token flags ``[..., S]`` (bool): ``k`` on the k-th run of True along
+    the last dim (counting from 1), 0 elsewhere; the ``span_ids`` of ``from_spans`` when the flags
+    mark bidirectional tokens."""
+    starts = flags.clone()
+    starts[..., 1:] &= ~flags[..., :-1]
+    return torch.where(flags, starts.long().cumsum(-1), 0)
+
+
+def packed_documents(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Document ids ``[B, S]`` of sequences packed into one row, found where ``position_ids``
+    do not step by one (as transformers finds them); None when every row holds one sequence."""
+    steps = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    documents = (steps != 1).cumsum(-1)
+    if (documents[:, -1] == 0).all():
+        return None
+    return documents

@@ -35,8 +35,10 @@ import torch
 from torch import nn
 
 from unimm.models.decoder import Decoder
+from unimm.models.generation import generate_segments
 from unimm.models.heads import DiffusionHead, FeatureProjector
-from unimm.models.sequence import DEFAULT_SPECIAL_TOKENS, Batch, Features, Head, VocabLayout
+from unimm.models.sequence import DEFAULT_SPECIAL_TOKENS, Batch, Features
+from unimm.models.vocab import Head, VocabLayout
 
 
 def _expanded_rows(weight: torch.Tensor, new_rows: int, generator: torch.Generator) -> torch.Tensor:
@@ -134,8 +136,9 @@ class UnifiedModel(nn.Module):
         standard deviation of the existing rows (embedding and head separately when untied),
         from a generator seeded with ``init_seed``. Tied embeddings stay tied (one tensor).
         ``special_tokens=None`` gives ``DEFAULT_SPECIAL_TOKENS`` (BOI, EOI, EOL, EOF, SEP,
-        image_start, image_end, the ``size_*`` digits and Emu3's image token ``img``) when the model handles images (codes,
-        ``feature_dims`` or a ``continuous_head``), none otherwise. ``options`` go to the constructor.
+        image_start, image_end, the ``size_*`` digits and Emu3's image token ``img``) when the model
+        handles images (codes, ``feature_dims`` or a ``continuous_head``), none otherwise.
+        ``options`` go to the constructor.
         """
         if not isinstance(decoder, Decoder):
             raise TypeError(f"decoder must be a unimm Decoder, got {type(decoder).__name__}")
@@ -233,68 +236,16 @@ class UnifiedModel(nn.Module):
         lo, hi = vocab_range if vocab_range is not None else (0, self.vocab.size)
         if not 0 <= lo < hi <= self.vocab.size:
             raise ValueError(f"vocab_range must satisfy 0 <= lo < hi <= {self.vocab.size}, got {vocab_range!r}")
-        logits = hidden @ self.decoder.lm_head.weight[lo:hi].T
-        cap = self.decoder.config.final_softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        return self.decoder.logits(hidden, (lo, hi))
 
     # ---- generation -------------------------------------------------------------------------
 
-    def generate(self, prompts, *, max_new_tokens: int, stop_tokens=None, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, image=None, start_image: bool = False,
-                 uncond_prompts=None, generator: torch.Generator | None = None, pad_id: int = 0,
-                 max_len: int | None = None, cuda_graphs: bool = True) -> list[list]:
-        """Continues each prompt with text and images; returns the continuation of each, as segments.
-
-        Prompts are packed as in training (one per row, bidirectional spans and image spans
-        included) and prefilled into a static KV cache; then every step produces one token per
-        row (``unimm.models.generate``):
-
-        * text: ``sample_tokens`` over text and special tokens (never image codes) with
-          ``temperature`` / ``top_k`` / ``top_p``, until ``max_new_tokens`` text tokens or a stop token;
-        * images, of the one kind ``image`` (an ``unimm.models.generate.ImageSpec``) describes:
-          the engine writes the structure tokens of ``image.format`` itself (BOI, size, EOL after
-          each row, EOF, EOI), samples codes over the code block alone (discrete), or continuous
-          tokens with the ``DiffusionHead`` / ``RegressionHead`` (fed back through the input
-          projector ``image.encoder``), with classifier-free guidance at ``image.cfg_scale``.
-          2D and next-position embeddings are added as in training; with ``image.random_order``
-          each image's order is drawn from ``generator`` and its begin token carries the
-          next-position embedding of its first token.
-        * interleaving: a text step that samples the format's begin token starts an image (up
-          to ``image.max_images`` per row; after that the begin token is never sampled); after
-          the image, text resumes. ``start_image=True`` starts an image right after the prompt
-          (text-to-image); with ``max_new_tokens=0`` the row ends with the image.
-
-        Args:
-            prompts: a list of prompts, each a list of ``Text`` / ``DiscreteImage`` /
-                ``ContinuousImage`` / ``HybridImage`` segments (their ``loss`` flags are ignored;
-                continuous targets are read as inputs).
-            max_new_tokens: text tokens per row (a sampled begin token counts; image tokens do not).
-            stop_tokens: an id or ids that end a row's generation (kept in its last ``Text``).
-            temperature, top_k, top_p: text sampling; temperature 0 is greedy.
-            image: an ``ImageSpec`` or None (text only).
-            start_image: begin with an image (needs ``image``).
-            uncond_prompts: guidance's unconditional prompts: one per prompt, or a callable
-                ``prompt -> prompt``; default ``unimm.models.generate.unconditional_prompt`` (the
-                prompt's text reduced to its first token, BOS; images kept), i.e. what caption
-                dropout leaves in training. Guided rows run as ``[cond; uncond]``; the uncond
-                rows are fed the tokens chosen for their cond row.
-            generator: a ``torch.Generator`` on the model's device: same seed, same result.
-            pad_id: the id fed to rows that finished while others go on.
-            max_len: the KV-cache length; default (and minimum) the longest prompt plus what the
-                call may generate (``max_new_tokens`` + ``max_images`` full image spans).
-            cuda_graphs: capture the decode step in a CUDA graph on a GPU (CPU: always eager).
-
-        Returns:
-            One list of segments per prompt: ``Text(ids)`` runs, ``DiscreteImage(codes [h, w])``
-            and ``ContinuousImage(features [L, F])`` (raster order; ``order`` holds the generation
-            order of a random-order image, so ``pack(prompt + continuation)`` is the sequence
-            the model produced).
-        """
-        from unimm.models.generate import generate_segments
-        return generate_segments(self, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
-                                 temperature=temperature, top_k=top_k, top_p=top_p, image=image,
-                                 start_image=start_image, uncond_prompts=uncond_prompts, generator=generator,
-                                 pad_id=pad_id, max_len=max_len, cuda_graphs=cuda_graphs)
+    def generate(self, prompts, *, max_new_tokens: int, **options) -> list[list]:
+        """Continues each prompt (a list of segments) with text and, given ``image=ImageSpec(...)``,
+        images; returns the continuation of each, as segments. ``unimm.models.generation.
+        generate_segments(self, prompts, max_new_tokens=..., **options)``, which documents the
+        options (sampling, images and guidance, stop tokens, cache length, CUDA graphs)."""
+        return generate_segments(self, prompts, max_new_tokens=max_new_tokens, **options)
 
     # ---- training ---------------------------------------------------------------------------
 
@@ -303,7 +254,7 @@ class UnifiedModel(nn.Module):
         ``text_loss``, ``image_code_loss``, ``continuous_loss``, ``visual_loss`` (0-dim tensors)
         and ``num_text_tokens``, ``num_image_code_tokens``, ``num_continuous_tokens`` (ints).
         ``generator`` drives the diffusion head's timesteps and noise."""
-        self._check_batch(batch)
+        self.check_batch(batch)
         embeds = self.embed(batch.input_ids, features=batch.input_features, added_features=batch.added_features,
                             image_positions=batch.image_positions, next_image_positions=batch.next_image_positions)
         hidden = self.decoder(inputs_embeds=embeds, positions=batch.positions, mask=batch.mask)
@@ -341,7 +292,10 @@ class UnifiedModel(nn.Module):
         out["loss"] = out["visual_loss"] + self.text_loss_weight * out["text_loss"]
         return out
 
-    def _check_batch(self, batch: Batch) -> None:
+    def check_batch(self, batch: Batch) -> None:
+        """Raises a ValueError (TypeError for a non-Batch) naming what in ``batch`` does not fit this
+        model: its vocabulary, device, feature encoders and widths, image grid, continuous targets.
+        ``forward`` and generation check every batch with it."""
         if not isinstance(batch, Batch):
             raise TypeError(f"batch must be a Batch from unimm.models.sequence.pack, got {type(batch).__name__}")
         if batch.vocab != self.vocab:
