@@ -1,4 +1,6 @@
-"""Shared test setup.
+"""Shared test setup: the Triton interpreter switch, the device tiers and the fixtures. Plain
+helpers (device, dtypes, tolerances, ``rel_err``, seeded generators, a tiny decoder) are in
+``unimm.testing``, which the benchmarks share: test modules import them from there.
 
 Without a GPU, Triton kernels are tested on the CPU through triton's interpreter, which must be
 switched on before unimm defines its kernels: this file runs before any test module imports
@@ -12,24 +14,18 @@ Device tests come in two tiers, both skipped when no CUDA device is present:
     selected: ``pytest -m gpu_full``.
 """
 
+import json
 import os
+import subprocess
 
 import pytest
 import torch
 
-HAS_GPU = torch.cuda.is_available()
-if not HAS_GPU:
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from unimm.kernels import dispatch  # noqa: E402  (after TRITON_INTERPRET)
-
-DEVICE = torch.device("cuda") if HAS_GPU else torch.device("cpu")
-
-
-def available_backends() -> list[str]:
-    """The backends that can run kernels on DEVICE in this process."""
-    return [b for b, reason in dispatch.live_backends(DEVICE).items() if reason is None]
-
+from unimm.kernels import dispatch
+from unimm.testing import DEVICE, HAS_GPU, REPO_ROOT, available_backends, clean_env
 
 GPU_TIERS = ("gpu", "gpu_full")
 
@@ -74,31 +70,20 @@ def _no_forced_backend(monkeypatch):
     yield
 
 
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def clean_env() -> dict:
-    """This environment as a user's shell has it: automatic dispatch and no Triton interpreter
-    (this session set TRITON_INTERPRET for its own kernels), unimm importable from this checkout."""
-    import pathlib
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "UNIMM_BACKEND")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    return env
+@pytest.fixture
+def reference_backend(monkeypatch):
+    """The plain-PyTorch reference kernels, forced: for tests of the layers above the kernels
+    (the Triton interpreter is slow, and what they check does not depend on the backend). A
+    module takes it for all its tests with ``pytestmark = pytest.mark.usefixtures("reference_backend")``."""
+    monkeypatch.setenv("UNIMM_BACKEND", "reference")
 
 
 @pytest.fixture(scope="session")
 def device_check_smoke(tmp_path_factory):
     """``benchmarks/gpu_check.sh --smoke OUTDIR``, run once per session (its bench stage is
     ``unimm bench --smoke``, every family on tiny CPU shapes); returns OUTDIR."""
-    import pathlib
-    import subprocess
-
-    root = pathlib.Path(__file__).resolve().parents[1]
     out = tmp_path_factory.mktemp("device-check")
-    run = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), "--smoke", str(out)], env=clean_env(),
+    run = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh"), "--smoke", str(out)], env=clean_env(),
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     return out
@@ -106,12 +91,15 @@ def device_check_smoke(tmp_path_factory):
 
 @pytest.fixture
 def bench_smoke(device_check_smoke):
-    """family -> (its JSON payload, its log) from the device check's ``unimm bench --smoke``."""
-    import json
-
+    """family -> (its JSON payload, its log) from the device check's ``unimm bench --smoke``, once
+    the outline every family writes is checked: its name, a smoke run (no measured peaks), the
+    environment record."""
     def read(family: str):
         bench = device_check_smoke / "bench"
         [path] = bench.glob(f"{family}-*.json")
         [log] = (bench / "logs").glob(f"{family}-*.log")
-        return json.loads(path.read_text()), log.read_text()
+        payload = json.loads(path.read_text())
+        assert payload["family"] == family and payload["smoke"] and payload["peaks"] is None
+        assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()
+        return payload, log.read_text()
     return read

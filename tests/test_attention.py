@@ -3,12 +3,9 @@
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_GPU, seeded
 from unimm.kernels import AttentionMask, attention
 from unimm.kernels.reference import attention as reference
-
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
+from unimm.testing import DEVICE, DTYPES, TOLERANCE, rel_err, seeded
 
 
 def dense_from_spans(doc, span):
@@ -132,21 +129,21 @@ def check(q, k, v, mask, tol=None, **options):
         torch.full(q.shape[:2], k.shape[1], dtype=torch.int32, device=q.device))
     want = reference.attention(*refs, ref_mask, compute_dtype=torch.float64, **options)
     assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
-    err = ((out.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+    err = rel_err(out, want)
     assert err <= tol, f"output relative error {err:.2e}"
     upstream = torch.randn(q.shape, generator=seeded(3)).to(q.device)
     (out * upstream.to(out.dtype)).sum().backward()
     (want * upstream.double()).sum().backward()
     for name, mine, theirs in zip("qkv", ours, refs):
         assert torch.isfinite(mine.grad).all(), name
-        err = ((mine.grad.double() - theirs.grad).norm() / theirs.grad.norm().clamp_min(1e-30)).item()
+        err = rel_err(mine.grad, theirs.grad)
         assert err <= tol, f"d{name} relative error {err:.2e}"
     return out, ours
 
 
 def qkv(batch, seq_len, num_keys, q_heads, kv_heads, head_dim, seed, dtype=torch.float32):
     gen = seeded(seed)
-    make = lambda s, h: torch.randn(batch, s, h, head_dim, generator=gen).to(DEVICE, dtype)  # noqa: E731
+    make = lambda s, h: torch.randn(batch, s, h, head_dim, generator=gen).to(DEVICE, dtype)
     return make(seq_len, q_heads), make(num_keys, kv_heads), make(num_keys, kv_heads)
 
 

@@ -13,9 +13,7 @@ def test_bench_attention_smoke(bench_smoke):
     payload, stdout = bench_smoke("attention")
     assert {"family", "target", "target_met", "target_parts", "environment", "peaks", "shapes", "layouts",
             "timing", "results"} <= payload.keys()
-    assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()
-    assert payload["family"] == "attention" and payload["smoke"] and payload["dtype"] == "fp32"
-    assert payload["peaks"] is None
+    assert payload["dtype"] == "fp32"
     # CPU times are not judged against the H100 target
     assert payload["target_met"] is None and set(payload["target_parts"].values()) == {None}
     assert tuple(payload["layouts"]) == LAYOUTS

@@ -8,9 +8,7 @@ def test_bench_generate_smoke(bench_smoke):
     payload, stdout = bench_smoke("generate")
     assert {"family", "target", "target_met", "parts", "environment", "peaks", "shapes", "timing", "results"} \
         <= payload.keys()
-    assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()
-    assert payload["family"] == "generate" and payload["smoke"] and payload["dtype"] == "fp32"
-    assert payload["peaks"] is None and payload["target_met"] is None  # CPU times are not judged
+    assert payload["dtype"] == "fp32" and payload["target_met"] is None  # CPU times are not judged
     assert set(payload["parts"]) == {"decode_attention", "discrete", "continuous"}
     assert all(part["target_met"] is None for part in payload["parts"].values())
     part = payload["parts"]["decode_attention"]

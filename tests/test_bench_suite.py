@@ -7,9 +7,9 @@ import textwrap
 
 import pytest
 
-from conftest import clean_env
 from unimm.bench import FAMILIES, suite
 from unimm.cli import main as cli
+from unimm.testing import clean_env
 
 STAGES = ("install", "info", "tests", "bench")
 

@@ -9,10 +9,9 @@ def test_bench_train_step_smoke(bench_smoke):
     payload, stdout = bench_smoke("train_step")
     assert {"family", "target", "target_met", "target_parts", "environment", "peaks", "shapes", "layouts",
             "results"} <= payload.keys()
-    assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()
-    assert payload["family"] == "train_step" and payload["smoke"] and payload["dtype"] == "fp32"
-    assert payload["peaks"] is None and payload["target_met"] is None  # never judged on the CPU
-    assert {(r["layout"], r["impl"]) for r in payload["results"]} == {(l, i) for l in LAYOUTS for i in IMPLS}
+    assert payload["dtype"] == "fp32" and payload["target_met"] is None  # never judged on the CPU
+    assert {(r["layout"], r["impl"]) for r in payload["results"]} == {(layout, impl) for layout in LAYOUTS
+                                                                      for impl in IMPLS}
     for spec in payload["shapes"].values():
         assert spec["image_fraction"] == 0.8 and spec["matmul_params"] > 0
 

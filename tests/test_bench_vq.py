@@ -5,8 +5,6 @@ writes what later runs compare."""
 def test_bench_vq_smoke(bench_smoke):
     payload, stdout = bench_smoke("vq")
     assert {"family", "target", "environment", "peaks", "shapes", "results"} <= payload.keys()
-    assert {"device", "torch", "triton", "cuda", "unimm", "git_sha", "date"} <= payload["environment"].keys()
-    assert payload["family"] == "vq" and payload["smoke"]
     impls = {(result["shape"], result["impl"]) for result in payload["results"]}
     assert impls == {(shape, impl) for shape in payload["shapes"]
                      for impl in ("einsum+argmin", "cdist+argmin", "unimm", "unimm[triton]", "unimm[cuda]")}

@@ -3,14 +3,11 @@
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_GPU, seeded
 from unimm.kernels import BackendUnavailable, cross_entropy, linear_cross_entropy
-from unimm.kernels._common import cdiv
+from unimm.kernels import _cross_entropy_triton as ce_triton
+from unimm.kernels._common import cdiv, split_columns
 from unimm.kernels.reference import cross_entropy as reference
-
-# Relative-norm tolerance by input dtype (docs/ARCHITECTURE.md, Numerics); dx is rounded to the input dtype.
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
+from unimm.testing import DEVICE, DTYPES, HAS_GPU, TOLERANCE, available_backends, rel_err, seeded
 
 
 def make_inputs(n, d, v, seed, dtype=torch.float32, scale=1.0, bias=False, ignore=0.0):
@@ -21,12 +18,8 @@ def make_inputs(n, d, v, seed, dtype=torch.float32, scale=1.0, bias=False, ignor
     if ignore:
         targets[torch.rand(n, generator=gen) < ignore] = -100
     b = torch.randn(v, generator=gen) if bias else None
-    cast = lambda t: t.to(DEVICE, dtype) if t is not None else None  # noqa: E731
+    cast = lambda t: t.to(DEVICE, dtype) if t is not None else None
     return cast(hidden), cast(weight), targets.to(DEVICE), cast(b)
-
-
-def relative_error(got, want):
-    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
 
 
 def check(hidden, weight, targets, bias=None, *, tol=None, grads=True, grad_seed=None, **options):
@@ -45,7 +38,7 @@ def check(hidden, weight, targets, bias=None, *, tol=None, grads=True, grad_seed
     assert torch.isfinite(loss).all()
     scale = ref_loss.abs().max().item() + 1e-6
     assert (loss.double() - ref_loss).abs().max().item() <= tol * max(1.0, scale), (loss, ref_loss)
-    assert relative_error(lse, ref_lse) <= tol
+    assert rel_err(lse, ref_lse) <= tol
     if not grads:
         return
     upstream = (torch.randn(ref_loss.shape, generator=seeded(grad_seed or 99)).to(DEVICE)
@@ -57,7 +50,7 @@ def check(hidden, weight, targets, bias=None, *, tol=None, grads=True, grad_seed
         if theirs.grad.abs().max() == 0:
             assert mine.grad.abs().max() == 0, name
         else:
-            err = relative_error(mine.grad, theirs.grad)
+            err = rel_err(mine.grad, theirs.grad)
             assert err <= tol, f"grad of {name}: relative error {err:.2e}"
 
 
@@ -156,19 +149,19 @@ def test_vocab_range_cuts_work(backend, monkeypatch):
     hidden, weight, targets, _ = make_inputs(9, 8, 500, seed=13)
     targets = 450 + targets % 50
     widths = {"lse": [], "grad": []}
-    lse_stats, matmul = cross_entropy._lse_stats, cross_entropy._matmul
+    lse_stats, matmul = ce_triton._lse_stats, ce_triton._matmul
 
     def spy_lse(hidden, head, *args):
         widths["lse"].append(head.shape[0])
         return lse_stats(hidden, head, *args)
 
     def spy_matmul(a, b, out, epilogue, config, **kwargs):
-        if epilogue == cross_entropy.EPILOGUE_LOSS_GRAD:
+        if epilogue == ce_triton.EPILOGUE_LOSS_GRAD:
             widths["grad"].append(out.shape[1])
         return matmul(a, b, out, epilogue, config, **kwargs)
 
-    monkeypatch.setattr(cross_entropy, "_lse_stats", spy_lse)
-    monkeypatch.setattr(cross_entropy, "_matmul", spy_matmul)
+    monkeypatch.setattr(ce_triton, "_lse_stats", spy_lse)
+    monkeypatch.setattr(ce_triton, "_matmul", spy_matmul)
     check(hidden, weight, targets, vocab_range=(450, 500))
     if backend == "triton":
         assert widths["lse"] == [50] and sum(widths["grad"]) == 50
@@ -188,7 +181,8 @@ def test_vocab_range_cuts_work(backend, monkeypatch):
     (lambda h, w, t: dict(hidden=h, weight=w, targets=t, reduction="avg"), ValueError, "reduction must be"),
     (lambda h, w, t: dict(hidden=h, weight=w, targets=t, bias=w[:, 0].half()), TypeError, "bias must have the dtype"),
     (lambda h, w, t: dict(hidden=h, weight=w, targets=t, bias=w[:3, 0]), ValueError, r"bias must be \[V\]"),
-    (lambda h, w, t: dict(hidden=h, weight=w, targets=t, token_weights=t), TypeError, "token_weights must be a floating"),
+    (lambda h, w, t: dict(hidden=h, weight=w, targets=t, token_weights=t), TypeError,
+     "token_weights must be a floating"),
     (lambda h, w, t: dict(hidden=h, weight=w, targets=t, token_weights=h[:2, 0]), ValueError, "one weight per target"),
     (lambda h, w, t: dict(hidden=h, weight=w.to("meta"), targets=t), ValueError, "weight is on meta"),
     (lambda h, w, t: dict(hidden=h.tolist(), weight=w, targets=t), TypeError, "hidden must be a torch.Tensor"),
@@ -225,22 +219,20 @@ def test_float64_served_by_reference(monkeypatch):
 
 def test_triton_writes_every_output():
     """The kernels into poisoned outputs: every split statistic and every dx element is written."""
-    from conftest import available_backends
-
     if "triton" not in available_backends():
         pytest.skip("triton backend not live here")
     hidden, head, _, _ = make_inputs(37, 20, 150, seed=16, scale=4.0)
     column = torch.tensor([0, 149, -1, 5] * 9 + [77], dtype=torch.int32, device=DEVICE)
-    config = cross_entropy._lse_config(hidden.dtype, not HAS_GPU)
-    splits, cols_per_split = cross_entropy.split_columns(cdiv(37, config["BLOCK_N"]), 150, config["BLOCK_V"], DEVICE)
+    config = ce_triton._lse_config(hidden.dtype, not HAS_GPU)
+    splits, cols_per_split = split_columns(cdiv(37, config["BLOCK_N"]), 150, config["BLOCK_V"], DEVICE)
     assert splits > 1
     parts = torch.full((4, splits, 37), float("nan"), device=DEVICE)
-    cross_entropy._lse_kernel[(cdiv(37, config["BLOCK_N"]), splits)](
+    ce_triton._lse_kernel[(cdiv(37, config["BLOCK_N"]), splits)](
         hidden, head, head, column, parts, 37, 150, 20, 20, 1, 20, 1, cols_per_split, 1.0,
         HAS_BIAS=False, HAS_SOFTCAP=False, PRECISION="ieee", **config)
     assert not parts.isnan().any()
     logits = hidden.double() @ head.double().T
-    lse, target_logit, logit_sum = cross_entropy._lse_stats(hidden, head, None, column, None)
+    lse, target_logit, logit_sum = ce_triton._lse_stats(hidden, head, None, column, None)
     close = dict(rtol=1e-5, atol=1e-5)  # fp32 kernels against fp64
     torch.testing.assert_close(lse.double(), torch.logsumexp(logits, -1), **close)
     torch.testing.assert_close(logit_sum.double(), logits.sum(-1), **close)
@@ -249,9 +241,9 @@ def test_triton_writes_every_output():
 
     coef = torch.rand(37, generator=seeded(17)).to(DEVICE)
     dx = torch.full((37, 90), float("nan"), device=DEVICE)
-    matmul_config = cross_entropy._matmul_config(hidden.dtype, not HAS_GPU)
-    cross_entropy._matmul(hidden, head[40:130].T, dx, cross_entropy.EPILOGUE_LOSS_GRAD, matmul_config,
-                          loss_terms=(lse, column, coef, 40, 150, 0.0, 0.0))
+    matmul_config = ce_triton._matmul_config(hidden.dtype, not HAS_GPU)
+    ce_triton._matmul(hidden, head[40:130].T, dx, ce_triton.EPILOGUE_LOSS_GRAD, matmul_config,
+                      loss_terms=(lse, column, coef, 40, 150, 0.0, 0.0))
     expected = torch.softmax(logits, -1)
     expected[torch.arange(37), column.long().clamp_min(0)] -= (column >= 0).double()
     expected[column < 0] = 0.0  # dropped rows: no gradient
@@ -306,16 +298,16 @@ def test_gpu_bf16_kernels_write_every_output():
     hidden, head, _, _ = make_inputs(n, d, v, seed=16, dtype=torch.bfloat16, scale=4.0)
     column = torch.randint(0, v, (n,), generator=seeded(17)).to(DEVICE, torch.int32)
     column[::7] = -1  # ignored rows
-    config = cross_entropy._lse_config(hidden.dtype, False)
-    splits, cols_per_split = cross_entropy.split_columns(cdiv(n, config["BLOCK_N"]), v, config["BLOCK_V"], DEVICE)
+    config = ce_triton._lse_config(hidden.dtype, False)
+    splits, cols_per_split = split_columns(cdiv(n, config["BLOCK_N"]), v, config["BLOCK_V"], DEVICE)
     parts = torch.full((4, splits, n), float("nan"), device=DEVICE)
-    cross_entropy._lse_kernel[(cdiv(n, config["BLOCK_N"]), splits)](
+    ce_triton._lse_kernel[(cdiv(n, config["BLOCK_N"]), splits)](
         hidden, head, head, column, parts, n, v, d, hidden.stride(0), hidden.stride(1), head.stride(0),
         head.stride(1), cols_per_split, 1.0, HAS_BIAS=False, HAS_SOFTCAP=False, PRECISION="ieee", **config)
     torch.cuda.synchronize()
     assert not parts.isnan().any()
     logits = hidden.double() @ head.double().T
-    lse, target_logit, logit_sum = cross_entropy._lse_stats(hidden, head, None, column, None)
+    lse, target_logit, logit_sum = ce_triton._lse_stats(hidden, head, None, column, None)
     close = dict(rtol=1e-4, atol=1e-3)  # fp32 sums of exact bf16 products against fp64
     torch.testing.assert_close(lse.double(), torch.logsumexp(logits, -1), **close)
     torch.testing.assert_close(logit_sum.double(), logits.sum(-1), **close)
@@ -325,9 +317,9 @@ def test_gpu_bf16_kernels_write_every_output():
     lo, hi = v // 8, v // 8 + v // 4  # a chunk of whole tiles away from column 0
     coef = torch.rand(n, generator=seeded(18)).to(DEVICE) + 0.5
     dx = torch.full((n, hi - lo), float("nan"), dtype=hidden.dtype, device=DEVICE)
-    matmul_config = cross_entropy._matmul_config(hidden.dtype, False)
-    cross_entropy._matmul(hidden, head[lo:hi].T, dx, cross_entropy.EPILOGUE_LOSS_GRAD, matmul_config,
-                          loss_terms=(lse, column, coef, lo, v, 0.0, 0.0))
+    matmul_config = ce_triton._matmul_config(hidden.dtype, False)
+    ce_triton._matmul(hidden, head[lo:hi].T, dx, ce_triton.EPILOGUE_LOSS_GRAD, matmul_config,
+                      loss_terms=(lse, column, coef, lo, v, 0.0, 0.0))
     torch.cuda.synchronize()
     assert not dx.isnan().any()
     expected = torch.softmax(logits, -1)
@@ -335,7 +327,7 @@ def test_gpu_bf16_kernels_write_every_output():
     expected[kept, column.long()[kept]] -= 1.0
     expected[column < 0] = 0.0  # dropped rows: no gradient
     expected = (coef[:, None].double() * expected)[:, lo:hi]
-    assert relative_error(dx, expected) <= TOLERANCE[torch.bfloat16]
+    assert rel_err(dx, expected) <= TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.gpu

@@ -20,15 +20,14 @@ import torch
 import torch.nn.functional as F
 from packaging.version import Version
 
-from conftest import seeded
-
 transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from unimm.kernels import AttentionMask  # noqa: E402
 from unimm.models import Decoder, DecoderConfig, KVCache  # noqa: E402
-from unimm.models.decoder import rope_inv_freq  # noqa: E402
+from unimm.models.layers import rope_inv_freq  # noqa: E402
+from unimm.testing import rel_err, seeded  # noqa: E402
 
 VOCAB = 97
 LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -85,11 +84,6 @@ def hf_configs() -> dict:
     }
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm())
-
-
 def hf_logits(hf, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     """Hugging Face's logits, before Chameleon's masking of the image codes (``lm_head`` of the
     final hidden states; the other families' ``.logits``)."""
@@ -115,11 +109,6 @@ def checkpoints(tmp_path_factory) -> dict:
         model.save_pretrained(path, max_shard_size="20KB" if name == "llama" else "1GB")
         out[name] = model, path
     return out
-
-
-@pytest.fixture
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("UNIMM_BACKEND", "reference")
 
 
 pytestmark = pytest.mark.usefixtures("reference_backend")

@@ -8,12 +8,19 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import seeded
 from unimm.demo import data, report
 from unimm.demo.tokenizer import (
-    PatchFeatureTokenizer, PatchVQTokenizer, as_float_images, nearest_codes, patchify, psnr, to_uint8, unpatchify,
+    PatchFeatureTokenizer,
+    PatchVQTokenizer,
+    as_float_images,
+    nearest_codes,
+    patchify,
+    psnr,
+    to_uint8,
+    unpatchify,
 )
 from unimm.kernels import vq_quantize
+from unimm.testing import seeded
 
 
 @pytest.fixture(scope="module")

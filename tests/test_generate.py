@@ -7,40 +7,39 @@ Tiny random fp32 models on the reference backend.
 """
 
 import copy
+import functools
 
 import pytest
 import torch
 
-from conftest import DEVICE, seeded
+from unimm import testing
 from unimm.kernels import AttentionMask
 from unimm.models import (
-    ContinuousImage, Decoder, DiffusionHead, DiscreteImage, RegressionHead, Text, UnifiedModel, pack,
+    ContinuousImage,
+    Decoder,
+    DiffusionHead,
+    DiscreteImage,
+    RegressionHead,
+    Text,
+    UnifiedModel,
+    pack,
 )
-from unimm.models import generate as generate_module
-from unimm.models.generate import ImageSpec, unconditional_prompt
-from unimm.models.sequence import EMU3_FORMAT, METAMORPH_FORMAT, PLAIN_FORMAT, UNIFLUID_FORMAT, ImageFormat
+from unimm.models.generation import ImageSpec, unconditional_prompt
+from unimm.models.generation.engine import Engine
+from unimm.models.generation.planning import ImagePlan
+from unimm.models.sequence import EMU3_FORMAT, METAMORPH_FORMAT, PLAIN_FORMAT, UNIFLUID_FORMAT
+from unimm.models.vocab import ImageFormat
+from unimm.testing import DEVICE, seeded
 
 HIDDEN = 32
 TEXT_VOCAB = 64
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    monkeypatch.setenv("UNIMM_BACKEND", "reference")
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
-def tiny_decoder(family="llama", vocab=TEXT_VOCAB, seed=0, device="cpu"):
-    config = dict(model_type=family, vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
-    if family == "gemma2":
-        config.update(query_pre_attn_scalar=16, sliding_window=4, final_logit_softcapping=5.0)
-    torch.manual_seed(seed)
-    decoder = Decoder.from_config(config).to(device)
-    with torch.no_grad():  # a larger init spreads the logits, so greedy choices are far from ties
-        for param in decoder.parameters():
-            if param.dim() == 2:
-                param.normal_(0.0, 0.3)
-    return decoder
+# a larger init spreads the logits, so greedy choices are far from ties
+tiny_decoder = functools.partial(testing.tiny_decoder, init_std=0.3)
 
 
 def discrete_model(family="llama", grid=False, codes=16, device="cpu"):
@@ -216,13 +215,13 @@ def test_generation_writes_the_emu3_structure_tokens_pack_writes(monkeypatch):
     row, EOF, EOI): the ids it feeds the decoder for a generated image are ``pack``'s ids of that
     image, token for token, whether the image is started by the caller or by a sampled BOI."""
     engines = []
-    run = generate_module._Engine.run
+    run = Engine.run
 
     def recording(self, prefill):
         engines.append(self)
         return run(self, prefill)
 
-    monkeypatch.setattr(generate_module._Engine, "run", recording)
+    monkeypatch.setattr(Engine, "run", recording)
     model = discrete_model()
     vocab = model.vocab
     spec = ImageSpec("discrete", shape=(3, 11), temperature=1.0, top_k=8)  # a two-digit width
@@ -254,7 +253,7 @@ def test_generation_writes_the_emu3_structure_tokens_pack_writes(monkeypatch):
     assert written[:6].tolist() == opening and written.numel() == 6 + 3 * 12 + 2
 
     # Emu3's 33 x 32 image: 1,098 tokens per generated image, the plan laid out as pack lays it out
-    plan = generate_module._Plan(ImageSpec("discrete", shape=(33, 32)), model)
+    plan = ImagePlan(ImageSpec("discrete", shape=(33, 32)), model)
     span = pack([[DiscreteImage(torch.zeros(33, 32, dtype=torch.long), loss=False)]], 1100, vocab=vocab)
     assert len(plan) == 1098 and span.placements[0][2] == 1098
     ids = span.input_ids[0, :1098]

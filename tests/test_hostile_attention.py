@@ -18,9 +18,9 @@ Python-scalar arguments are always validated, with errors that name them. Mask b
 import pytest
 import torch
 
-from conftest import DEVICE, seeded
 from unimm.kernels import AttentionMask, attention
 from unimm.kernels.reference import attention as reference
+from unimm.testing import DEVICE, HOSTILE_DTYPES, HOSTILE_TOLERANCE, seeded
 
 try:  # the property tests need hypothesis (the test extra); the others run without it
     from hypothesis import HealthCheck, given, settings
@@ -28,9 +28,6 @@ try:  # the property tests need hypothesis (the test extra); the others run with
 except ImportError:
     given = None
 
-# bf16 dots are broken in triton's interpreter; test_attention.py's GPU tier covers bf16
-DTYPES = [torch.float32, torch.float16]
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3}
 NON_FINITE = (float("nan"), float("inf"), float("-inf"))
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")  # numpy, in the interpreter
 
@@ -48,7 +45,7 @@ def rule(q, k, v, grad_out, mask):
     [B, Skv, Hkv], computed densely from the inputs (the spec, written out)."""
     group = q.shape[2] // k.shape[2]
     visible = mask.to_dense(k.shape[1]).cpu()[..., None]  # [B, S, Skv, 1]: every head sees alike
-    bad = lambda t: ~torch.isfinite(t.cpu()).all(-1)  # noqa: E731
+    bad = lambda t: ~torch.isfinite(t.cpu()).all(-1)
     q_bad, do_bad = bad(q), bad(grad_out)  # [B, S, Hq]
     k_bad, v_bad = (bad(t).repeat_interleave(group, dim=2) for t in (k, v))  # [B, Skv, Hq]
     sees_any = visible[..., 0].any(-1)[..., None]  # [B, S, 1]
@@ -74,14 +71,14 @@ def check_rule(planted, clean, nan_rows):
 
 def random_case(seed, dtype, batch=2, seq_len=13, num_keys=19, q_heads=2, kv_heads=1, head_dim=16):
     gen = seeded(seed)
-    make = lambda *shape: torch.randn(*shape, head_dim, generator=gen).to(DEVICE, dtype)  # noqa: E731
+    make = lambda *shape: torch.randn(*shape, head_dim, generator=gen).to(DEVICE, dtype)
     return (make(batch, seq_len, q_heads), make(batch, num_keys, kv_heads), make(batch, num_keys, kv_heads),
             make(batch, seq_len, q_heads))
 
 
 # ---- the issue's case, on every backend ---------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", HOSTILE_DTYPES)
 def test_hidden_nan_values_do_not_reach_any_row(backend, dtype):
     """Causal after 2 cached keys: rows 0..3 see keys [0, 3..6); NaN in v[6:] (seen by nobody,
     but loaded with the others' tile) must reach nothing, forward or backward."""
@@ -95,7 +92,7 @@ def test_hidden_nan_values_do_not_reach_any_row(backend, dtype):
     assert (dk[:, 6:] == 0).all() and (dv[:, 6:] == 0).all()  # nobody sees them: no gradient
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", HOSTILE_DTYPES)
 def test_a_key_hidden_from_some_rows_of_a_tile_reaches_only_the_others(backend, dtype):
     """Causal: key 5 is seen by rows >= 5 of the same query tile. Its NaN value makes exactly those
     rows NaN; the rows before it, in the same tile, stay exactly as with a finite value."""
@@ -110,7 +107,7 @@ def test_a_key_hidden_from_some_rows_of_a_tile_reaches_only_the_others(backend, 
         assert not torch.isnan(result[0][0, :5]).any() and torch.isnan(result[0][0, 5:]).all()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", HOSTILE_DTYPES)
 def test_padding_rows_with_nan_pass_nothing(backend, dtype):
     """Packed documents with padding rows (between and after the documents, in the same tiles as
     real rows) whose q, k, v and upstream gradient hold garbage: they see nothing and nobody sees
@@ -171,7 +168,7 @@ def test_scalar_arguments_accept_any_real_number(backend):
     assert torch.equal(attention(q, k, v, mask, scale=np.float32(0.5), softcap=3), want)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", HOSTILE_DTYPES)
 def test_out_of_range_bounds_are_clamped_on_every_backend(backend, dtype):
     """A hand-built mask with kv_end past Skv, kv_start below 0, or start > end: the rows see the
     keys of their interval clamped to [0, Skv] (nothing when empty), like to_dense says, and no
@@ -187,7 +184,7 @@ def test_out_of_range_bounds_are_clamped_on_every_backend(backend, dtype):
         assert torch.equal(a, b), name
     with torch.autocast(DEVICE.type, enabled=False):
         ref = reference.attention(q.double(), k.double(), v.double(), hand_built, compute_dtype=torch.float64)
-    assert ((got[0].double() - ref).abs().max() <= 10 * TOLERANCE[dtype]).item()
+    assert ((got[0].double() - ref).abs().max() <= 10 * HOSTILE_TOLERANCE[dtype]).item()
     assert (got[0][0, 2] == 0).all() and (got[0][0, 4:] == 0).all()  # empty rows
 
 
@@ -259,7 +256,7 @@ if given is not None:
                                min_size=1, max_size=4))
         return dict(shape=(batch, seq_len, num_keys, kv_heads * group, kv_heads), starts=starts, lengths=lengths,
                     plants=plants, seed=draw(st.integers(0, 2**16)), softcap=draw(st.sampled_from([None, 2.5])),
-                    dtype=draw(st.sampled_from(DTYPES)))
+                    dtype=draw(st.sampled_from(HOSTILE_DTYPES)))
 
     def build(case):
         batch, seq_len, num_keys, q_heads, kv_heads = case["shape"]
@@ -292,7 +289,7 @@ if given is not None:
                 finite = ~torch.isnan(ref)
                 err = (got[finite].double() - ref[finite].double()).abs().max().item() if finite.any() else 0.0
                 scale = max(1.0, ref[finite].double().abs().max().item()) if finite.any() else 1.0
-                assert err <= 4 * TOLERANCE[case["dtype"]] * scale, f"{name}: {err:.2e}"
+                assert err <= 4 * HOSTILE_TOLERANCE[case["dtype"]] * scale, f"{name}: {err:.2e}"
 
     @st.composite
     def span_layouts(draw):

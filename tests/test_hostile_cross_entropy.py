@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICE, clean_env, seeded
 from unimm.kernels import cross_entropy, linear_cross_entropy
 from unimm.kernels.reference import cross_entropy as reference
+from unimm.testing import DEVICE, HOSTILE_DTYPES, HOSTILE_TOLERANCE, clean_env, seeded
 
 try:  # the property tests need hypothesis (the test extra); the others run without it
     from hypothesis import HealthCheck, given, settings
@@ -29,9 +29,6 @@ except ImportError:
 N, D, V = 10, 8, 40
 RANGE = (8, 32)
 REDUCTIONS = reference.REDUCTIONS
-# bf16 dots are broken in triton's interpreter; the GPU tier covers bf16 (test_cross_entropy.py)
-DTYPES = [torch.float32, torch.float16]
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3}
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")  # numpy, in the interpreter
 
 
@@ -48,7 +45,7 @@ def inputs(seed=0, dtype=torch.float32, n=N, d=D, v=V, ignore_index=-100, lo=0, 
     targets[list(ignored)] = ignore_index
     token_weights = torch.rand(n, generator=gen) + 0.5
     token_weights[list(zero_weights)] = 0.0
-    cast = lambda t: t.to(DEVICE, dtype)  # noqa: E731
+    cast = lambda t: t.to(DEVICE, dtype)
     return cast(hidden), cast(weight), cast(bias), targets.to(DEVICE), token_weights.to(DEVICE)
 
 
@@ -199,7 +196,7 @@ def test_any_integer_target_dtype(backend, target_dtype):
     assert_same(got, want)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", HOSTILE_DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_zero_width_hidden(backend, dtype, reduction):
     """D = 0: every logit is 0 (+ bias): the loss of a kept row is log(V) without bias."""
@@ -216,7 +213,7 @@ def test_zero_width_hidden(backend, dtype, reduction):
     with_bias = run(hidden, weight, targets, bias, reduction=reduction, vocab_range=RANGE, softcap=2.0)
     assert with_bias["dh"].shape == (N, 0) and with_bias["dw"].shape == (V, 0)
     assert_agree(with_bias, run_reference(hidden, weight, targets, bias, reduction=reduction, vocab_range=RANGE,
-                                          softcap=2.0), TOLERANCE[dtype])
+                                          softcap=2.0), HOSTILE_TOLERANCE[dtype])
     assert (with_bias["db"][:RANGE[0]] == 0).all() and (with_bias["db"][RANGE[1]:] == 0).all()
 
 
@@ -285,7 +282,7 @@ def poison(hidden, weight, bias, dropped, lo, hi, values):
     return hidden, weight, bias
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", HOSTILE_DTYPES)
 @pytest.mark.parametrize("options", OPTION_WALK, ids=lambda o: ",".join(k for k in o) or "plain")
 def test_dropped_elements_contribute_nothing(backend, dtype, options):
     """Inf / NaN in the hidden rows of ignored or zero-weight rows, and in weight rows and bias
@@ -307,7 +304,7 @@ def test_dropped_elements_contribute_nothing(backend, dtype, options):
     if bias is not None:
         assert (got["db"][:lo] == 0).all() and (got["db"][hi:] == 0).all()
     assert_agree(got, {**run_reference(*hostile[:2], targets, hostile[2], **options),
-                       "lse": got["lse"].double()}, TOLERANCE[dtype])
+                       "lse": got["lse"].double()}, HOSTILE_TOLERANCE[dtype])
 
 
 def test_dropped_rows_ignore_a_nan_upstream_gradient(backend):
@@ -436,7 +433,7 @@ else:
         ranged = draw(st.booleans())
         if not ranged:
             lo, hi = 0, v
-        dtype = draw(st.sampled_from(DTYPES))
+        dtype = draw(st.sampled_from(HOSTILE_DTYPES))
         scale = draw(st.sampled_from([1e-3, 1.0, 4.0]))
         seed = draw(st.integers(0, 2**16))
         gen = seeded(seed)
@@ -474,7 +471,7 @@ else:
         for name, value in got.items():
             assert value is None or value.isfinite().all(), name
         want = run_reference(hidden, weight, targets, bias, **options)
-        assert_agree(got, want, 10 * TOLERANCE[hidden.dtype])
+        assert_agree(got, want, 10 * HOSTILE_TOLERANCE[hidden.dtype])
 
 
     @settings(HYPOTHESIS, max_examples=10)

@@ -16,10 +16,18 @@ import unimm.demo.train as demo_train
 import unimm.models.decoder as decoder_module
 from unimm.cli import main
 from unimm.models import (
-    ContinuousImage, Decoder, DecoderConfig, DiscreteImage, HybridImage, ImageFormat, Text, UnifiedModel, VocabLayout,
+    ContinuousImage,
+    Decoder,
+    DecoderConfig,
+    DiscreteImage,
+    HybridImage,
+    ImageFormat,
+    Text,
+    UnifiedModel,
+    VocabLayout,
     pack,
 )
-from unimm.models.decoder import KVCache
+from unimm.models.kv_cache import KVCache
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -30,10 +38,7 @@ MAX_LEN = 8
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    """Plain PyTorch kernels: these tests are about the model layer, not the kernels."""
-    monkeypatch.setenv("UNIMM_BACKEND", "reference")
+pytestmark = pytest.mark.usefixtures("reference_backend")  # these tests are about the model layer, not the kernels
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICE, HAS_GPU, seeded
 from unimm.kernels import diffusion, sample_tokens, vq, vq_lookup, vq_quantize
 from unimm.kernels.reference import sampling as sampling_reference
 from unimm.kernels.reference import vq as vq_reference
 from unimm.models import DiffusionHead, RegressionHead, VectorQuantizer
+from unimm.testing import DEVICE, HAS_GPU, seeded
 
 NAN, INF = float("nan"), float("inf")
 FLT_MAX = 2.0**128 - 2.0**104
@@ -349,7 +349,7 @@ def test_diffusion_loss_nan_propagates_to_what_depends_on_it():
     cond, target = randn((6, 8), 13), randn((6, 4), 14)
     target[2, 1] = NAN
     cond[4, 0] = INF
-    gen = lambda: torch.Generator(DEVICE).manual_seed(15)  # noqa: E731
+    gen = lambda: torch.Generator(DEVICE).manual_seed(15)
     assert h.loss(cond, target, generator=gen()).isnan()  # kept rows: the mean depends on them
     mask = torch.tensor([1, 1, 0, 1, 0, 1], device=DEVICE)
     loss = h.loss(cond, target, mask=mask, generator=gen())
@@ -379,8 +379,9 @@ def test_diffusion_loss_nan_propagates_to_what_depends_on_it():
     (lambda h: h.loss(torch.randn(2, 8), torch.randn(2, 4), mask=[1, 0]), TypeError, "mask must be a torch.Tensor"),
     (lambda h: h.loss(torch.randn(2, 8), torch.randn(2, 4), batch_mul=True), TypeError, "batch_mul must be an int"),
     (lambda h: DiffusionHead(4.0, 8, 16, 1), TypeError, "token_dim must be an int"),
-    (lambda h: diffusion.sample_loop(h.net, h.schedule, torch.randn(2, 8), torch.randn(3, 2, 4), num_steps=2,
-                                     cfg_scale=NAN, temperature=1.0), ValueError, "cfg_scale must be finite"),
+    (lambda h: diffusion.sample_loop(h.net, h.net.kernel_weights(), h.schedule, torch.randn(2, 8),
+                                     torch.randn(3, 2, 4), num_steps=2, cfg_scale=NAN, temperature=1.0), ValueError,
+     "cfg_scale must be finite"),
 ])
 def test_diffusion_bad_scalars(call, error, match):
     with pytest.raises(error, match=match):

@@ -22,6 +22,8 @@ transformers = pytest.importorskip("transformers")
 
 from unimm.integrations import transformers as hf  # noqa: E402
 from unimm.kernels import AttentionMask  # noqa: E402
+from unimm.kernels.masks import packed_documents  # noqa: E402
+from unimm.testing import rel_err  # noqa: E402
 
 VOCAB = 97
 IMAGE = VOCAB - 1  # Gemma-3's image placeholder token
@@ -82,11 +84,6 @@ def _pair(family: str, seed: int = 0, **overrides):
     return reference, hf.apply(copy.deepcopy(reference))
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def _assert_same_step(reference, patched, **inputs):
     """One forward + backward of each: same loss, same gradient for every parameter (and no
     gradient where the reference has none, e.g. Chameleon's unused VQ-VAE)."""
@@ -95,19 +92,14 @@ def _assert_same_step(reference, patched, **inputs):
     expected.loss.backward()
     actual.loss.backward()
     assert actual.logits is None
-    assert _rel(actual.loss, expected.loss) < 1e-5
+    assert rel_err(actual.loss, expected.loss) < 1e-5
     checked = 0
     for (name, want), got in zip(reference.named_parameters(), patched.parameters()):
         assert (got.grad is None) == (want.grad is None), name
         if want.grad is not None:
-            assert _rel(got.grad, want.grad) < 1e-5, name
+            assert rel_err(got.grad, want.grad) < 1e-5, name
             checked += 1
     assert checked
-
-
-@pytest.fixture
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("UNIMM_BACKEND", "reference")
 
 
 def _tokens(batch: int, seq_len: int, seed: int = 1, high: int = VOCAB) -> torch.Tensor:
@@ -227,7 +219,7 @@ def test_chameleon_loss_leaves_out_image_tokens(reference_backend):
     loss = patched(ids, labels=ids).loss
     with torch.no_grad():  # scaling up the image tokens' rows of the head changes nothing
         patched.lm_head.weight[CHAMELEON_IMAGE_TOKENS] *= 100
-    assert _rel(patched(ids, labels=ids).loss, loss) < 1e-6
+    assert rel_err(patched(ids, labels=ids).loss, loss) < 1e-6
     with torch.no_grad():
         patched.lm_head.weight.copy_(reference.lm_head.weight)
     _assert_same_step(reference, patched, input_ids=ids, labels=ids)
@@ -251,11 +243,11 @@ def test_positional_arguments_follow_the_models_signature(reference_backend):
     labels = _padded_labels(ids, padding)
     expected = reference(ids, None, padding, labels=labels)
     actual = patched(ids, None, padding, labels=labels)
-    assert _rel(actual.loss, expected.loss) < 1e-5
+    assert rel_err(actual.loss, expected.loss) < 1e-5
     reference, patched = _pair("llama")
     expected = reference(ids, padding, labels=labels)
     actual = patched(ids, padding, labels=labels)
-    assert _rel(actual.loss, expected.loss) < 1e-5
+    assert rel_err(actual.loss, expected.loss) < 1e-5
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -291,7 +283,7 @@ def test_autocast(reference_backend):
         expected = reference(ids, labels=ids).loss
         actual = patched(ids, labels=ids).loss
     assert actual.dtype == torch.float32
-    assert _rel(actual, expected.float()) < 2e-2
+    assert rel_err(actual, expected.float()) < 2e-2
     actual.backward()
     assert all(param.grad is not None for param in patched.parameters())
 
@@ -317,9 +309,9 @@ def test_prefix_lm_mask(family, reference_backend):
         expected.loss.backward()
     actual = patched(ids, attention_mask=mask, labels=ids)
     actual.loss.backward()
-    assert _rel(actual.loss, expected.loss) < 1e-5
+    assert rel_err(actual.loss, expected.loss) < 1e-5
     for want, got in zip(reference.parameters(), patched.parameters()):
-        assert _rel(got.grad, want.grad) < 1e-5
+        assert rel_err(got.grad, want.grad) < 1e-5
 
 
 def test_four_dimensional_masks(reference_backend):
@@ -400,7 +392,7 @@ def test_packed_sequences_from_position_ids(reference_backend):
     reference, patched = _pair("llama")
     ids = _tokens(1, 12)
     position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
-    documents = hf.packed_documents(position_ids)
+    documents = packed_documents(position_ids)
     dense = AttentionMask.from_spans(documents, torch.zeros_like(documents)).to_dense(12)
     with _layer_masks(reference, _additive(dense)):
         _assert_same_step(reference, patched, input_ids=ids, position_ids=position_ids, labels=ids, use_cache=False)

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, seeded
 from unimm.kernels.reference import vq as reference
 from unimm.models import VectorQuantizer
+from unimm.testing import DEVICE, seeded
 
 
 def make(metric="l2", **kwargs):

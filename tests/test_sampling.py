@@ -4,10 +4,10 @@ CUDA kernel against the reference token for token, and inside a CUDA graph."""
 import pytest
 import torch
 
-from conftest import DEVICE, seeded
 from unimm import _ext
 from unimm.kernels import BackendUnavailable, sample_tokens
 from unimm.kernels.reference import sampling as reference
+from unimm.testing import DEVICE, seeded
 
 
 def random(shape, seed, dtype=torch.float32, scale=1.0, device=DEVICE):
@@ -62,7 +62,8 @@ def test_top_k_one_and_tiny_top_p_are_argmax():
     for seed in range(3):
         assert torch.equal(sample_tokens(logits, top_k=1, generator=device_generator(seed)), want)
         assert torch.equal(sample_tokens(logits, top_p=1e-9, generator=device_generator(seed)), want)
-        assert torch.equal(sample_tokens(logits, temperature=5.0, top_k=50, top_p=1e-9, generator=device_generator(seed)), want)
+        assert torch.equal(sample_tokens(logits, temperature=5.0, top_k=50, top_p=1e-9,
+                                         generator=device_generator(seed)), want)
 
 
 def test_vocab_range_confines_ids():

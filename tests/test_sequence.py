@@ -3,11 +3,22 @@
 import pytest
 import torch
 
-from conftest import seeded
 from unimm.models.sequence import (
-    DEFAULT_SPECIAL_TOKENS, EMU3_FORMAT, IGNORE_INDEX, METAMORPH_FORMAT, PLAIN_FORMAT, SIZE_TOKENS, UNIFLUID_FORMAT,
-    ContinuousImage, DiscreteImage, Head, HybridImage, ImageFormat, Text, VocabLayout, pack,
+    DEFAULT_SPECIAL_TOKENS,
+    EMU3_FORMAT,
+    IGNORE_INDEX,
+    METAMORPH_FORMAT,
+    PLAIN_FORMAT,
+    SIZE_TOKENS,
+    UNIFLUID_FORMAT,
+    ContinuousImage,
+    DiscreteImage,
+    HybridImage,
+    Text,
+    pack,
 )
+from unimm.models.vocab import Head, ImageFormat, VocabLayout
+from unimm.testing import seeded
 
 VOCAB = VocabLayout(50, DEFAULT_SPECIAL_TOKENS, 100)
 CODE0 = 50 + len(DEFAULT_SPECIAL_TOKENS)  # id of image code 0

@@ -1,34 +1,34 @@
 """UnifiedModel: vocabulary expansion, losses against a plain-PyTorch recomputation of each
 document run alone, continuous heads, 2D / next-position embeddings, gradients, bad inputs."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import seeded
+from unimm import testing
 from unimm.kernels import AttentionMask
 from unimm.models import (
-    ContinuousImage, Decoder, DiffusionHead, DiscreteImage, HybridImage, RegressionHead, Text, UnifiedModel,
-    VocabLayout, pack,
+    ContinuousImage,
+    DiffusionHead,
+    DiscreteImage,
+    HybridImage,
+    RegressionHead,
+    Text,
+    UnifiedModel,
+    VocabLayout,
+    pack,
 )
 from unimm.models.sequence import METAMORPH_FORMAT, PLAIN_FORMAT, UNIFLUID_FORMAT
+from unimm.testing import seeded
 
 HIDDEN = 32
 
 
-def tiny_decoder(family="llama", tied=False, seed=0):
-    config = dict(model_type=family, vocab_size=64, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=tied,
-                  max_position_embeddings=256)
-    if family == "gemma2":
-        config.update(query_pre_attn_scalar=16, sliding_window=8)
-    torch.manual_seed(seed)
-    return Decoder.from_config(config)
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    monkeypatch.setenv("UNIMM_BACKEND", "reference")
+# two query heads on one KV head, untied, gemma2 with a window of 8 and its own final-logit softcap
+tiny_decoder = functools.partial(testing.tiny_decoder, heads=(2, 1), tied=False, window=8, softcap=None)
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def alone(model, ids, *, prefix=0, replace=(), add=(), extra=None):
@@ -61,7 +61,7 @@ def dense_ce(model, hidden, targets, vocab_range=None):
 
 @pytest.mark.parametrize("family, tied", [("llama", False), ("llama", True), ("gemma2", True)])
 def test_expansion_keeps_text_rows_and_logits(family, tied):
-    decoder = tiny_decoder(family, tied)
+    decoder = tiny_decoder(family, tied=tied)
     embed, head = decoder.embed_tokens.weight.detach().clone(), decoder.lm_head.weight.detach().clone()
     ids = torch.randint(0, 64, (2, 9), generator=seeded(0))
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_expansion_keeps_text_rows_and_logits(family, tied):
     assert after.shape == (2, 9, 123)
     torch.testing.assert_close(after[..., :64], before, rtol=0, atol=0)
     torch.testing.assert_close(model.logits(decoder(ids), vocab.image_codes), after[..., 83:])
-    again = UnifiedModel.from_decoder(tiny_decoder(family, tied), num_image_codes=40, init_seed=3)
+    again = UnifiedModel.from_decoder(tiny_decoder(family, tied=tied), num_image_codes=40, init_seed=3)
     assert torch.equal(again.decoder.embed_tokens.weight, new_embed)
 
 

@@ -3,14 +3,11 @@
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_GPU, available_backends, seeded
 from unimm import _ext
 from unimm.kernels import BackendUnavailable, vq, vq_lookup, vq_quantize
 from unimm.kernels._common import cdiv, split_columns
 from unimm.kernels.reference import vq as reference
-
-# Interpreter paths run in fp32/fp16 (tl.dot on bf16 is unreliable in triton's interpreter).
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
+from unimm.testing import DEVICE, DTYPES, HAS_GPU, available_backends, seeded
 
 
 def random(shape, seed, dtype=torch.float32, scale=1.0):

@@ -1,7 +1,7 @@
 """unimm's benchmarks: one module per family, each timing unimm against the code people run today
 (the anchors) on the same inputs, checking every result against a reference, and writing one
-JSON file; ``suite`` runs them as ``unimm bench`` and ``render`` turns the results into
-docs/PERFORMANCE.md.
+JSON file, on the harness they share (``_harness``); ``suite`` runs them as ``unimm bench`` and
+``render`` turns the results into docs/PERFORMANCE.md.
 
     unimm bench --quick                     # one headline shape per family, strongest anchors
     unimm bench --families cross_entropy    # one family at all its headline shapes

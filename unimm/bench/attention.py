@@ -48,39 +48,32 @@ anchors of those layouts are n/a, left out.
 
 from __future__ import annotations
 
+import functools
 import math
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from unimm.bench._common import markdown_table, parse_run, peak_memory, print_outcome, save, start_run, verdict
-from unimm.kernels import AttentionMask, BackendUnavailable, attention
+from unimm.bench._attention_cases import check, describe_layout, layout_builder, reference
+from unimm.bench._harness import NotHere, attempt, first_line, fold, mark_na, optional_import, parse_run, show, verdict
+from unimm.kernels import attention
+from unimm.testing import BENCH_TOLERANCE
+
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 except ImportError:  # torch < 2.3
     SDPBackend = sdpa_kernel = None
-try:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    _flex_error = None
-except Exception as error:
-    create_block_mask = flex_attention = None
-    _flex_error = f"FlexAttention is not importable ({type(error).__name__}: {error})"
-try:
-    from flash_attn.cute import flash_attn_func as fa4_func, flash_attn_varlen_func as fa4_varlen_func
-    _fa4_error = None
-except Exception as error:  # not installed, or a CuTe DSL / torch it does not support
-    fa4_func = fa4_varlen_func = None
-    _fa4_error = f"flash-attn-4 is not importable ({type(error).__name__}: {error})"
+flex, _flex_error = optional_import("torch.nn.attention.flex_attention", "FlexAttention")
+fa4, _fa4_error = optional_import("flash_attn.cute", "flash-attn-4")  # FlashAttention-4, CuTe DSL
 
 TARGET = ("on H100: >= 0.85x SDPA's flash/cuDNN on pure causal, >= 1.3x FlexAttention on the mixed "
           "layouts, forward and backward")
 TARGET_VS_SDPA = 0.85
 TARGET_VS_FLEX = 1.3
-WARMUP, REPEAT = 10, 30  # a call is milliseconds to tens of ms at 16k tokens
-BUILD_WARMUP, BUILD_REPEAT = 2, 10
-SMOKE_WARMUP, SMOKE_REPEAT = 1, 3  # the smoke run checks the script, it measures nothing
+COUNTS = dict(warmup=10, repeat=30)  # a call is milliseconds to tens of ms at 16k tokens
+BUILD_COUNTS = dict(warmup=2, repeat=10)
+SMOKE_COUNTS = dict(warmup=1, repeat=3)  # the smoke run checks the script, it measures nothing
 
 # name: (batch B, tokens per sequence S, query heads Hq, key/value heads Hkv, head dim D)
 SHAPES = {
@@ -111,9 +104,6 @@ PURE_CAUSAL = "causal"  # every other layout is "mixed" for the target
 QUICK_SHAPES = ("h16-d128",)
 QUICK_LAYOUTS = ("causal", "packed-images")
 
-# Relative-norm error against the fp32 reference (docs/ARCHITECTURE.md, Numerics). NaN never passes.
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
 SDPA_CAUSAL = ("sdpa[flash]", "sdpa[cudnn]")
 SDPA_DENSE = "sdpa[dense mask]"
 FLEX = "flex_attention"
@@ -121,133 +111,6 @@ FA4 = "flash-attn-4"
 IMPLS = ("unimm",) + SDPA_CAUSAL + (SDPA_DENSE, FLEX, FA4)
 DIRECTIONS = ("forward", "backward")
 BWD_FLOP_FACTOR = 2.5
-
-
-class NotHere(Exception):
-    """An anchor that cannot run in this process: its row is n/a with this reason."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Layouts
-# ---------------------------------------------------------------------------------------------
-
-def images_per_doc(spec) -> int:
-    if not spec["image"] or spec["doc"] < spec["lead"] + spec["image"]:
-        return 0
-    return (spec["doc"] - spec["lead"] - spec["image"]) // (spec["image"] + spec["gap"]) + 1
-
-
-def packed_ids(spec, batch, seq, device):
-    """doc_ids and span_ids [B, S] for a ``packed`` layout, built with torch ops."""
-    doc, image, lead, gap, pad = (spec[key] for key in ("doc", "image", "lead", "gap", "pad"))
-    pos = torch.arange(seq, device=device)
-    doc_ids = (pos // doc).expand(batch, seq).clone()
-    if pad:
-        doc_ids[-1, seq - pad:] = -1
-    n_images = images_per_doc(spec)
-    if n_images:
-        rel = pos % doc - lead  # position after the doc's leading text
-        index = rel.div(image + gap, rounding_mode="floor")
-        in_image = (rel >= 0) & (rel % (image + gap) < image) & (index < n_images)
-        spans = torch.where(in_image, (pos // doc) * n_images + index + 1, 0)  # unique, nonzero
-    else:
-        spans = torch.zeros_like(pos)
-    span_ids = torch.where(doc_ids >= 0, spans.expand(batch, seq), 0)
-    return doc_ids, span_ids
-
-
-def layout_builder(spec, batch, seq, device):
-    """The layout's AttentionMask builder call, with its inputs made beforehand (not timed)."""
-    if spec["kind"] == "causal":
-        return lambda: AttentionMask.causal(batch, seq, device=device)
-    if spec["kind"] == "prefix_lm":
-        prefix_lens = torch.full((batch,), int(seq * spec["prefix_fraction"]), device=device)
-        return lambda: AttentionMask.prefix_lm(prefix_lens, seq)
-    doc_ids, span_ids = packed_ids(spec, batch, seq, device)
-    return lambda: AttentionMask.from_spans(doc_ids, span_ids)
-
-
-def describe_layout(spec, seq) -> str:
-    if spec["kind"] == "causal":
-        return "pure causal"
-    if spec["kind"] == "prefix_lm":
-        return f"prefix-LM, bidirectional prefix of {int(seq * spec['prefix_fraction'])} tokens"
-    n_docs = -(-seq // spec["doc"])
-    text = f"{n_docs} docs of {spec['doc']} (from_spans)"
-    n_images = images_per_doc(spec)
-    if n_images:
-        text += (f", each: text {spec['lead']}, then {n_images} images of {spec['image']} bidirectional "
-                 f"tokens {spec['gap']} text tokens apart, text to the end")
-    else:
-        text += ", causal within each doc (span ids all 0)"
-    if spec["pad"]:
-        text += f"; the last {spec['pad']} tokens of the last sequence are padding"
-    return text
-
-
-# ---------------------------------------------------------------------------------------------
-# Reference and errors
-# ---------------------------------------------------------------------------------------------
-
-def reference(q, k, v, dout, dense, scale):
-    """(out, dq, dk, dv) in fp32 on the inputs' device: explicit softmax attention with the dense
-    mask, fp32 matmuls without TF32, one query head and a block of query rows at a time (512 MiB
-    of fp32 scores per block). Rows with no visible key give 0."""
-    batch, seq, q_heads, _ = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    group = q_heads // kv_heads
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    dq = torch.empty_like(out)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv = torch.zeros_like(dk)
-    has_keys = dense.any(-1)[..., None]  # [B, S, 1]
-    rows = max(1, 2**27 // (batch * kv_len))
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        with torch.enable_grad():
-            for h in range(q_heads):
-                kh = k.detach()[:, :, h // group].float().requires_grad_()
-                vh = v.detach()[:, :, h // group].float().requires_grad_()
-                for start in range(0, seq, rows):
-                    block = slice(start, start + rows)
-                    qb = q.detach()[:, block, h].float().requires_grad_()
-                    scores = torch.matmul(qb, kh.transpose(1, 2)) * scale
-                    scores = scores.masked_fill(~dense[:, block], float("-inf"))
-                    scores = scores.masked_fill(~has_keys[:, block], 0.0)  # no all -inf rows: no NaN
-                    probs = torch.softmax(scores, dim=-1) * has_keys[:, block]
-                    ob = torch.matmul(probs, vh)
-                    gq, gk, gv = torch.autograd.grad(ob, (qb, kh, vh), dout[:, block, h].float())
-                    out[:, block, h] = ob.detach()
-                    dq[:, block, h] = gq
-                    dk[:, :, h // group] += gk
-                    dv[:, :, h // group] += gv
-                    del scores, probs, ob, gq, gk, gv
-    finally:
-        torch.set_float32_matmul_precision(precision)
-    return out, dq, dk, dv
-
-
-def rel_error(got, expected) -> float:
-    """||got - expected|| / ||expected|| in fp64; NaN when ``got`` is missing or holds a NaN."""
-    if got is None:
-        return math.nan
-    expected = expected.double()
-    return ((got.detach().double() - expected).norm() / expected.norm()).item()
-
-
-def check(result, out, grads, ref, empty, tol):
-    """Errors of one implementation's first call against the reference, into ``result``."""
-    names = ("out",) if grads is None else ("out", "dq", "dk", "dv")
-    got = (out,) if grads is None else (out,) + tuple(grads)
-    for name, g, e in zip(names, got, ref):
-        result[f"{name}_rel_err"] = rel_error(g, e)
-    result["empty_rows"] = int(empty.sum())
-    if result["empty_rows"]:
-        # out and dq of rows that see no keys: exactly 0
-        result["empty_rows_max_abs"] = max(g.detach()[empty].abs().max().item() for g in got[:2])
-    result["within_tolerance"] = bool(all(result[f"{name}_rel_err"] <= tol for name in names)
-                                      and result.get("empty_rows_max_abs", 0.0) == 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,11 +121,11 @@ def heads_first(x):
     return x.transpose(1, 2)  # [B, S, H, D] -> [B, H, S, D], a view
 
 
-def make_impl(impl, case):
+def make_impl(impl, case, run):
     """impl -> (fn(q, k, v) -> out [B, S, Hq, D], extras for the result, why there is no backward
     or None). Raises NotHere where the anchor cannot run here; the setup's own cost (the mask or
     block mask build) is timed here."""
-    mask, device, timer, gqa = case["mask"], case["device"], case["timer"], case["gqa"]
+    mask, device, gqa = case["mask"], run.device, case["gqa"]
     gqa_kw = {"enable_gqa": True} if gqa else {}
 
     if impl == "unimm":
@@ -284,7 +147,7 @@ def make_impl(impl, case):
 
     if impl == SDPA_DENSE:
         kv_len = case["kv_len"]
-        build_ms = timer(lambda: mask.to_dense(kv_len), **case["build_counts"])["median_ms"]
+        build_ms = run.time(lambda: mask.to_dense(kv_len), **case["build_counts"])["median_ms"]
         dense = case["dense"][:, None]  # [B, 1, S, Skv]: broadcast over heads
 
         def sdpa_dense(q, k, v):
@@ -294,10 +157,10 @@ def make_impl(impl, case):
                                 mask_build_ms=build_ms), None
 
     if impl == FA4:
-        return fa4_impl(case)
+        return fa4_impl(case, device)
 
     assert impl == FLEX
-    if flex_attention is None:
+    if flex is None:
         raise NotHere(_flex_error)
     kv_start, kv_end = mask.kv_start, mask.kv_end
     batch, seq, kv_len = case["batch"], case["seq"], case["kv_len"]
@@ -306,51 +169,52 @@ def make_impl(impl, case):
         return (kv_start[b, q_idx] <= kv_idx) & (kv_idx < kv_end[b, q_idx])
 
     def build():
-        return create_block_mask(mask_mod, batch, None, seq, kv_len, device=device)
+        return flex.create_block_mask(mask_mod, batch, None, seq, kv_len, device=device)
 
-    build_ms = timer(build, **case["build_counts"])["median_ms"]
+    build_ms = run.time(build, **case["build_counts"])["median_ms"]
     block_mask = build()
     if device.type == "cuda":
         torch.compiler.reset()  # compiled afresh for every case: its compile time is its own
-        flex = torch.compile(flex_attention, dynamic=False)
+        flex_kernel = torch.compile(flex.flex_attention, dynamic=False)
         variant, no_backward = "torch.compile(flex_attention), inductor", None
     else:
         # inductor's CPU build takes far longer than a smoke run, and eager flex has no CPU backward
-        flex = flex_attention
+        flex_kernel = flex.flex_attention
         variant, no_backward = "eager flex_attention, forward only", "FlexAttention has no backward on the CPU"
 
     def flex_fn(q, k, v):
         if no_backward:
             q, k, v = q.detach(), k.detach(), v.detach()  # it refuses inputs that require grad
-        return heads_first(flex(heads_first(q), heads_first(k), heads_first(v), block_mask=block_mask, **gqa_kw))
+        return heads_first(flex_kernel(heads_first(q), heads_first(k), heads_first(v), block_mask=block_mask, **gqa_kw))
     return flex_fn, dict(variant=variant, mask_build_ms=build_ms,
                          block_size=list(block_mask.BLOCK_SIZE)), no_backward
 
 
-def fa4_impl(case):
+def fa4_impl(case, device):
     """FlashAttention-4 (CuTe DSL) where a layout is what its plain interface expresses: pure
     causal (``causal=True``) and packed causal documents (the varlen interface over the flattened
     rows, documents as ``cu_seqlens``). Bidirectional spans would need its ``mask_mod`` with block
     sparsity, not wired here: n/a."""
-    if fa4_func is None:
+    if fa4 is None:
         raise NotHere(_fa4_error)
-    if case["device"].type != "cuda":
+    if device.type != "cuda":
         raise NotHere("a CuTe DSL GPU kernel: needs a CUDA device")
     spec, batch, seq = case["layout_spec"], case["batch"], case["seq"]
     if spec["kind"] == "causal":
-        return (lambda q, k, v: fa4_func(q, k, v, causal=True)[0]), dict(variant="flash_attn_func(causal=True)"), None
+        return (lambda q, k, v: fa4.flash_attn_func(q, k, v, causal=True)[0],
+                dict(variant="flash_attn_func(causal=True)"), None)
     if spec["kind"] != "packed" or spec["image"] or spec["pad"]:
         raise NotHere("bidirectional spans or padding need flash-attn-4's mask_mod with block sparsity, "
                       "not wired in this benchmark")
     doc = spec["doc"]
     bounds = sorted({row * seq + start for row in range(batch) for start in range(0, seq, doc)} | {batch * seq})
-    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=case["device"])
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
     longest = min(doc, seq)
 
     def fa4_varlen(q, k, v):
         flat = [x.reshape(batch * seq, x.shape[2], x.shape[3]) for x in (q, k, v)]
-        out = fa4_varlen_func(*flat, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=longest,
-                              max_seqlen_k=longest, causal=True)[0]
+        out = fa4.flash_attn_varlen_func(*flat, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=longest,
+                                         max_seqlen_k=longest, causal=True)[0]
         return out.view(q.shape)
     return fa4_varlen, dict(variant="flash_attn_varlen_func(causal=True), documents as cu_seqlens"), None
 
@@ -359,59 +223,52 @@ def fa4_impl(case):
 # Running
 # ---------------------------------------------------------------------------------------------
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def release(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def time_backward(fn, inputs, dout, forward_ms, timer, counts):
+def time_backward(fn, inputs, dout, forward_ms, run):
     """Backward alone on a retained graph; (forward + backward) - forward if that is refused."""
     out = fn(*inputs)
     try:
-        stats = timer(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True), **counts)
+        stats = run.time(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True))
         return dict(stats, method="retained graph")
     except torch.OutOfMemoryError:
         raise
     except Exception as error:
-        refused = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        refused = first_line(error)
     out = None
-    both = timer(lambda: torch.autograd.grad(fn(*inputs), inputs, dout), **counts)
+    both = run.time(lambda: torch.autograd.grad(fn(*inputs), inputs, dout))
     return dict(median_ms=both["median_ms"] - forward_ms, fwd_bwd_median_ms=both["median_ms"],
                 method=f"(forward + backward) - forward; the retained graph was refused ({refused})")
 
 
-def run_impl(result, fn, no_backward, case, ref):
+def run_impl(result, impl, case, ref, run):
     """One implementation on one case: a checked first call, then forward and backward timing and
     peak memory. Fills ``result``; raises what the caller turns into n/a."""
+    if run.quick and impl not in ("unimm",) + (SDPA_CAUSAL + (FA4,) if case["layout"] == PURE_CAUSAL else (FLEX,)):
+        raise NotHere("left out of --quick runs")
+    fn, extras, no_backward = make_impl(impl, case, run)
+    result.update(extras)
     q, k, v, dout = case["q"], case["k"], case["v"], case["dout"]
-    device, timer, counts = case["device"], case["timer"], case["counts"]
     inputs = (q, k, v)
 
     start = time.perf_counter()
     out = fn(q, k, v)
     grads = None if no_backward else torch.autograd.grad(out, inputs, dout)
-    sync(device)
+    run.sync()
     result["first_call_s"] = time.perf_counter() - start
     if ref is not None:
-        check(result, out, grads, ref, case["empty"], case["tol"])
+        check(result, out, grads, ref, case["empty"], BENCH_TOLERANCE[run.dtype])
     del out, grads
-    release(device)
+    run.release()
 
-    forward = timer(lambda: fn(q, k, v), **counts)  # builds the graph, which the next call drops
+    forward = run.time(lambda: fn(q, k, v))  # builds the graph, which the next call drops
     result["forward"] = forward
     if no_backward:
         result["backward"] = None
         result["backward_reason"] = no_backward
         return
-    result["backward"] = time_backward(fn, inputs, dout, forward["median_ms"], timer, counts)
-    release(device)
-    if device.type == "cuda":
-        result["extra_peak_bytes"] = peak_memory(lambda: torch.autograd.grad(fn(q, k, v), inputs, dout))
+    result["backward"] = time_backward(fn, inputs, dout, forward["median_ms"], run)
+    run.release()
+    if run.device.type == "cuda":
+        result["extra_peak_bytes"] = run.peak_memory(lambda: torch.autograd.grad(fn(q, k, v), inputs, dout))
 
 
 def throughput(result, flops, peaks):
@@ -428,11 +285,10 @@ def fmt_ms(stats):
     return "n/a" if stats is None else f"{stats['median_ms']:9.3f} ms {stats['tflops']:7.2f} TFLOP/s"
 
 
-def bench_case(layout, layout_spec, shape, shape_spec, dtype, device, timer, counts, build_counts, peaks,
-               quick=False):
+def bench_case(layout, layout_spec, shape, shape_spec, run, build_counts):
     """One result dict per implementation for one layout and one head shape, same inputs."""
     batch, seq, q_heads, kv_heads, dim = shape_spec
-    kv_len = seq
+    device, dtype, kv_len = run.device, run.dtype, seq
     torch.manual_seed(0)
     q = torch.randn(batch, seq, q_heads, dim, device=device, dtype=dtype).requires_grad_()
     k = torch.randn(batch, kv_len, kv_heads, dim, device=device, dtype=dtype).requires_grad_()
@@ -441,7 +297,7 @@ def bench_case(layout, layout_spec, shape, shape_spec, dtype, device, timer, cou
 
     builder = layout_builder(layout_spec, batch, seq, device)
     mask = builder()
-    unimm_build_ms = timer(builder, **build_counts)["median_ms"]
+    unimm_build_ms = run.time(builder, **build_counts)["median_ms"]
     kv_start = mask.kv_start.long().clamp(min=0)
     kv_end = mask.kv_end.long().clamp(max=kv_len)
     pairs = int((kv_end - kv_start).clamp_min(0).sum())
@@ -459,44 +315,24 @@ def bench_case(layout, layout_spec, shape, shape_spec, dtype, device, timer, cou
         ref = reference(q, k, v, dout, dense, dim**-0.5)
     except torch.OutOfMemoryError as error:
         print(f"  fp32 reference ran out of memory, no correctness check: {str(error).splitlines()[0]}")
-    release(device)
+    run.release()
 
-    case = dict(mask=mask, dense=dense, device=device, timer=timer, counts=counts, build_counts=build_counts,
-                layout_spec=layout_spec,
+    case = dict(layout=layout, mask=mask, dense=dense, build_counts=build_counts, layout_spec=layout_spec,
                 gqa=q_heads != kv_heads, batch=batch, seq=seq, kv_len=kv_len, unimm_build_ms=unimm_build_ms,
-                q=q, k=k, v=v, dout=dout, empty=empty, tol=TOLERANCE[dtype])
+                q=q, k=k, v=v, dout=dout, empty=empty)
     impls = ("unimm",) + (SDPA_CAUSAL if layout == PURE_CAUSAL else (SDPA_DENSE,)) + (FLEX, FA4)
     results = []
     for impl in impls:
         result = dict(case_info, impl=impl)
         results.append(result)
-        reason = None
-        try:
-            if quick and impl not in ("unimm",) + (SDPA_CAUSAL + (FA4,) if layout == PURE_CAUSAL else (FLEX,)):
-                raise NotHere("left out of --quick runs")
-            fn, extras, no_backward = make_impl(impl, case)
-            result.update(extras)
-            run_impl(result, fn, no_backward, case, ref)
-        except NotHere as error:
-            reason = str(error)
-        except BackendUnavailable as error:
-            reason = str(error)
-        except torch.OutOfMemoryError as error:
-            reason = f"out of memory: {str(error).splitlines()[0]}"
-        except Exception as error:  # an anchor's own failure is its n/a; unimm's is a bug
-            if impl == "unimm":
-                raise
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        fn = None
-        release(device)
+        # an anchor's own failure is its n/a; unimm's is a bug
+        reason = attempt(functools.partial(run_impl, result, impl, case, ref, run), is_bug=impl == "unimm")
+        run.release()
         if reason is not None:
-            for key in [key for key in result if key not in dict(case_info, impl=None)]:
-                del result[key]
-            result.update(available=False, reason=reason)
-            print(f"  {impl:>17}  n/a: {reason}")
+            mark_na(result, reason, tuple(case_info) + ("impl",), f"  {impl:>17}")
             continue
         result["available"] = True
-        throughput(result, flops, peaks)
+        throughput(result, flops, run.peaks)
         if impl == FLEX and device.type == "cuda":
             result["compile_s"] = result["first_call_s"]
         names = [name for name in ("out", "dq", "dk", "dv") if f"{name}_rel_err" in result]
@@ -507,7 +343,7 @@ def bench_case(layout, layout_spec, shape, shape_spec, dtype, device, timer, cou
               + (f"  extra {result['extra_peak_bytes'] / 2**20:.0f} MiB" if "extra_peak_bytes" in result else "")
               + (f"  compile {result['compile_s']:.1f} s" if "compile_s" in result else "") + errors)
     del q, k, v, dout, ref, dense, case, mask
-    release(device)
+    run.release()
 
     by_impl = {r["impl"]: r for r in results if r["available"]}
     if "unimm" in by_impl:
@@ -523,13 +359,6 @@ def bench_case(layout, layout_spec, shape, shape_spec, dtype, device, timer, cou
 # ---------------------------------------------------------------------------------------------
 # Targets and output
 # ---------------------------------------------------------------------------------------------
-
-def combine(values):
-    """Several judgements into one: any failure fails, else any unjudged leaves it unjudged."""
-    if not values:
-        return None
-    return False if False in values else (None if None in values else True)
-
 
 def check_targets(results, layouts, shapes):
     """Each part of the target -> True / False / None (not judged), plus what stopped a judgement.
@@ -553,13 +382,8 @@ def check_targets(results, layouts, shapes):
                 else:
                     values.append(None)
                     why.append(f"{layout}/{shape} {direction}: {' and '.join(anchors)} n/a")
-    parts = {key: combine(values) for key, values in checks.items()}
-    return parts, combine(list(parts.values())), sorted(set(why))
-
-
-def show(stats, key, spec):
-    value = None if stats is None else stats.get(key)
-    return "-" if value is None else format(value, spec)
+    parts = {key: fold(values) for key, values in checks.items()}
+    return parts, fold(parts.values()), sorted(set(why))
 
 
 def table_row(result, results):
@@ -583,7 +407,7 @@ def table_row(result, results):
         "unimm speedup fwd": show(speedup, "forward", ".2f"),
         "unimm speedup bwd": show(speedup, "backward", ".2f"),
         "mask build ms": show(result, "mask_build_ms", ".3f"),
-        "extra MiB": "-" if "extra_peak_bytes" not in result else f"{result['extra_peak_bytes'] / 2**20:.0f}",
+        "extra MiB": show(result, "extra_peak_bytes", ".0f", 2**-20),
         "out err": show(result, "out_rel_err", ".1e"),
         "dq err": show(result, "dq_rel_err", ".1e"),
         "dk err": show(result, "dk_rel_err", ".1e"),
@@ -592,54 +416,45 @@ def table_row(result, results):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_run(__doc__, "attention", SHAPES, SMOKE_SHAPES, default_dtype="bf16", quick_shapes=QUICK_SHAPES,
-                     smoke_dtype="fp32", dtype_help="; fp32 with --smoke, CPU bf16 matmuls being slow",
+    run = parse_run(__doc__, "attention", SHAPES, SMOKE_SHAPES, default_dtype="bf16", counts=COUNTS,
+                     smoke_counts=SMOKE_COUNTS, quick_shapes=QUICK_SHAPES, smoke_dtype="fp32",
+                     dtype_help="; fp32 with --smoke, CPU bf16 matmuls being slow",
                      add_arguments=lambda parser: parser.add_argument(
                          "--layouts", help=f"comma-separated subset of {','.join(LAYOUTS)}; default all "
                                            f"({','.join(QUICK_LAYOUTS)} with --quick)"), argv=argv)
-    layout_names = (args.layouts.split(",") if args.layouts else
-                    list(QUICK_LAYOUTS) if args.quick else list(LAYOUTS))
-    unknown = [name for name in layout_names if name not in LAYOUTS]
-    if unknown:
-        sys.exit(f"unimm.bench.attention: unknown layouts {unknown}; choose from {','.join(LAYOUTS)}")
-    shapes, names, dtype_name, dtype = args.shape_table, args.names, args.dtype_name, args.dtype
-    device, timer = args.device, args.timer
-    if args.smoke:
+    layout_names = run.choose(run.layouts, LAYOUTS, QUICK_LAYOUTS if run.quick else LAYOUTS, "layouts")
+    shapes, names = run.shape_table, run.names
+    if run.smoke:
         torch.set_num_threads(1)  # tiny CPU tensors: thread-pool wake-ups would dominate every call
-    layouts = SMOKE_LAYOUTS if args.smoke else LAYOUTS
-    counts = dict(warmup=SMOKE_WARMUP, repeat=SMOKE_REPEAT) if args.smoke else dict(warmup=WARMUP, repeat=REPEAT)
-    build_counts = (dict(warmup=SMOKE_WARMUP, repeat=SMOKE_REPEAT) if args.smoke
-                    else dict(warmup=BUILD_WARMUP, repeat=BUILD_REPEAT))
-    env, peaks = start_run(args)
+    layouts = SMOKE_LAYOUTS if run.smoke else LAYOUTS
+    build_counts = SMOKE_COUNTS if run.smoke else BUILD_COUNTS
+    run.start()
 
     results = []
     for layout in layout_names:
         for name in names:
-            results += bench_case(layout, layouts[layout], name, shapes[name], dtype, device, timer,
-                                  counts, build_counts, peaks, args.quick)
+            results += bench_case(layout, layouts[layout], name, shapes[name], run, build_counts)
 
     parts, target_met, undecided = check_targets(results, layout_names, names)
-    if args.smoke:  # CPU times say nothing about an H100 target
+    if run.smoke:  # CPU times say nothing about an H100 target
         parts = {key: None for key in parts}
         target_met, undecided = None, ["smoke run"]
+    tolerance = BENCH_TOLERANCE[run.dtype]
     payload = dict(
         target=TARGET,
         target_met=target_met,
         target_parts=parts,
         target_not_judged=undecided,
-        smoke=args.smoke,
-        environment=env,
-        peaks=peaks,
-        dtype=dtype_name,
+        **run.fields(),
         float32_matmul_precision=torch.get_float32_matmul_precision(),
-        timing=dict(timer=timer.__name__, **counts, build_warmup=build_counts["warmup"],
+        timing=dict(timer=run.timer.__name__, **run.counts, build_warmup=build_counts["warmup"],
                     build_repeat=build_counts["repeat"],
                     forward="one call with q, k, v requiring grad (graph built, then dropped)",
                     backward="torch.autograd.grad(out, (q, k, v), dout, retain_graph=True) on one forward's graph"),
         flops=f"forward 4*D*Hq*visible_pairs, backward {BWD_FLOP_FACTOR}x that",
         reference="explicit softmax attention in fp32 with the dense mask (fp32 matmuls, no TF32), "
                   "per query head and block of query rows",
-        tolerance=TOLERANCE[dtype],
+        tolerance=tolerance,
         shapes={name: dict(batch=b, seq_len=s, q_heads=hq, kv_heads=hkv, head_dim=d)
                 for name, (b, s, hq, hkv, d) in ((name, shapes[name]) for name in names)},
         layouts={layout: dict(layouts[layout], mixed=layout != PURE_CAUSAL,
@@ -647,31 +462,22 @@ def main(argv: list[str] | None = None) -> int:
                  for layout in layout_names},
         results=results,
     )
-    path = save(payload, args)
-
-    print_outcome(path, TARGET, args.smoke, env, f"target {verdict(target_met)}: "
-          + ", ".join(f"{key} {verdict(value)}" for key, value in parts.items())
-          + (f" [not judged: {', '.join(undecided)}]" if undecided else ""))
-    compiled = [r for r in results if "compile_s" in r]
-    if compiled:
-        print("flex_attention first call (forward + backward), compilation included: "
-              + ", ".join(f"{r['layout']}/{r['shape']} {r['compile_s']:.1f} s" for r in compiled))
-    checked = [r for r in results if "within_tolerance" in r]
-    off = [f"{r['layout']}/{r['shape']}/{r['impl']}" for r in checked if not r["within_tolerance"]]
-    print(f"out, dq, dk, dv vs the fp32 reference (tolerance {TOLERANCE[dtype]:g}, relative; rows with no keys "
-          "exactly 0): " + (f"outside tolerance for {', '.join(off)}" if off
-                            else f"all {len(checked)} checked runs within tolerance"))
-    for r in results:
-        if not r["available"]:
-            print(f"n/a {r['layout']}/{r['shape']}/{r['impl']}: {r['reason']}")
-        elif r.get("backward") is None:
-            print(f"no backward {r['layout']}/{r['shape']}/{r['impl']}: {r['backward_reason']}")
-        elif r["backward"]["method"] != "retained graph":
-            print(f"backward of {r['layout']}/{r['shape']}/{r['impl']} timed as {r['backward']['method']}")
-    print("unimm speedup = the row's median time / unimm's median time at the same layout and shape; "
-          "TFLOP/s count visible pairs only; errors are against the fp32 reference\n")
-    rows = [table_row(result, results) for result in results]
-    print(markdown_table(rows, list(rows[0])))
+    notes = [f"no backward {r['layout']}/{r['shape']}/{r['impl']}: {r['backward_reason']}"
+             for r in results if r["available"] and r.get("backward") is None]
+    notes += [f"backward of {r['layout']}/{r['shape']}/{r['impl']} timed as {r['backward']['method']}"
+              for r in results if r["available"] and r.get("backward") and r["backward"]["method"] != "retained graph"]
+    notes = [f"no backward {r['layout']}/{r['shape']}/{r['impl']}: {r['backward_reason']}"
+             for r in results if r["available"] and r.get("backward") is None]
+    notes += [f"backward of {r['layout']}/{r['shape']}/{r['impl']} timed as {r['backward']['method']}"
+              for r in results if r["available"] and r.get("backward") and r["backward"]["method"] != "retained graph"]
+    outcome = f"target {verdict(target_met)}: " + ", ".join(f"{key} {verdict(value)}" for key, value in parts.items())
+    run.report(payload, outcome, undecided=undecided, case=("layout", "shape"), notes=notes,
+               compiled="flex_attention first call (forward + backward), compilation included",
+               agreement=f"out, dq, dk, dv vs the fp32 reference (tolerance {tolerance:g}, relative; rows with no "
+                         "keys exactly 0)",
+               tables=[("unimm speedup = the row's median time / unimm's median time at the same layout and shape; "
+                        "TFLOP/s count visible pairs only; errors are against the fp32 reference",
+                        [table_row(result, results) for result in results])])
     return 0
 
 

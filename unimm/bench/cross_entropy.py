@@ -31,39 +31,24 @@ torch.compile row (its compilation takes longer than the rest of the family).
 
 from __future__ import annotations
 
-import math
+import functools
 import time
 
 import torch
 import torch.nn.functional as F
 
-from unimm.bench._common import add_unimm_speedups, markdown_table, parse_run, peak_memory, print_outcome, save, start_run, verdict
-from unimm.kernels import BackendUnavailable, linear_cross_entropy
+from unimm.bench._harness import add_unimm_speedups, attempt, fold, mark_na, optional_import, parse_run, show, verdict
+from unimm.kernels import linear_cross_entropy
+from unimm.testing import BENCH_TOLERANCE, rel_err
 
-try:
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    _liger_error = None
-except Exception as error:  # ImportError, or a triton / torch it does not support
-    LigerFusedLinearCrossEntropyLoss = None
-    _liger_error = f"liger-kernel is not importable ({type(error).__name__}: {error})"
-try:
-    from cut_cross_entropy import linear_cross_entropy as cce_linear_cross_entropy
-    _cce_error = None
-except Exception as error:
-    cce_linear_cross_entropy = None
-    _cce_error = f"cut-cross-entropy is not importable ({type(error).__name__}: {error})"
-try:
-    from quack.linear_cross_entropy import chunked_linear_cross_entropy as quack_linear_cross_entropy
-    _quack_error = None
-except Exception as error:  # ImportError, or a CuTe DSL / torch it does not support
-    quack_linear_cross_entropy = None
-    _quack_error = f"quack-kernels is not importable ({type(error).__name__}: {error})"
+liger, _liger_error = optional_import("liger_kernel.transformers", "liger-kernel")
+cce, _cce_error = optional_import("cut_cross_entropy", "cut-cross-entropy")
+quack, _quack_error = optional_import("quack.linear_cross_entropy", "quack-kernels")
 
 TARGET = ("on H100: faster than cut-cross-entropy and Liger at every shape, >= 70% of the measured "
           "matmul rate, peak memory no more than cut-cross-entropy's")
 TARGET_PCT_PEAK = 70.0
-WARMUP = 5
-REPEAT = 30  # every call is tens of ms on the full shapes: 30 calls pin the median down
+COUNTS = dict(warmup=5, repeat=30)  # every call is tens of ms on the full shapes: 30 calls pin the median down
 
 # name: (tokens N, hidden D, vocab V, softcap, size of the trailing vocab block timed with vocab_range)
 SHAPES = {
@@ -77,9 +62,6 @@ SMOKE_SHAPES = {
     "tiny": (37, 24, 301, None, 100),
     "tiny-softcap": (37, 24, 301, 2.0, None),
 }
-# Relative-norm error a gradient may have against the fp32 reference (docs/ARCHITECTURE.md, Numerics); the
-# loss may differ by this much relative to the reference loss.
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 ANCHORS = ("cut-cross-entropy", "liger", "quack", "torch.compile", "torch materialised")
 UNIMM_RANGE = "unimm[vocab_range]"
@@ -122,23 +104,24 @@ def loss_functions(softcap, vocab_range, device, compile_backend, quick=False):
         fns["cut-cross-entropy"] = fns["liger"] = (None, "a Triton GPU kernel: needs a CUDA device")
         fns["quack"] = (None, "a CuTe DSL GPU kernel: needs a CUDA device")
         return fns
-    if cce_linear_cross_entropy is not None:
+    if cce is not None:
         fns["cut-cross-entropy"] = (lambda hidden, weight, targets:
-                                    cce_linear_cross_entropy(hidden, weight, targets, softcap=softcap), None)
-    if quack_linear_cross_entropy is not None:
+                                    cce.linear_cross_entropy(hidden, weight, targets, softcap=softcap), None)
+    if quack is not None:
         if softcap is not None:
             fns["quack"] = (None, "quack's chunked_linear_cross_entropy has no softcap")
         else:
-            fns["quack"] = (lambda hidden, weight, targets: quack_linear_cross_entropy(hidden, weight, targets), None)
-    if LigerFusedLinearCrossEntropyLoss is not None:
+            fns["quack"] = (lambda hidden, weight, targets: quack.chunked_linear_cross_entropy(hidden, weight, targets),
+                            None)
+    if liger is not None:
         try:
-            liger = (LigerFusedLinearCrossEntropyLoss(softcap=softcap) if softcap is not None
-                     else LigerFusedLinearCrossEntropyLoss())
+            liger_loss_module = (liger.LigerFusedLinearCrossEntropyLoss(softcap=softcap) if softcap is not None
+                                 else liger.LigerFusedLinearCrossEntropyLoss())
         except TypeError as error:  # a Liger from before its softcap argument
             fns["liger"] = (None, f"this liger-kernel takes no softcap ({error})")
         else:
             def liger_loss(hidden, weight, targets):
-                loss = liger(weight, hidden, targets)  # Liger's order: weight first
+                loss = liger_loss_module(weight, hidden, targets)  # Liger's order: weight first
                 return loss[0] if isinstance(loss, tuple) else loss
             fns["liger"] = (liger_loss, None)
     return fns
@@ -169,33 +152,12 @@ def reference(hidden, weight, targets, softcap, vocab_range):
         torch.set_float32_matmul_precision(precision)
 
 
-def rel_error(got, expected) -> float:
-    """||got - expected|| / ||expected||, in fp64; ``expected`` lives on the CPU and crosses over
-    in slices. NaN when ``got`` is missing or holds a NaN."""
-    if got is None:
-        return math.nan
-    rows = max(1, 2**24 // got[0].numel())
-    diff = torch.zeros((), dtype=torch.float64, device=got.device)
-    norm = torch.zeros((), dtype=torch.float64, device=got.device)
-    for g, e in zip(got.detach().split(rows), expected.split(rows)):
-        e = e.to(g.device, torch.float64)
-        diff += (g.double() - e).square().sum()
-        norm += e.square().sum()
-    return (diff / norm).sqrt().item()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def release(hidden, weight, device):
+def release_grads(hidden, weight, run):
     hidden.grad = weight.grad = None
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    run.release()
 
 
-def run_impl(result, fn, hidden, weight, targets, ref, dtype, device, timer):
+def run_impl(result, fn, hidden, weight, targets, ref, run):
     """One implementation at one shape: a checked first call, then timing and peak memory.
     Fills ``result``; raises what the caller turns into n/a."""
     def step():
@@ -206,31 +168,32 @@ def run_impl(result, fn, hidden, weight, targets, ref, dtype, device, timer):
     start = time.perf_counter()
     loss = fn(hidden, weight, targets)
     loss.backward()
-    sync(device)
+    run.sync()
     result["first_call_s"] = time.perf_counter() - start
     if ref is not None:
         ref_loss, ref_grad_hidden, ref_grad_weight = ref
         result.update(loss=loss.detach().float().item(), reference_loss=ref_loss)
         result.update(loss_abs_diff=abs(result["loss"] - ref_loss),
-                      grad_hidden_rel_err=rel_error(hidden.grad, ref_grad_hidden),
-                      grad_weight_rel_err=rel_error(weight.grad, ref_grad_weight))
-        tol = TOLERANCE[dtype]
+                      grad_hidden_rel_err=rel_err(hidden.grad, ref_grad_hidden),
+                      grad_weight_rel_err=rel_err(weight.grad, ref_grad_weight))
+        tol = BENCH_TOLERANCE[run.dtype]
         # NaN compares False, so it never passes
         result["within_tolerance"] = bool(result["loss_abs_diff"] <= tol * abs(ref_loss)
                                           and result["grad_hidden_rel_err"] <= tol
                                           and result["grad_weight_rel_err"] <= tol)
     del loss
-    release(hidden, weight, device)
+    release_grads(hidden, weight, run)
 
-    result.update(timer(step, warmup=WARMUP, repeat=REPEAT))
-    if device.type == "cuda":
-        release(hidden, weight, device)
-        result["extra_peak_bytes"] = peak_memory(step)
+    result.update(run.time(step))
+    if run.device.type == "cuda":
+        release_grads(hidden, weight, run)
+        result["extra_peak_bytes"] = run.peak_memory(step)
 
 
-def bench_shape(name, spec, dtype, device, timer, peaks, compile_backend, quick=False):
+def bench_shape(name, spec, run, compile_backend):
     """One result dict per implementation, all on the same random inputs."""
     n, d, vocab, softcap, codes = spec
+    device, dtype = run.device, run.dtype
     vocab_range = (vocab - codes, vocab) if codes else None
     hidden = torch.randn(n, d, device=device, dtype=dtype).requires_grad_()
     weight = torch.randn(vocab, d, device=device, dtype=dtype).mul_(d**-0.5).requires_grad_()  # logits O(1)
@@ -244,49 +207,35 @@ def bench_shape(name, spec, dtype, device, timer, peaks, compile_backend, quick=
         except torch.OutOfMemoryError as error:
             print(f"{name:>12}  fp32 reference{'' if key is None else ' ' + str(key)} ran out of memory, "
                   f"no correctness check: {str(error).splitlines()[0]}")
-        release(hidden, weight, device)
+        release_grads(hidden, weight, run)
 
-    fns = loss_functions(softcap, vocab_range, device, compile_backend, quick)
+    fns = loss_functions(softcap, vocab_range, device, compile_backend, run.quick)
     results = []
-    for impl in IMPLS:
-        if impl not in fns:
-            continue
+    for impl in (impl for impl in IMPLS if impl in fns):
         fn, reason = fns[impl]
         in_range = impl == UNIMM_RANGE
         result = dict(shape=name, impl=impl, vocab_range=list(vocab_range) if in_range else None)
         results.append(result)
         if fn is not None:
-            try:
-                run_impl(result, fn, hidden, weight, range_targets if in_range else targets,
-                         refs.get(vocab_range if in_range else None), dtype, device, timer)
-            except BackendUnavailable as error:
-                reason = str(error)
-            except torch.OutOfMemoryError as error:
-                reason = f"out of memory: {str(error).splitlines()[0]}"
-            except Exception as error:  # an anchor's own failure is its n/a; unimm's is a bug
-                if impl.startswith("unimm"):
-                    raise
-                reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            release(hidden, weight, device)
+            reason = attempt(functools.partial(run_impl, result, fn, hidden, weight,
+                                               range_targets if in_range else targets,
+                                               refs.get(vocab_range if in_range else None), run),
+                             is_bug=impl.startswith("unimm"))
+            release_grads(hidden, weight, run)
         if reason is not None:
-            for key in [key for key in result if key not in ("shape", "impl", "vocab_range")]:
-                del result[key]
-            result.update(available=False, reason=reason)
-            print(f"{name:>12} {impl:>20}  n/a: {reason}")
+            mark_na(result, reason, ("shape", "impl", "vocab_range"), f"{name:>12} {impl:>20}")
             continue
-        v_eff = codes if in_range else vocab
-        tflops = 6 * n * d * v_eff / (result["median_ms"] * 1e-3) / 1e12
+        tflops = 6 * n * d * (codes if in_range else vocab) / (result["median_ms"] * 1e-3) / 1e12
         result.update(available=True, tflops=tflops)
-        if peaks is not None:
-            result["pct_bf16_peak"] = 100 * tflops / peaks["bf16_matmul_tflops"]
+        if run.peaks is not None:
+            result["pct_bf16_peak"] = 100 * tflops / run.peaks["bf16_matmul_tflops"]
         if impl == "torch.compile":
             result["compile_s"] = result["first_call_s"]
         print(f"{name:>12} {impl:>20}  {result['median_ms']:9.3f} ms  {tflops:7.2f} TFLOP/s"
               + (f"  extra {result['extra_peak_bytes'] / 2**20:9.1f} MiB" if "extra_peak_bytes" in result else "")
               + (f"  compile {result['compile_s']:.1f} s" if "compile_s" in result else ""))
     del hidden, weight, targets, range_targets, refs
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    run.release()
 
     by_impl = add_unimm_speedups(results, ANCHORS)
     if UNIMM_RANGE in by_impl and "unimm" in by_impl:  # the image-code block against the full vocab
@@ -297,9 +246,6 @@ def bench_shape(name, spec, dtype, device, timer, peaks, compile_backend, quick=
 def check_targets(results, names):
     """Each part of the target -> True / False / None (could not be judged in this run), plus
     what stopped a judgement. A part is False as soon as one shape misses it."""
-    def verdict(values):
-        return False if False in values else (None if None in values else True)
-
     checks = {"faster_than_cce_and_liger": [], "pct_matmul_peak": [], "memory_vs_cce": []}
     why = []
     for name in names:
@@ -322,13 +268,8 @@ def check_targets(results, names):
             checks["memory_vs_cce"].append(unimm["extra_peak_bytes"] <= cce["extra_peak_bytes"])
         else:
             checks["memory_vs_cce"].append(None)
-    parts = {key: verdict(values) for key, values in checks.items()}
-    return parts, verdict(list(parts.values())), sorted(set(why))
-
-
-def show(result, key, spec, scale=1.0):
-    value = result.get(key)
-    return "-" if value is None else format(value * scale, spec)
+    parts = {key: fold(values) for key, values in checks.items()}
+    return parts, fold(parts.values()), sorted(set(why))
 
 
 def table_row(result, shapes):
@@ -337,7 +278,6 @@ def table_row(result, shapes):
     impl = result["impl"]
     if result["vocab_range"] is not None:
         impl = f"unimm vocab_range=({result['vocab_range'][0]}, {result['vocab_range'][1]})"
-    speedup = result.get("speedup", {})
     row = {
         "shape": f"{result['shape']} N={n} D={d} V={vocab}" + (f" softcap={softcap:g}" if softcap else ""),
         "impl": impl,
@@ -350,67 +290,52 @@ def table_row(result, shapes):
         "grad_w err": show(result, "grad_weight_rel_err", ".1e"),
     }
     for anchor in ANCHORS + ("unimm",):
-        row[f"speedup vs {anchor}"] = "-" if anchor not in speedup else f"{speedup[anchor]:.2f}"
+        row[f"speedup vs {anchor}"] = show(result.get("speedup"), anchor, ".2f")
     return row
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_run(__doc__, "cross_entropy", SHAPES, SMOKE_SHAPES, default_dtype="bf16", quick_shapes=QUICK_SHAPES,
-                     smoke_dtype="fp32", dtype_help="; fp32 with --smoke, CPU bf16 matmuls being slow", argv=argv)
-    shapes, names, dtype_name, dtype = args.shape_table, args.names, args.dtype_name, args.dtype
-    device, timer = args.device, args.timer
+    run = parse_run(__doc__, "cross_entropy", SHAPES, SMOKE_SHAPES, default_dtype="bf16", counts=COUNTS,
+                     quick_shapes=QUICK_SHAPES, smoke_dtype="fp32",
+                     dtype_help="; fp32 with --smoke, CPU bf16 matmuls being slow", argv=argv)
+    shapes, names = run.shape_table, run.names
     # smoke: aot_eager traces the same graphs as inductor without its C++ build (half a minute cold)
-    compile_backend = "aot_eager" if args.smoke else "inductor"
-    env, peaks = start_run(args)
+    compile_backend = "aot_eager" if run.smoke else "inductor"
+    run.start()
 
     results = []
     for name in names:
         torch.manual_seed(0)
-        results += bench_shape(name, shapes[name], dtype, device, timer, peaks, compile_backend, args.quick)
+        results += bench_shape(name, shapes[name], run, compile_backend)
 
     parts, target_met, undecided = check_targets(results, names)
     payload = dict(
         target=TARGET,
         target_met=target_met,
         target_parts=parts,
-        smoke=args.smoke,
-        environment=env,
-        peaks=peaks,
-        dtype=dtype_name,
+        **run.fields(),
         float32_matmul_precision=torch.get_float32_matmul_precision(),
         compile_backend=compile_backend,
-        timing=dict(timer=timer.__name__, warmup=WARMUP, repeat=REPEAT, measures="forward + backward"),
+        timing=dict(timer=run.timer.__name__, **run.counts, measures="forward + backward"),
         reference="materialised loss in fp32 (fp32 matmuls, no TF32), chunked over rows",
         shapes={name: dict(n=n, d=d, vocab=vocab, softcap=softcap,
                            vocab_range=[vocab - codes, vocab] if codes else None)
                 for name, (n, d, vocab, softcap, codes) in ((name, shapes[name]) for name in names)},
         results=results,
     )
-    path = save(payload, args)
-
-    print_outcome(path, TARGET, args.smoke, env, f"target {verdict(target_met)}: "
-          f"faster than cut-cross-entropy and Liger {verdict(parts['faster_than_cce_and_liger'])}, "
-          f">= {TARGET_PCT_PEAK:g}% of the matmul rate {verdict(parts['pct_matmul_peak'])}, "
-          f"memory <= cut-cross-entropy {verdict(parts['memory_vs_cce'])}"
-          + (f" [not judged: {', '.join(undecided)}]" if undecided else ""))
-    unimm_rows = [r for r in results if r["impl"] == "unimm" and r["available"] and "pct_bf16_peak" in r]
-    if unimm_rows:
-        print("unimm % of matmul rate: " + ", ".join(f"{r['shape']} {r['pct_bf16_peak']:.1f}%" for r in unimm_rows))
-    compiled = [r for r in results if r["impl"] == "torch.compile" and r["available"]]
-    if compiled:
-        print(f"torch.compile ({compile_backend}) first call, compilation included: "
-              + ", ".join(f"{r['shape']} {r['compile_s']:.1f} s" for r in compiled))
-    checked = [r for r in results if "within_tolerance" in r]
-    off = [f"{r['shape']}/{r['impl']}" for r in checked if not r["within_tolerance"]]
-    print(f"loss and gradients vs the fp32 materialised reference (tolerance {TOLERANCE[dtype]:g}, relative): "
-          + (f"outside tolerance for {', '.join(off)}" if off else f"all {len(checked)} checked runs within tolerance"))
-    for r in results:
-        if not r["available"]:
-            print(f"n/a {r['shape']}/{r['impl']}: {r['reason']}")
-    print("speedup vs X = X's median time / this row's median time; the vocab_range row is compared "
-          "with unimm on the full vocab; errors are against the fp32 reference\n")
-    rows = [table_row(result, shapes) for result in results]
-    print(markdown_table(rows, list(rows[0])))
+    outcome = (f"target {verdict(target_met)}: faster than cut-cross-entropy and Liger "
+               f"{verdict(parts['faster_than_cce_and_liger'])}, >= {TARGET_PCT_PEAK:g}% of the matmul rate "
+               f"{verdict(parts['pct_matmul_peak'])}, memory <= cut-cross-entropy {verdict(parts['memory_vs_cce'])}")
+    peak_shares = [f"{r['shape']} {r['pct_bf16_peak']:.1f}%" for r in results
+                   if r["impl"] == "unimm" and r["available"] and "pct_bf16_peak" in r]
+    run.report(payload, outcome, undecided=undecided, case=("shape",),
+               compiled=f"torch.compile ({compile_backend}) first call, compilation included",
+               agreement=f"loss and gradients vs the fp32 materialised reference "
+                         f"(tolerance {BENCH_TOLERANCE[run.dtype]:g}, relative)",
+               notes=["unimm % of matmul rate: " + ", ".join(peak_shares)] if peak_shares else [],
+               tables=[("speedup vs X = X's median time / this row's median time; the vocab_range row is compared "
+                        "with unimm on the full vocab; errors are against the fp32 reference",
+                        [table_row(result, shapes) for result in results])])
     return 0
 
 

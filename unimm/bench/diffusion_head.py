@@ -36,16 +36,15 @@ reference; torch.compile is left out (minutes of compilation), unless ``--compil
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
-import os
 import time
 
 import torch
 from torch import nn
 
-from unimm.bench._common import add_unimm_speedups, markdown_table, parse_run, peak_memory, print_outcome, save, start_run, verdict
-from unimm.kernels import BackendUnavailable
+from unimm.bench._harness import add_unimm_speedups, attempt, fold, forced_backend, mark_na, parse_run, show, verdict
+from unimm.testing import SAMPLE_TOLERANCE
 
 try:
     from unimm.models import DiffusionHead
@@ -60,8 +59,8 @@ TARGET_PCT_PEAK, TARGET_PEAK_ROWS = 50.0, 2048
 CFG_SCALE = 4.0
 NUM_STEPS, SMOKE_NUM_STEPS = 100, 5
 TIMESTEP_FREQUENCIES = 256  # sinusoidal features into the timestep MLP (MAR / DiT)
-WARMUP, REPEAT = 5, 20  # one call is 100 denoiser steps: 20 calls pin the median down
-SMOKE_WARMUP, SMOKE_REPEAT = 1, 3
+COUNTS = dict(warmup=5, repeat=20)  # one call is 100 denoiser steps: 20 calls pin the median down
+SMOKE_COUNTS = dict(warmup=1, repeat=3)
 
 # name: (token_dim, width, depth); cond_dim = width
 SHAPES = {
@@ -73,28 +72,9 @@ ROWS = (16, 64, 512, 2048)
 QUICK_SHAPES, QUICK_ROWS = (TARGET_SHAPE,), (TARGET_ROWS,)  # --quick: the target's headline case
 SMOKE_SHAPES = {"tiny": (4, 32, 2)}
 SMOKE_ROWS = (4, 8)
-# Max abs difference from the eager reference's sample, relative to max(1, the sample's max abs
-# value). An untrained head's samples are large (x0 = x_t / sqrt(abar) - ... is not clipped, as in
-# MAR): 1e5 is usual, so only the relative size of a difference means anything. 100 steps of bf16
-# rounding in two accumulation orders differ by ~1% of the sample's range.
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 
 ANCHORS = ("eager reference", "torch.compile")
 IMPLS = ("unimm",) + ANCHORS
-
-
-@contextlib.contextmanager
-def backend(name: str | None):
-    """unimm reads UNIMM_BACKEND on every call, so one process can time every backend."""
-    before = os.environ.pop("UNIMM_BACKEND", None)
-    if name is not None:
-        os.environ["UNIMM_BACKEND"] = name
-    try:
-        yield
-    finally:
-        os.environ.pop("UNIMM_BACKEND", None)
-        if before is not None:
-            os.environ["UNIMM_BACKEND"] = before
 
 
 def randomize(head: nn.Module, generator: torch.Generator) -> None:
@@ -122,16 +102,6 @@ def counts(spec, rows, num_steps, element_size):
     return flops, weight_bytes
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def sample_fns(head, cond, noise, num_steps, smoke, compile_reason):
     """impl -> (zero-argument sample call, UNIMM_BACKEND while it runs, None) or (None, None, why not)."""
     def call():
@@ -150,17 +120,17 @@ def sample_fns(head, cond, noise, num_steps, smoke, compile_reason):
     return fns
 
 
-def run_impl(result, fn, device, timer, warmup, repeat):
-    """First call (kept: its sample and wall time), timing, peak memory. Raises what the caller
-    turns into n/a."""
-    start = time.perf_counter()
-    sample = fn().clone()  # clone: a CUDA-graph replay overwrites its output buffer
-    sync(device)
-    result["first_call_s"] = time.perf_counter() - start
-    result.update(timer(fn, warmup=warmup, repeat=repeat))
-    if device.type == "cuda":
-        result["extra_peak_bytes"] = peak_memory(fn)
-    return sample
+def run_impl(result, samples, impl, fn, forced, run):
+    """First call (its sample kept in ``samples``, and its wall time), timing, peak memory.
+    Raises what the caller turns into n/a."""
+    with forced_backend(forced):
+        start = time.perf_counter()
+        samples[impl] = fn().clone()  # clone: a CUDA-graph replay overwrites its output buffer
+        run.sync()
+        result["first_call_s"] = time.perf_counter() - start
+        result.update(run.time(fn))
+        if run.device.type == "cuda":
+            result["extra_peak_bytes"] = run.peak_memory(fn)
 
 
 def build_head(spec, dtype, device):
@@ -171,48 +141,35 @@ def build_head(spec, dtype, device):
     return head.to(device, dtype).eval()
 
 
-def bench_case(name, spec, head, rows, dtype, device, timer, peaks, num_steps, smoke, compile_reason):
+def bench_case(name, spec, head, rows, run, num_steps, compile_reason):
     """One result dict per implementation at (config, rows), all on the same head, cond and noise."""
     token_dim, width, depth = spec
     tokens = rows // 2
     generator = torch.Generator().manual_seed(rows)
-    cond = torch.randn(rows, width, generator=generator).to(device, dtype)
-    noise = torch.randn(num_steps + 1, tokens, token_dim, generator=generator).to(device)
-    flops, weight_bytes = counts(spec, rows, num_steps, dtype.itemsize)
-    warmup, repeat = (SMOKE_WARMUP, SMOKE_REPEAT) if smoke else (WARMUP, REPEAT)
+    cond = torch.randn(rows, width, generator=generator).to(run.device, run.dtype)
+    noise = torch.randn(num_steps + 1, tokens, token_dim, generator=generator).to(run.device)
+    flops, weight_bytes = counts(spec, rows, num_steps, run.dtype.itemsize)
 
-    fns = sample_fns(head, cond, noise, num_steps, smoke, compile_reason)
+    fns = sample_fns(head, cond, noise, num_steps, run.smoke, compile_reason)
     results, samples = [], {}
     for impl in IMPLS:
         fn, forced, reason = fns[impl]
         result = dict(shape=name, rows=rows, tokens=tokens, impl=impl)
         results.append(result)
         if fn is not None:
-            try:
-                with backend(forced):
-                    samples[impl] = run_impl(result, fn, device, timer, warmup, repeat)
-            except BackendUnavailable as error:
-                reason = str(error)
-            except torch.OutOfMemoryError as error:
-                reason = f"out of memory: {str(error).splitlines()[0]}"
-            except Exception as error:  # torch.compile's failure is its n/a; unimm's is a bug
-                if impl != "torch.compile":
-                    raise
-                reason = first_line(error)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            # torch.compile's failure is its n/a; unimm's (or the eager reference's) is a bug
+            reason = attempt(functools.partial(run_impl, result, samples, impl, fn, forced, run),
+                             is_bug=impl != "torch.compile")
+            run.release()
         if reason is not None:
-            for key in [key for key in result if key not in ("shape", "rows", "tokens", "impl")]:
-                del result[key]
-            result.update(available=False, reason=reason)
-            print(f"{name:>9} {rows:>5} {impl:>16}  n/a: {reason}")
+            mark_na(result, reason, ("shape", "rows", "tokens", "impl"), f"{name:>9} {rows:>5} {impl:>16}")
             continue
         tflops = flops / (result["median_ms"] * 1e-3) / 1e12
         gbps = weight_bytes / (result["median_ms"] * 1e-3) / 1e9
         result.update(available=True, ms_per_step=result["median_ms"] / num_steps, tflops=tflops, weight_gbps=gbps)
-        if peaks is not None:
-            result["pct_bf16_peak"] = 100 * tflops / peaks["bf16_matmul_tflops"]
-            result["pct_copy_peak"] = 100 * gbps / peaks["copy_gbps"]
+        if run.peaks is not None:
+            result["pct_bf16_peak"] = 100 * tflops / run.peaks["bf16_matmul_tflops"]
+            result["pct_copy_peak"] = 100 * gbps / run.peaks["copy_gbps"]
         if impl == "torch.compile":
             result["compile_s"] = result["first_call_s"]
         print(f"{name:>9} {rows:>5} {impl:>16}  {result['median_ms']:9.3f} ms  {tflops:7.2f} TFLOP/s  "
@@ -228,10 +185,10 @@ def bench_case(name, spec, head, rows, dtype, device, timer, peaks, num_steps, s
         result["max_abs_diff"] = (got64 - ref64).abs().max().item()
         result["sample_max_abs"] = ref64.abs().max().item()
         result["max_abs_diff_rel"] = result["max_abs_diff"] / max(1.0, result["sample_max_abs"])
-        result["within_tolerance"] = bool(result["max_abs_diff_rel"] <= TOLERANCE[dtype])  # NaN: never passes
+        # NaN never passes
+        result["within_tolerance"] = bool(result["max_abs_diff_rel"] <= SAMPLE_TOLERANCE[run.dtype])
     del cond, noise, samples, fns
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    run.release()
 
     add_unimm_speedups(results, ANCHORS)
     return results
@@ -258,24 +215,16 @@ def check_targets(results, smoke):
         else:
             parts[part] = unimm["speedup"][anchor] >= bound
     peak_rows = [r for r in results if r["impl"] == "unimm" and r["rows"] == TARGET_PEAK_ROWS]
-    values = [r.get("pct_bf16_peak", -math.inf) >= TARGET_PCT_PEAK if r["available"] else False for r in peak_rows]
     if not peak_rows:
         why.append(f"no case at {TARGET_PEAK_ROWS} rows run")
-    parts["pct_matmul_peak"] = False if False in values else (True if values else None)
-    verdicts = list(parts.values())
-    met = False if False in verdicts else (None if None in verdicts else True)
-    return parts, met, sorted(set(why))
-
-
-def show(result, key, spec, scale=1.0):
-    value = result.get(key)
-    return "-" if value is None else format(value * scale, spec)
+    parts["pct_matmul_peak"] = fold(r.get("pct_bf16_peak", -math.inf) >= TARGET_PCT_PEAK if r["available"] else False
+                                    for r in peak_rows)
+    return parts, fold(parts.values()), sorted(set(why))
 
 
 def table_row(result, shapes):
     """The printed form of one result: short numbers, '-' where a column does not apply."""
     token_dim, width, depth = shapes[result["shape"]]
-    speedup = result.get("speedup", {})
     row = {
         "config": f"{result['shape']} w={width} depth={depth} token_dim={token_dim}",
         "rows": str(result["rows"]),
@@ -291,7 +240,7 @@ def table_row(result, shapes):
         "compile s": show(result, "compile_s", ".1f"),
     }
     for anchor in ANCHORS:
-        row[f"speedup vs {anchor}"] = "-" if anchor not in speedup else f"{speedup[anchor]:.2f}"
+        row[f"speedup vs {anchor}"] = show(result.get("speedup"), anchor, ".2f")
     return row
 
 
@@ -305,79 +254,61 @@ def add_arguments(parser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_run(__doc__, "diffusion_head", SHAPES, SMOKE_SHAPES, default_dtype="bf16", quick_shapes=QUICK_SHAPES,
-                     smoke_dtype="fp32", dtype_help="; fp32 with --smoke, CPU bf16 matmuls being slow",
-                     add_arguments=add_arguments, argv=argv)
+    run = parse_run(__doc__, "diffusion_head", SHAPES, SMOKE_SHAPES, default_dtype="bf16", counts=COUNTS,
+                     smoke_counts=SMOKE_COUNTS, quick_shapes=QUICK_SHAPES, smoke_dtype="fp32",
+                     dtype_help="; fp32 with --smoke, CPU bf16 matmuls being slow", add_arguments=add_arguments,
+                     argv=argv)
     if DiffusionHead is None:
         raise SystemExit("unimm.models has no DiffusionHead in this checkout: nothing to benchmark")
-    shapes, names, dtype_name, dtype = args.shape_table, args.names, args.dtype_name, args.dtype
-    device, timer, smoke = args.device, args.timer, args.smoke
-    rows_list = ([int(r) for r in args.rows.split(",")] if args.rows else
-                 list(SMOKE_ROWS if smoke else QUICK_ROWS if args.quick else ROWS))
+    shapes, names, smoke = run.shape_table, run.names, run.smoke
+    rows_list = ([int(r) for r in run.rows.split(",")] if run.rows else
+                 list(SMOKE_ROWS if smoke else QUICK_ROWS if run.quick else ROWS))
     if any(r < 2 or r % 2 for r in rows_list):
         raise SystemExit(f"--rows must be even and >= 2 (cond holds [cond; uncond] halves), got {rows_list}")
-    compile_rows = ({int(r) for r in args.compile_rows.split(",")} if args.compile_rows is not None else
-                    set() if args.quick else set(rows_list))
+    compile_rows = ({int(r) for r in run.compile_rows.split(",")} if run.compile_rows is not None else
+                    set() if run.quick else set(rows_list))
     num_steps = SMOKE_NUM_STEPS if smoke else NUM_STEPS
-    env, peaks = start_run(args)
+    run.start()
 
     results = []
     for name in names:
-        head = build_head(shapes[name], dtype, device)
+        head = build_head(shapes[name], run.dtype, run.device)
         for rows in rows_list:
-            compile_reason = ("skipped with --no-compile" if args.no_compile else
+            compile_reason = ("skipped with --no-compile" if run.no_compile else
                               None if rows in compile_rows else
-                              "left out of --quick runs: compilation takes minutes" if args.quick else
+                              "left out of --quick runs: compilation takes minutes" if run.quick else
                               f"skipped: {rows} rows not in --compile-rows")
             torch.manual_seed(0)
-            results += bench_case(name, shapes[name], head, rows, dtype, device, timer, peaks, num_steps, smoke,
-                                  compile_reason)
+            results += bench_case(name, shapes[name], head, rows, run, num_steps, compile_reason)
         del head
 
     parts, target_met, undecided = check_targets(results, smoke)
-    warmup, repeat = (SMOKE_WARMUP, SMOKE_REPEAT) if smoke else (WARMUP, REPEAT)
     payload = dict(
         target=TARGET,
         target_met=target_met,
         target_parts=parts,
-        smoke=smoke,
-        environment=env,
-        peaks=peaks,
-        dtype=dtype_name,
+        **run.fields(),
         float32_matmul_precision=torch.get_float32_matmul_precision(),
         num_steps=num_steps,
         cfg_scale=CFG_SCALE,
         rows=rows_list,
         compile_mode="reduce-overhead",
-        timing=dict(timer=timer.__name__, warmup=warmup, repeat=repeat, measures="one sample call (all steps)"),
+        timing=dict(timer=run.timer.__name__, **run.counts, measures="one sample call (all steps)"),
         reference="eager reference (UNIMM_BACKEND=reference) on the same head, cond and noise",
         shapes={name: dict(token_dim=token_dim, cond_dim=width, width=width, depth=depth)
                 for name, (token_dim, width, depth) in ((name, shapes[name]) for name in names)},
         results=results,
     )
-    path = save(payload, args)
-
-    print_outcome(path, TARGET, smoke, env, f"target {verdict(target_met)}: "
-          f">= {TARGET_VS_EAGER:g}x eager {verdict(parts['vs_eager'])}, "
-          f">= {TARGET_VS_COMPILE:g}x torch.compile {verdict(parts['vs_compile'])}, "
-          f">= {TARGET_PCT_PEAK:g}% of the matmul rate at {TARGET_PEAK_ROWS} rows {verdict(parts['pct_matmul_peak'])}"
-          + (f" [not judged: {', '.join(undecided)}]" if undecided else ""))
-    compiled = [r for r in results if r["impl"] == "torch.compile" and r["available"]]
-    if compiled:
-        print("torch.compile first call, compilation and graph capture included: "
-              + ", ".join(f"{r['shape']}/{r['rows']} {r['compile_s']:.1f} s" for r in compiled))
-    checked = [r for r in results if "within_tolerance" in r]
-    off = [f"{r['shape']}/{r['rows']}/{r['impl']}" for r in checked if not r["within_tolerance"]]
-    print(f"samples vs the eager reference's on the same noise (max abs diff <= {TOLERANCE[dtype]:g} "
-          "x max(1, max |sample|)): "
-          + (f"outside tolerance for {', '.join(off)}" if off else f"all {len(checked)} checked runs within tolerance"))
-    for r in results:
-        if not r["available"]:
-            print(f"n/a {r['shape']}/{r['rows']}/{r['impl']}: {r['reason']}")
-    print(f"rows = the CFG-doubled batch (cfg_scale {CFG_SCALE:g}, rows / 2 tokens sampled); median ms = one "
-          f"{num_steps}-step sample call; speedup vs X = X's median time / unimm's\n")
-    table = [table_row(result, shapes) for result in results]
-    print(markdown_table(table, list(table[0])))
+    outcome = (f"target {verdict(target_met)}: >= {TARGET_VS_EAGER:g}x eager {verdict(parts['vs_eager'])}, "
+               f">= {TARGET_VS_COMPILE:g}x torch.compile {verdict(parts['vs_compile'])}, >= {TARGET_PCT_PEAK:g}% "
+               f"of the matmul rate at {TARGET_PEAK_ROWS} rows {verdict(parts['pct_matmul_peak'])}")
+    run.report(payload, outcome, undecided=undecided, case=("shape", "rows"),
+               compiled="torch.compile first call, compilation and graph capture included",
+               agreement=f"samples vs the eager reference's on the same noise (max abs diff <= "
+                         f"{SAMPLE_TOLERANCE[run.dtype]:g} x max(1, max |sample|))",
+               tables=[(f"rows = the CFG-doubled batch (cfg_scale {CFG_SCALE:g}, rows / 2 tokens sampled); median ms "
+                        f"= one {num_steps}-step sample call; speedup vs X = X's median time / unimm's",
+                        [table_row(result, shapes) for result in results])])
     return 0
 
 

@@ -3,7 +3,7 @@
 ``unimm bench`` calls it after every run; outside a checkout (no benchmarks/ or docs/) it renders
 ``PERFORMANCE.md`` and ``performance.png`` into the results folder.
 
-Every family writes the same outline (``_common.write_results``): ``family``,
+Every family writes the same outline (``_harness.report``): ``family``,
 ``environment``, ``peaks``, ``dtype``, ``target`` / ``target_met`` (/ ``target_parts``),
 ``shapes`` and ``results``, one entry per case and implementation (``impl``) with
 ``available`` and either ``median_ms`` or, for forward / backward timings, ``forward`` and
@@ -29,7 +29,7 @@ import sys
 
 from PIL import Image, ImageDraw, ImageFont
 
-from unimm.bench._common import IN_CHECKOUT, PACKAGE_ROOT, RESULTS_DIR, markdown_table
+from unimm.bench._harness import IN_CHECKOUT, PACKAGE_ROOT, RESULTS_DIR, markdown_table, verdict
 
 ROOT = PACKAGE_ROOT
 CASE_KEYS = ("part", "layout", "shape", "case", "rows")  # what names a case, in column order
@@ -124,10 +124,6 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
-def _verdict(value) -> str:
-    return {True: "met", False: "NOT met", None: "not judged"}.get(value, str(value))
-
-
 def _parts(parts, prefix: str = "") -> list[str]:
     """``target_parts`` (possibly nested dicts of True / False / None) as "name: verdict" strings."""
     out = []
@@ -135,7 +131,7 @@ def _parts(parts, prefix: str = "") -> list[str]:
         if isinstance(value, dict):
             out += _parts(value, f"{prefix}{name} ")
         else:
-            out.append(f"{prefix}{name}: {_verdict(value)}")
+            out.append(f"{prefix}{name}: {verdict(value)}")
     return out
 
 
@@ -146,7 +142,7 @@ def family_table(payload: dict) -> str:
     impls = [i for i in impls if not is_anchor(i)] + [i for i in impls if is_anchor(i)]
     anchors = [i for i in impls if is_anchor(i)]
     case_columns = [key for key in CASE_KEYS if any(key in r for r in results)]
-    has_direction = any(not ("median_ms" in r) and r.get("available") for r in results)
+    has_direction = any("median_ms" not in r and r.get("available") for r in results)
     unavailable = {(case_of(r), r["impl"]) for r in results if not r.get("available")}
     unimm_fields = [key for key in THROUGHPUT
                     if any(key in stats for r in results if r["impl"] == UNIMM for stats in timings(r).values())]
@@ -189,7 +185,7 @@ def family_section(family: str, path: pathlib.Path, payload: dict, root: pathlib
                      f"copy {_fmt(peaks.get('copy_gbps'), '.0f')} GB/s")
     if payload.get("target"):
         parts = _parts(payload.get("target_parts"))
-        lines.append(f"- target: {payload['target']} -- **{_verdict(payload.get('target_met'))}**"
+        lines.append(f"- target: {payload['target']} -- **{verdict(payload.get('target_met'))}**"
                      + (f" ({'; '.join(parts)})" if parts else ""))
     shapes = payload.get("shapes") or {}
     if shapes:
@@ -246,8 +242,9 @@ def summary_table(rows: list[dict]) -> str:
 
 def summary_section(path: pathlib.Path, payload: dict) -> str:
     env = payload["environment"]
+    options = "".join(" --" + mode for mode in payload.get("mode", "").split() if mode != "full")
     return "\n".join([
-        f"## Summary of the latest `unimm bench{''.join(' --' + mode for mode in payload.get('mode', '').split() if mode != 'full')}`",
+        f"## Summary of the latest `unimm bench{options}`",
         "", f"- run: {env.get('date', '?')} on {env.get('device', '?')}, commit `{str(env.get('git_sha', '?'))[:12]}`, "
             f"{payload.get('elapsed_s', '?')} s; file `{path.name}`",
         f"- {SUMMARY_LEGEND}", "", summary_table(payload["rows"])])

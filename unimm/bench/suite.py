@@ -26,7 +26,7 @@ import time
 import torch
 
 from unimm.bench import FAMILIES
-from unimm.bench._common import RESULTS_DIR, environment, measure_device_peaks, result_name
+from unimm.bench._harness import RESULTS_DIR, environment, measure_device_peaks, result_name
 from unimm.bench.render import SUMMARY, SUMMARY_LEGEND, case_of, render, summary_table, timings
 
 ALIASES = {"ce": "cross_entropy", "diffusion": "diffusion_head", "train": "train_step"}

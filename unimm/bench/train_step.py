@@ -1,4 +1,5 @@
-"""One training step (forward, backward, AdamW) of a Llama-3.2-1B-shaped unified model: unimm against transformers and transformers + Liger-Kernel.
+"""One training step (forward, backward, AdamW) of a Llama-3.2-1B-shaped unified model: unimm against
+transformers and transformers + Liger-Kernel.
 
 The backbone is Llama-3.2-1B's (hidden 2048, 16 layers, 32 heads / 8 KV heads of 64, MLP 8192,
 llama3 RoPE, tied embeddings) with the vocabulary expanded to 161,280 entries whose last 32,768
@@ -40,32 +41,27 @@ With ``--quick`` (what ``unimm bench --quick`` runs): the bidirectional-images l
 
 from __future__ import annotations
 
-import gc
+import functools
 import time
 
 import torch
 import transformers
 
-from unimm.bench._common import markdown_table, parse_run, peak_memory, print_outcome, save, start_run, verdict
+from unimm.bench._harness import attempt, fold, mark_na, optional_import, parse_run, show, verdict
+from unimm.bench._llama import LLAMA3_ROPE, llama_config, llama_for_causal_lm
 from unimm.integrations.transformers import apply as apply_unimm
 from unimm.kernels import AttentionMask
-from unimm.models.decoder import Decoder, DecoderConfig
+from unimm.models import Decoder, DecoderConfig
+from unimm.testing import LOSS_TOLERANCE
 
-try:
-    from liger_kernel.transformers import apply_liger_kernel_to_llama
-    _liger_error = None
-except Exception as error:  # ImportError, or a triton / transformers it does not support
-    apply_liger_kernel_to_llama = None
-    _liger_error = f"liger-kernel is not importable ({type(error).__name__}: {error})"
+liger, _liger_error = optional_import("liger_kernel.transformers", "liger-kernel")
 
 TARGET = "on H100: unimm >= 1.5x the tokens/s of transformers + Liger at lower peak memory, in both layouts"
 TARGET_SPEEDUP = 1.5
 IMAGE_FRACTION = 0.8
-WARMUP, REPEAT = 3, 10  # a step is hundreds of ms; AdamW's state exists after the first
-QUICK_WARMUP, QUICK_REPEAT = 2, 5
-SMOKE_WARMUP, SMOKE_REPEAT = 1, 2
-LLAMA3_ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=8192)
+COUNTS = dict(warmup=3, repeat=10)  # a step is hundreds of ms; AdamW's state exists after the first
+QUICK_COUNTS = dict(warmup=2, repeat=5)
+SMOKE_COUNTS = dict(warmup=1, repeat=2)
 
 # name: model and batch; rows of seq_len tokens, docs_per_row documents per row
 SHAPES = {
@@ -80,8 +76,6 @@ LAYOUTS = ("bidirectional-images", "causal-images")
 QUICK_LAYOUTS = ("bidirectional-images",)
 ANCHORS = ("transformers+liger", "transformers")
 IMPLS = ("unimm", "transformers+unimm", "transformers", "transformers+liger")  # liger patches globally: last
-# relative difference of the first step's loss from transformers' (same weights and batch)
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,11 +83,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 # ---------------------------------------------------------------------------------------------
 
 def hf_config(spec: dict) -> transformers.LlamaConfig:
-    config = transformers.LlamaConfig(
-        vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
-        head_dim=spec["head_dim"], max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE), use_cache=False)
+    config = llama_config(spec, spec["vocab"], use_cache=False)
     config._attn_implementation = "sdpa"
     return config
 
@@ -160,21 +150,14 @@ def build(impl: str, spec: dict, weights: dict, dtype: torch.dtype, device: torc
             return decoder.loss(hidden, batch["targets"])
         return decoder, forward
 
-    if impl == "transformers+liger" and apply_liger_kernel_to_llama is None:
+    if impl == "transformers+liger" and liger is None:
         raise RuntimeError(_liger_error)
-    # built in the dtype, as from_pretrained does: .to(dtype) would round RoPE's fp32 inv_freq too
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = transformers.LlamaForCausalLM(hf_config(spec))
-    finally:
-        torch.set_default_dtype(previous)
+    model = llama_for_causal_lm(hf_config(spec), dtype, device)
     model.load_state_dict(weights)
     if impl == "transformers+liger":
         if device.type != "cuda":
             raise RuntimeError("Liger's kernels are Triton GPU kernels: needs a CUDA device")
-        apply_liger_kernel_to_llama(model=model)
+        liger.apply_liger_kernel_to_llama(model=model)
     if impl == "transformers+unimm":
         apply_unimm(model)
     mask = batch["mask"] if impl == "transformers+unimm" else batch["dense_mask"]
@@ -189,14 +172,9 @@ def build(impl: str, spec: dict, weights: dict, dtype: torch.dtype, device: torc
 # Running
 # ---------------------------------------------------------------------------------------------
 
-def release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def run_impl(result: dict, impl: str, spec: dict, weights: dict, batch: dict, dtype, device, timer, counts) -> None:
-    model, forward = build(impl, spec, weights, dtype, device, batch)
+def run_impl(result: dict, impl: str, spec: dict, weights: dict, batch: dict, run) -> None:
+    device = run.device
+    model, forward = build(impl, spec, weights, run.dtype, device, batch)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
 
@@ -209,45 +187,35 @@ def run_impl(result: dict, impl: str, spec: dict, weights: dict, batch: dict, dt
 
     start = time.perf_counter()
     result["loss"] = step().detach().float().item()  # the initial weights' loss: comparable across rows
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    run.sync()
     result["first_step_s"] = time.perf_counter() - start
-    result.update(timer(step, **counts))
+    result.update(run.time(step))
     if device.type == "cuda":
         resident = torch.cuda.memory_allocated()  # parameters + optimizer state: what lives between steps
-        result["extra_peak_bytes"] = peak_memory(step)
+        result["extra_peak_bytes"] = run.peak_memory(step)
         result["peak_bytes"] = resident + result["extra_peak_bytes"]
 
 
-def bench_case(layout, name, spec, dtype, device, timer, counts, peaks) -> list[dict]:
-    batch = make_batch(spec, layout, device)
-    weights = master_weights(spec, dtype, device)
+def bench_case(layout, name, spec, run) -> list[dict]:
+    batch = make_batch(spec, layout, run.device)
+    weights = master_weights(spec, run.dtype, run.device)
     flops = step_flops(spec, batch["visible_pairs"])
     tokens = spec["rows"] * spec["seq_len"]
     results = []
     for impl in IMPLS:
         result = dict(layout=layout, shape=name, impl=impl)
         results.append(result)
-        try:
-            run_impl(result, impl, spec, weights, batch, dtype, device, timer, counts)
-        except torch.OutOfMemoryError as error:
-            reason = f"out of memory: {str(error).splitlines()[0]}"
-        except Exception as error:  # an anchor's own failure is its n/a; unimm's is a bug
-            if impl.startswith("unimm") or impl == "transformers+unimm":
-                raise
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        else:
-            reason = None
-        release(device)
+        # an anchor's own failure is its n/a; unimm's is a bug
+        reason = attempt(functools.partial(run_impl, result, impl, spec, weights, batch, run),
+                         is_bug=impl in ("unimm", "transformers+unimm"))
+        run.release(collect=True)
         if reason is not None:
-            result.clear()
-            result.update(layout=layout, shape=name, impl=impl, available=False, reason=reason)
-            print(f"{layout:>21} {impl:>19}  n/a: {reason}")
+            mark_na(result, reason, ("layout", "shape", "impl"), f"{layout:>21} {impl:>19}")
             continue
         seconds = result["median_ms"] * 1e-3
         result.update(available=True, tokens_per_s=tokens / seconds, tflops=flops / seconds / 1e12)
-        if peaks is not None:
-            result["mfu_pct"] = 100 * result["tflops"] / peaks["bf16_matmul_tflops"]
+        if run.peaks is not None:
+            result["mfu_pct"] = 100 * result["tflops"] / run.peaks["bf16_matmul_tflops"]
         print(f"{layout:>21} {impl:>19}  {result['median_ms']:9.1f} ms  {result['tokens_per_s']:10.0f} tok/s"
               + (f"  MFU {result['mfu_pct']:5.1f}%" if "mfu_pct" in result else "")
               + (f"  peak {result['peak_bytes'] / 2**30:6.2f} GiB" if "peak_bytes" in result else "")
@@ -259,7 +227,7 @@ def bench_case(layout, name, spec, dtype, device, timer, counts, peaks) -> list[
     for impl, result in by_impl.items():
         if anchor_loss is not None and impl != "transformers":
             result["loss_rel_diff"] = abs(result["loss"] - anchor_loss) / abs(anchor_loss)
-            result["within_tolerance"] = bool(result["loss_rel_diff"] <= TOLERANCE[dtype])  # NaN fails
+            result["within_tolerance"] = bool(result["loss_rel_diff"] <= LOSS_TOLERANCE[run.dtype])  # NaN fails
         if impl in ("unimm", "transformers+unimm"):
             result["speedup"] = {a: by_impl[a]["median_ms"] / result["median_ms"] for a in ANCHORS if a in by_impl}
             result["memory_ratio"] = {a: result["peak_bytes"] / by_impl[a]["peak_bytes"] for a in ANCHORS
@@ -281,18 +249,10 @@ def check_targets(results, layouts):
             parts[layout] = dict(
                 speed=unimm["tokens_per_s"] >= TARGET_SPEEDUP * liger["tokens_per_s"],
                 memory=unimm["peak_bytes"] < liger["peak_bytes"] if "peak_bytes" in unimm else None)
-    values = [value for part in parts.values() for value in part.values()]
-    met = False if False in values else (None if None in values else True)
-    return parts, met
-
-
-def show(result, key, spec, scale=1.0):
-    value = result.get(key)
-    return "-" if value is None else format(value * scale, spec)
+    return parts, fold(value for part in parts.values() for value in part.values())
 
 
 def table_row(result):
-    speedup, memory = result.get("speedup", {}), result.get("memory_ratio", {})
     row = {
         "layout": result["layout"],
         "impl": result["impl"],
@@ -304,54 +264,47 @@ def table_row(result):
         "loss diff": show(result, "loss_rel_diff", ".1e"),
     }
     for anchor in ANCHORS:
-        row[f"speedup vs {anchor}"] = f"{speedup[anchor]:.2f}" if anchor in speedup else "-"
-        row[f"memory vs {anchor}"] = f"{memory[anchor]:.2f}" if anchor in memory else "-"
+        row[f"speedup vs {anchor}"] = show(result.get("speedup"), anchor, ".2f")
+        row[f"memory vs {anchor}"] = show(result.get("memory_ratio"), anchor, ".2f")
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
-    def add_arguments(parser):
-        parser.add_argument("--layouts", help=f"comma-separated subset of {','.join(LAYOUTS)}; default all "
-                                              f"({','.join(QUICK_LAYOUTS)} with --quick)")
-        parser.add_argument("--rows", type=int, help="packed rows per step (default: the shape's)")
+def add_arguments(parser):
+    parser.add_argument("--layouts", help=f"comma-separated subset of {','.join(LAYOUTS)}; default all "
+                                          f"({','.join(QUICK_LAYOUTS)} with --quick)")
+    parser.add_argument("--rows", type=int, help="packed rows per step (default: the shape's)")
 
-    args = parse_run(__doc__, "train_step", SHAPES, SMOKE_SHAPES, default_dtype="bf16",
-                     smoke_dtype="fp32", dtype_help="; fp32 with --smoke, CPU bf16 matmuls being slow",
-                     add_arguments=add_arguments, argv=argv)
-    layouts = args.layouts.split(",") if args.layouts else list(QUICK_LAYOUTS if args.quick else LAYOUTS)
-    unknown = [layout for layout in layouts if layout not in LAYOUTS]
-    if unknown:
-        raise SystemExit(f"unimm.bench.train_step: unknown layouts {unknown}; choose from {','.join(LAYOUTS)}")
-    if args.rows is not None and args.rows < 1:
-        raise SystemExit(f"unimm.bench.train_step: --rows must be >= 1, got {args.rows}")
-    shapes = {name: dict(args.shape_table[name], **({"rows": args.rows} if args.rows else {})) for name in args.names}
-    device, dtype, timer = args.device, args.dtype, args.timer
-    counts = (dict(warmup=SMOKE_WARMUP, repeat=SMOKE_REPEAT) if args.smoke else
-              dict(warmup=QUICK_WARMUP, repeat=QUICK_REPEAT) if args.quick else dict(warmup=WARMUP, repeat=REPEAT))
-    if args.smoke:
+
+def main(argv: list[str] | None = None) -> int:
+    run = parse_run(__doc__, "train_step", SHAPES, SMOKE_SHAPES, default_dtype="bf16", counts=COUNTS,
+                     smoke_counts=SMOKE_COUNTS, quick_counts=QUICK_COUNTS, smoke_dtype="fp32",
+                     dtype_help="; fp32 with --smoke, CPU bf16 matmuls being slow", add_arguments=add_arguments,
+                     argv=argv)
+    layouts = run.choose(run.layouts, LAYOUTS, QUICK_LAYOUTS if run.quick else LAYOUTS, "layouts")
+    if run.rows is not None and run.rows < 1:
+        raise SystemExit(f"unimm.bench.train_step: --rows must be >= 1, got {run.rows}")
+    shapes = {name: dict(run.shape_table[name], **({"rows": run.rows} if run.rows else {})) for name in run.names}
+    if run.smoke:
         torch.set_num_threads(1)  # tiny CPU tensors: thread-pool wake-ups would dominate every call
-    env, peaks = start_run(args)
+    run.start()
 
     results = []
     for layout in layouts:
         for name, spec in shapes.items():
-            results += bench_case(layout, name, spec, dtype, device, timer, counts, peaks)
+            results += bench_case(layout, name, spec, run)
 
     parts, target_met = check_targets(results, layouts)
-    if args.smoke:  # CPU times say nothing about an H100 target
+    if run.smoke:  # CPU times say nothing about an H100 target
         parts = {layout: dict(speed=None, memory=None) for layout in layouts}
         target_met = None
     payload = dict(
         target=TARGET,
         target_met=target_met,
         target_parts=parts,
-        smoke=args.smoke,
-        environment=env,
-        peaks=peaks,
-        dtype=args.dtype_name,
-        timing=dict(timer=timer.__name__, **counts, measures="forward + backward + AdamW step + zero_grad"),
+        **run.fields(),
+        timing=dict(timer=run.timer.__name__, **run.counts, measures="forward + backward + AdamW step + zero_grad"),
         flops="6 * matmul_params * tokens + 3.5 * 4 * head_dim * heads * layers * visible_pairs",
-        tolerance=TOLERANCE[dtype],
+        tolerance=LOSS_TOLERANCE[run.dtype],
         shapes={name: dict(spec, matmul_params=matmul_params(spec), tokens=spec["rows"] * spec["seq_len"],
                            image_fraction=IMAGE_FRACTION, rope_scaling=LLAMA3_ROPE)
                 for name, spec in shapes.items()},
@@ -359,20 +312,12 @@ def main(argv: list[str] | None = None) -> int:
                  "causal-images": "packed causal documents"},
         results=results,
     )
-    path = save(payload, args)
-
-    print_outcome(path, TARGET, args.smoke, env, f"target {verdict(target_met)}: " + ", ".join(
-        f"{layout} speed {verdict(part['speed'])} memory {verdict(part['memory'])}" for layout, part in parts.items()))
-    checked = [r for r in results if "within_tolerance" in r]
-    off = [f"{r['layout']}/{r['impl']}" for r in checked if not r["within_tolerance"]]
-    print(f"first-step loss vs transformers' (tolerance {TOLERANCE[dtype]:g}, relative): "
-          + (f"outside tolerance for {', '.join(off)}" if off else f"all {len(checked)} checked runs within tolerance"))
-    for r in results:
-        if not r["available"]:
-            print(f"n/a {r['layout']}/{r['impl']}: {r['reason']}")
-    print("speedup vs X = X's median step time / this row's; memory vs X = this row's peak / X's peak\n")
-    rows = [table_row(result) for result in results]
-    print(markdown_table(rows, list(rows[0])))
+    outcome = f"target {verdict(target_met)}: " + ", ".join(
+        f"{layout} speed {verdict(part['speed'])} memory {verdict(part['memory'])}" for layout, part in parts.items())
+    run.report(payload, outcome, case=("layout",),
+               agreement=f"first-step loss vs transformers' (tolerance {LOSS_TOLERANCE[run.dtype]:g}, relative)",
+               tables=[("speedup vs X = X's median step time / this row's; memory vs X = this row's peak / X's peak",
+                        [table_row(result) for result in results])])
     return 0
 
 

@@ -17,18 +17,18 @@ Target (issue): >= 5x faster than einsum+argmin at every shape on H100.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
-from unimm.bench._common import markdown_table, parse_run, peak_memory, print_outcome, save, start_run, verdict
+from unimm.bench._harness import forced_backend, parse_run, show, verdict
 from unimm.kernels import BackendUnavailable, vq_quantize
 from unimm.kernels.reference.vq import pair_distances
+from unimm.testing import BENCH_TOLERANCE
 
 TARGET = ">= 5x faster than einsum+argmin at every shape on H100"
 TARGET_SPEEDUP = 5.0
-REPEAT = 50
+COUNTS = dict(repeat=50)
 
 # name: (batch, tokens per image, num_codes K, code_dim d, metric)
 SHAPES = {
@@ -43,8 +43,6 @@ SMOKE_SHAPES = {
     "tiny-d4": (1, 64, 100, 4, "cosine"),
     "tiny-d40": (1, 64, 100, 40, "l2"),
 }
-# Largest distance gap between two picks that rounding explains (docs/ARCHITECTURE.md, Numerics).
-GAP_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 def einsum_argmin(z, codebook, metric):
@@ -75,25 +73,6 @@ IMPLEMENTATIONS = [
 ]
 
 
-def set_backend(backend: str | None) -> None:
-    """unimm reads UNIMM_BACKEND on every call, so one process can time every backend."""
-    if backend is None:
-        os.environ.pop("UNIMM_BACKEND", None)
-    else:
-        os.environ["UNIMM_BACKEND"] = backend
-
-
-def rotation(z, codebook):
-    """Copies of the inputs that together span twice the L2 cache, so every timed call reads
-    cold inputs, as a tokenizer does after the encoder has run. Inputs larger than that: no copies."""
-    if not z.is_cuda:
-        return [(z, codebook)]
-    l2_bytes = torch.cuda.get_device_properties(z.device).L2_cache_size
-    input_bytes = (z.numel() + codebook.numel()) * z.element_size()
-    copies = min(REPEAT, -(-2 * l2_bytes // input_bytes))
-    return [(z, codebook)] + [(z.clone(), codebook.clone()) for _ in range(copies - 1)]
-
-
 def compare(indices, expected, z, codebook, metric):
     """(fraction of rows where ``indices`` equals ``expected``, largest gap between the fp64
     distances of the two picks over the disagreeing rows). The gap is relative to |z|^2 + |e|^2
@@ -108,43 +87,42 @@ def compare(indices, expected, z, codebook, metric):
     return match, (gap / scale).max().item()
 
 
-def bench_shape(name, spec, dtype, device, timer, peaks):
+def bench_shape(name, spec, run):
     """One result dict per implementation, all on the same random inputs."""
     batch, tokens, num_codes, code_dim, metric = spec
     n = batch * tokens
-    z = torch.randn(n, code_dim, device=device, dtype=dtype)
-    codebook = torch.randn(num_codes, code_dim, device=device, dtype=dtype)
-    rotate = rotation(z, codebook)
+    z = torch.randn(n, code_dim, device=run.device, dtype=run.dtype)
+    codebook = torch.randn(num_codes, code_dim, device=run.device, dtype=run.dtype)
+    rotate = run.rotation((z, codebook), COUNTS["repeat"])
     flops = 2 * n * num_codes * code_dim
     input_bytes = (n + num_codes) * code_dim * z.element_size()
 
     results, expected = [], None
     for impl, fn, backend in IMPLEMENTATIONS:
-        set_backend(backend)
         call = functools.partial(fn, metric=metric)
         result = dict(shape=name, impl=impl)
         results.append(result)
-        try:
-            indices = call(z, codebook)
-        except BackendUnavailable as error:
-            result.update(available=False, reason=str(error))
-            print(f"{name:>10} {impl:>14}  n/a: {error}")
-            continue
-        timing = timer(call, repeat=REPEAT, rotate=rotate)
-        tflops = flops / (timing["median_ms"] * 1e-3) / 1e12
-        result.update(available=True, **timing, tflops=tflops)
-        if peaks is not None:
-            result["pct_bf16_peak"] = 100 * tflops / peaks["bf16_matmul_tflops"]
-        if device.type == "cuda":
-            extra = peak_memory(lambda: call(z, codebook))
-            result.update(extra_peak_bytes=extra, extra_peak_vs_inputs=extra / input_bytes)
+        with forced_backend(backend):
+            try:
+                indices = call(z, codebook)
+            except BackendUnavailable as error:
+                result.update(available=False, reason=str(error))
+                print(f"{name:>10} {impl:>14}  n/a: {error}")
+                continue
+            timing = run.time(call, rotate=rotate)
+            tflops = flops / (timing["median_ms"] * 1e-3) / 1e12
+            result.update(available=True, **timing, tflops=tflops)
+            if run.peaks is not None:
+                result["pct_bf16_peak"] = 100 * tflops / run.peaks["bf16_matmul_tflops"]
+            if run.device.type == "cuda":
+                extra = run.peak_memory(lambda: call(z, codebook))
+                result.update(extra_peak_bytes=extra, extra_peak_vs_inputs=extra / input_bytes)
         if impl == "einsum+argmin":
             expected = indices
         else:
             result["match_fraction"], result["max_rel_gap"] = compare(indices, expected, z, codebook, metric)
-            result["within_tolerance"] = result["max_rel_gap"] <= GAP_TOLERANCE[dtype]
+            result["within_tolerance"] = result["max_rel_gap"] <= BENCH_TOLERANCE[run.dtype]
         print(f"{name:>10} {impl:>14}  {timing['median_ms']:9.3f} ms  {tflops:7.2f} TFLOP/s")
-    set_backend(None)
 
     anchor_ms = {r["impl"]: r["median_ms"] for r in results if r["impl"] in ANCHORS}
     for result in results:
@@ -156,65 +134,51 @@ def bench_shape(name, spec, dtype, device, timer, peaks):
 def table_row(result, shapes):
     """The printed form of one result: short numbers, '-' where a column does not apply."""
     batch, tokens, num_codes, code_dim, metric = shapes[result["shape"]]
-
-    def show(key, spec, scale=1.0):
-        value = result.get(key)
-        return "-" if value is None else format(value * scale, spec)
-
-    speedup = result.get("speedup", {})
     row = {
         "shape": f"{result['shape']} N={batch * tokens} K={num_codes} d={code_dim} {metric}",
         "impl": result["impl"],
-        "median ms": show("median_ms", ".3f") if result["available"] else "n/a",
-        "TFLOP/s": show("tflops", ".2f"),
-        "% bf16 peak": show("pct_bf16_peak", ".1f"),
-        "extra MiB": show("extra_peak_bytes", ".1f", 2**-20),
-        "extra / inputs": show("extra_peak_vs_inputs", ".2f"),
-        "match": show("match_fraction", ".4f"),
-        "max rel gap": show("max_rel_gap", ".1e"),
+        "median ms": show(result, "median_ms", ".3f") if result["available"] else "n/a",
+        "TFLOP/s": show(result, "tflops", ".2f"),
+        "% bf16 peak": show(result, "pct_bf16_peak", ".1f"),
+        "extra MiB": show(result, "extra_peak_bytes", ".1f", 2**-20),
+        "extra / inputs": show(result, "extra_peak_vs_inputs", ".2f"),
+        "match": show(result, "match_fraction", ".4f"),
+        "max rel gap": show(result, "max_rel_gap", ".1e"),
     }
     for anchor in ANCHORS:
-        row[f"speedup vs {anchor}"] = "-" if anchor not in speedup else f"{speedup[anchor]:.2f}"
+        row[f"speedup vs {anchor}"] = show(result.get("speedup"), anchor, ".2f")
     return row
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_run(__doc__, "vq", SHAPES, SMOKE_SHAPES, default_dtype="fp32", quick_shapes=QUICK_SHAPES,
-                     dtype_help=": tokenizers run in fp32", argv=argv)
-    shapes, names, dtype_name, dtype = args.shape_table, args.names, args.dtype_name, args.dtype
-    device, timer = args.device, args.timer
-    env, peaks = start_run(args)
+    run = parse_run(__doc__, "vq", SHAPES, SMOKE_SHAPES, default_dtype="fp32", counts=COUNTS,
+                     quick_shapes=QUICK_SHAPES, dtype_help=": tokenizers run in fp32", argv=argv)
+    shapes, names = run.shape_table, run.names
+    run.start()
 
     results = []
     for name in names:
         torch.manual_seed(0)
-        results += bench_shape(name, shapes[name], dtype, device, timer, peaks)
+        results += bench_shape(name, shapes[name], run)
 
     unimm_speedups = [r["speedup"]["einsum+argmin"] for r in results if r["impl"] == "unimm"]
     target_met = all(s >= TARGET_SPEEDUP for s in unimm_speedups)
     payload = dict(
         target=TARGET,
         target_met=target_met,
-        smoke=args.smoke,
-        environment=env,
-        peaks=peaks,
-        dtype=dtype_name,
+        **run.fields(),
         float32_matmul_precision=torch.get_float32_matmul_precision(),
-        timing=dict(timer=timer.__name__, repeat=REPEAT),
-        shapes={name: dict(zip(("batch", "tokens", "num_codes", "code_dim", "metric"), shapes[name])) for name in names},
+        timing=dict(timer=run.timer.__name__, **COUNTS),
+        shapes={name: dict(zip(("batch", "tokens", "num_codes", "code_dim", "metric"), shapes[name]))
+                for name in names},
         results=results,
     )
-    path = save(payload, args)
-
-    print_outcome(path, TARGET, args.smoke, env,
-                  f"unimm is {min(unimm_speedups):.2f}x einsum+argmin at its slowest shape, "
-                  f"target {verdict(target_met)}")
-    off = [f"{r['shape']}/{r['impl']}" for r in results if r.get("within_tolerance") is False]
-    print(f"picks vs einsum+argmin (tolerance {GAP_TOLERANCE[dtype]:g} of |z|^2 + |e|^2): "
-          + (f"distance gap above tolerance for {', '.join(off)}" if off else "every differing pick within tolerance"))
-    print("speedup vs X = X's median time / this row's median time\n")
-    rows = [table_row(result, shapes) for result in results]
-    print(markdown_table(rows, list(rows[0])))
+    run.report(payload, f"unimm is {min(unimm_speedups):.2f}x einsum+argmin at its slowest shape, "
+               f"target {verdict(target_met)}", case=("shape",),
+               agreement=f"picks vs einsum+argmin (distance gap tolerance {BENCH_TOLERANCE[run.dtype]:g} "
+                         "of |z|^2 + |e|^2)",
+               tables=[("speedup vs X = X's median time / this row's median time",
+                        [table_row(result, shapes) for result in results])])
     return 0
 
 

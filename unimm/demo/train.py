@@ -27,7 +27,7 @@ then measure what it learned.
 5. Outputs under ``out``: ``samples.png`` (generated images with their prompts), ``loss.png``,
    ``metrics.json``; a summary table on stdout.
 
-Generation is ``UnifiedModel.generate`` (``unimm.models.generate``): prompts prefilled into a
+Generation is ``UnifiedModel.generate`` (``unimm.models.generation``): prompts prefilled into a
 static KV cache, one token per step, the image's structure tokens written by the engine, codes
 sampled over the code block and continuous tokens by the diffusion head, ``[cond; uncond]``
 rows for classifier-free guidance, the decode step in a CUDA graph on a GPU.
@@ -46,16 +46,20 @@ import numpy as np
 import torch
 
 from unimm.demo import data, report
+from unimm.demo.documents import CODE_FORMAT, ENCODER, FEATURE_FORMAT, SPECIAL_TOKENS, Documents
 from unimm.demo.tokenizer import PatchFeatureTokenizer, PatchVQTokenizer, psnr, to_uint8
 from unimm.models import (
-    ContinuousImage, Decoder, DecoderConfig, DiffusionHead, DiscreteImage, ImageFormat, ImageSpec, Text,
-    UnifiedModel, pack,
+    ContinuousImage,
+    Decoder,
+    DecoderConfig,
+    DiffusionHead,
+    DiscreteImage,
+    ImageSpec,
+    Text,
+    UnifiedModel,
+    pack,
 )
 
-CODE_FORMAT = ImageFormat(begin="boi", end="eoi")  # discrete images: [boi] codes [eoi]
-FEATURE_FORMAT = ImageFormat(begin="image_start", end="image_end")  # continuous images
-SPECIAL_TOKENS = ("boi", "eoi", "image_start", "image_end")
-ENCODER = "image"
 TASKS = ("caption", "codes", "features")
 # bound on each diffusion step's estimate of a clean token: the tokens are standardised (|x| of a
 # few units), and an imperfect head's first steps would otherwise throw samples far off
@@ -136,52 +140,8 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Documents
-# ---------------------------------------------------------------------------------------------
-
-class Documents:
-    """Builds the training documents and the generation prompts (lists of ``sequence`` segments)
-    from word ids, VQ codes on a ``code_grid`` and continuous tokens on a ``feature_grid``."""
-
-    def __init__(self, words: data.WordTokenizer, code_grid: int, feature_grid: int):
-        self.words = words
-        self.code_grid = code_grid
-        self.feature_grid = feature_grid
-        self.bos = [words.bos_id]
-
-    def draw_prompt(self, caption: str | None) -> list[int]:
-        """``[BOS] draw <caption>``; None: the unconditional prompt ``[BOS] draw``."""
-        text = data.DRAW_PROMPT if caption is None else f"{data.DRAW_PROMPT} {caption}"
-        return self.bos + self.words.encode(text)
-
-    def caption_prefix(self, features: torch.Tensor) -> list:
-        """The bidirectional prefix of a captioning document: image and question."""
-        return [Text(self.bos, loss=False, bidirectional=True),
-                ContinuousImage(features, role="input", bidirectional=True, shape=(self.feature_grid,) * 2,
-                                encoder=ENCODER, format=FEATURE_FORMAT),
-                Text(self.words.encode(data.CAPTION_PROMPT), loss=False, bidirectional=True)]
-
-    def caption(self, features: torch.Tensor, caption: str) -> list:
-        return self.caption_prefix(features) + [Text(self.words.encode(caption, eos=True))]
-
-    def codes(self, codes: torch.Tensor, caption: str | None) -> list:
-        return [Text(self.draw_prompt(caption), loss=False), DiscreteImage(codes, format=CODE_FORMAT)]
-
-    def features(self, features: torch.Tensor, caption: str | None) -> list:
-        return [Text(self.draw_prompt(caption), loss=False),
-                ContinuousImage(features, role="target", shape=(self.feature_grid,) * 2, encoder=ENCODER,
-                                format=FEATURE_FORMAT)]
-
-
-# ---------------------------------------------------------------------------------------------
 # Generation (UnifiedModel.generate: KV cache, CUDA graphs on a GPU, CFG rows)
 # ---------------------------------------------------------------------------------------------
-
-def _draw_prompts(docs: Documents, captions: list[str]) -> tuple[list, list]:
-    """Text-to-image prompts and their unconditional twins (what caption dropout trains)."""
-    return ([[Text(docs.draw_prompt(caption))] for caption in captions],
-            [[Text(docs.draw_prompt(None))] for _ in captions])
-
 
 @torch.no_grad()
 def generate_captions(model: UnifiedModel, docs: Documents, features: torch.Tensor, max_words: int = 12) -> list[str]:
@@ -199,7 +159,7 @@ def generate_codes(model: UnifiedModel, docs: Documents, captions: list[str], co
     from the code block, guided against ``[BOS] draw``."""
     spec = ImageSpec("discrete", shape=(docs.code_grid,) * 2, format=CODE_FORMAT, cfg_scale=config.code_cfg_scale,
                      temperature=config.code_temperature, top_k=config.code_top_k)
-    prompts, uncond = _draw_prompts(docs, captions)
+    prompts, uncond = docs.draw_prompts(captions)
     rows = model.generate(prompts, max_new_tokens=0, image=spec, start_image=True, uncond_prompts=uncond,
                           generator=generator)
     return torch.stack([next(s.codes for s in row if isinstance(s, DiscreteImage)) for row in rows])
@@ -214,7 +174,7 @@ def generate_features(model: UnifiedModel, docs: Documents, captions: list[str],
     spec = ImageSpec("continuous", shape=(docs.feature_grid,) * 2, format=FEATURE_FORMAT,
                      cfg_scale=config.feature_cfg_scale, diffusion_steps=config.diffusion_steps,
                      diffusion_temperature=config.diffusion_temperature, clip_denoised=CLIP_DENOISED, encoder=ENCODER)
-    prompts, uncond = _draw_prompts(docs, captions)
+    prompts, uncond = docs.draw_prompts(captions)
     rows = model.generate(prompts, max_new_tokens=0, image=spec, start_image=True, uncond_prompts=uncond,
                           generator=generator)
     return torch.stack([next(s.features for s in row if isinstance(s, ContinuousImage)) for row in rows])
@@ -402,7 +362,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         raise ValueError("meta tensors hold no data: the demo cannot train on the meta device")
     try:  # another accelerator type: usable if it can hold a tensor
         torch.empty(1, device=device)
-    except Exception as err:  # noqa: BLE001 - whatever the backend raises, the device is unusable
+    except Exception as err:
         reason = (str(err).strip().strip("'\"").split(". ")[0].splitlines() or [type(err).__name__])[0]
         raise ValueError(f"{device} is not usable here: {reason[:160]}") from None
     return device
