@@ -149,7 +149,7 @@ def test_vocab_range_cuts_work(backend, monkeypatch):
     hidden, weight, targets, _ = make_inputs(9, 8, 500, seed=13)
     targets = 450 + targets % 50
     widths = {"lse": [], "grad": []}
-    lse_stats, matmul = ce_triton._lse_stats, ce_triton._matmul
+    lse_stats, matmul = ce_triton.statistics, ce_triton._matmul
 
     def spy_lse(hidden, head, *args):
         widths["lse"].append(head.shape[0])
@@ -160,7 +160,7 @@ def test_vocab_range_cuts_work(backend, monkeypatch):
             widths["grad"].append(out.shape[1])
         return matmul(a, b, out, epilogue, config, **kwargs)
 
-    monkeypatch.setattr(ce_triton, "_lse_stats", spy_lse)
+    monkeypatch.setattr(ce_triton, "statistics", spy_lse)
     monkeypatch.setattr(ce_triton, "_matmul", spy_matmul)
     check(hidden, weight, targets, vocab_range=(450, 500))
     if backend == "triton":
@@ -227,27 +227,30 @@ def test_triton_writes_every_output():
     splits, cols_per_split = split_columns(cdiv(37, config["BLOCK_N"]), 150, config["BLOCK_V"], DEVICE)
     assert splits > 1
     parts = torch.full((4, splits, 37), float("nan"), device=DEVICE)
-    ce_triton._lse_kernel[(cdiv(37, config["BLOCK_N"]), splits)](
-        hidden, head, head, column, parts, 37, 150, 20, 20, 1, 20, 1, cols_per_split, 1.0,
-        HAS_BIAS=False, HAS_SOFTCAP=False, PRECISION="ieee", **config)
+    ce_triton._lse_kernel[(cdiv(37, config["BLOCK_N"]) * splits,)](
+        hidden, head, head, parts, column, parts, 37, 150, 20, 20, 1, 20, 1, cols_per_split, 1.0,
+        HAS_BIAS=False, HAS_SOFTCAP=False, HAS_CLASS_WEIGHTS=False, PRECISION="ieee", **config)
     assert not parts.isnan().any()
     logits = hidden.double() @ head.double().T
-    lse, target_logit, logit_sum = ce_triton._lse_stats(hidden, head, None, column, None)
+    stats = ce_triton.statistics(hidden, head, None, column, None)
+    row_max, log_sum, target_logit, logit_sum = stats
     close = dict(rtol=1e-5, atol=1e-5)  # fp32 kernels against fp64
-    torch.testing.assert_close(lse.double(), torch.logsumexp(logits, -1), **close)
+    torch.testing.assert_close(row_max.double(), logits.amax(-1), **close)
+    torch.testing.assert_close((row_max + log_sum).double(), torch.logsumexp(logits, -1), **close)
     torch.testing.assert_close(logit_sum.double(), logits.sum(-1), **close)
     picked = logits.gather(1, column.long().clamp_min(0)[:, None])[:, 0]
     torch.testing.assert_close(target_logit.double(), torch.where(column >= 0, picked, 0.0), **close)
 
-    coef = torch.rand(37, generator=seeded(17)).to(DEVICE)
+    coefs = torch.rand(3, 37, generator=seeded(17)).to(DEVICE)  # (cp, ct, cu) per row
     dx = torch.full((37, 90), float("nan"), device=DEVICE)
     matmul_config = ce_triton._matmul_config(hidden.dtype, not HAS_GPU)
     ce_triton._matmul(hidden, head[40:130].T, dx, ce_triton.EPILOGUE_LOSS_GRAD, matmul_config,
-                      loss_terms=(lse, column, coef, 40, 150, 0.0, 0.0))
-    expected = torch.softmax(logits, -1)
-    expected[torch.arange(37), column.long().clamp_min(0)] -= (column >= 0).double()
+                      loss_terms=(stats[:2].contiguous(), column, coefs, 40))
+    cp, ct, cu = coefs.double()[:, :, None]
+    expected = torch.softmax(logits, -1) * cp - cu
+    expected[torch.arange(37), column.long().clamp_min(0)] -= (column >= 0).double() * ct[:, 0]
     expected[column < 0] = 0.0  # dropped rows: no gradient
-    torch.testing.assert_close(dx.double(), (coef[:, None].double() * expected)[:, 40:130], **close)
+    torch.testing.assert_close(dx.double(), expected[:, 40:130], **close)
 
 
 # ---- GPU ----------------------------------------------------------------------------------------
@@ -301,13 +304,16 @@ def test_gpu_bf16_kernels_write_every_output():
     config = ce_triton._lse_config(hidden.dtype, False)
     splits, cols_per_split = split_columns(cdiv(n, config["BLOCK_N"]), v, config["BLOCK_V"], DEVICE)
     parts = torch.full((4, splits, n), float("nan"), device=DEVICE)
-    ce_triton._lse_kernel[(cdiv(n, config["BLOCK_N"]), splits)](
-        hidden, head, head, column, parts, n, v, d, hidden.stride(0), hidden.stride(1), head.stride(0),
-        head.stride(1), cols_per_split, 1.0, HAS_BIAS=False, HAS_SOFTCAP=False, PRECISION="ieee", **config)
+    ce_triton._lse_kernel[(cdiv(n, config["BLOCK_N"]) * splits,)](
+        hidden, head, head, parts, column, parts, n, v, d, hidden.stride(0), hidden.stride(1), head.stride(0),
+        head.stride(1), cols_per_split, 1.0, HAS_BIAS=False, HAS_SOFTCAP=False, HAS_CLASS_WEIGHTS=False,
+        PRECISION="ieee", **config)
     torch.cuda.synchronize()
     assert not parts.isnan().any()
     logits = hidden.double() @ head.double().T
-    lse, target_logit, logit_sum = ce_triton._lse_stats(hidden, head, None, column, None)
+    stats = ce_triton.statistics(hidden, head, None, column, None)
+    row_max, log_sum, target_logit, logit_sum = stats
+    lse = row_max + log_sum
     close = dict(rtol=1e-4, atol=1e-3)  # fp32 sums of exact bf16 products against fp64
     torch.testing.assert_close(lse.double(), torch.logsumexp(logits, -1), **close)
     torch.testing.assert_close(logit_sum.double(), logits.sum(-1), **close)
@@ -318,8 +324,9 @@ def test_gpu_bf16_kernels_write_every_output():
     coef = torch.rand(n, generator=seeded(18)).to(DEVICE) + 0.5
     dx = torch.full((n, hi - lo), float("nan"), dtype=hidden.dtype, device=DEVICE)
     matmul_config = ce_triton._matmul_config(hidden.dtype, False)
+    coefs = torch.stack((coef, coef, torch.zeros_like(coef)))  # (cp, ct, cu): a plain cross-entropy
     ce_triton._matmul(hidden, head[lo:hi].T, dx, ce_triton.EPILOGUE_LOSS_GRAD, matmul_config,
-                      loss_terms=(lse, column, coef, lo, v, 0.0, 0.0))
+                      loss_terms=(stats[:2].contiguous(), column, coefs, lo))
     torch.cuda.synchronize()
     assert not dx.isnan().any()
     expected = torch.softmax(logits, -1)
@@ -370,13 +377,15 @@ def test_registered_ops(grads_now):
     hidden, weight, targets, bias = make_inputs(9, 5, 31, seed=17, bias=True, ignore=0.2)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
-    args = (hidden, weight, bias, targets, None, 3, 31, -100, "mean", 0.1, 1e-3, 5.0, grads_now)
+    args = (hidden, weight, bias, targets, None, None, 3, 31, -100, "mean", 0.1, 1e-3, 5.0, grads_now)
     targets[targets >= 0] = 3 + targets[targets >= 0] % 28
     out = torch.library.opcheck(torch.ops.unimm.linear_cross_entropy.default, args)
     assert all(v == "SUCCESS" for v in out.values()), out
-    for reduction, grad_loss in (("none", torch.randn(9)), ("mean", torch.tensor(0.7))):
-        args = (grad_loss.to(DEVICE), hidden.detach(), weight.detach(), bias, targets, None, 3, 31, -100, reduction,
-                0.1, 1e-3, 5.0, [True, True, False])
+    stats = torch.randn(4, 9).to(DEVICE)
+    for reduction, grad_loss, grad_lse in (("none", torch.randn(9), None), ("mean", torch.tensor(0.7), torch.randn(9))):
+        grad_lse = grad_lse.to(DEVICE) if grad_lse is not None else None
+        args = (grad_loss.to(DEVICE), grad_lse, hidden.detach(), weight.detach(), bias, targets, None, None, stats, 3,
+                31, -100, reduction, 0.1, 1e-3, 5.0, [True, True, False])
         out = torch.library.opcheck(torch.ops.unimm.linear_cross_entropy_backward.default, args)
         assert all(v == "SUCCESS" for v in out.values()), out
 
@@ -390,8 +399,8 @@ def test_backward_recompute_matches_saved_gradients(backend):
     results = []
     for grads_now in ([True, True, True], [False, False, False]):
         leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-        loss = torch.ops.unimm.linear_cross_entropy(*leaves, targets, None, 0, 45, -100, "mean", 0.1, 1e-3, 4.0,
-                                                    grads_now)[0]
+        loss = torch.ops.unimm.linear_cross_entropy(*leaves, targets, None, None, 0, 45, -100, "mean", 0.1, 1e-3,
+                                                    4.0, grads_now)[0]
         (loss * 1.3).backward()
         results.append([t.grad for t in leaves])
     for saved, recomputed in zip(*results):

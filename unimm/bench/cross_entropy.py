@@ -19,6 +19,11 @@ Correctness, once per shape before any timing: each implementation's loss and gr
 the materialised function run in fp32 (inputs upcast, fp32 matmuls without TF32, chunked over
 rows so it fits), as |loss difference| and relative-norm error of the hidden / weight gradients.
 
+Model: each unimm row also prints ``model ms``, the time the cost model of
+``unimm.kernels.cross_entropy``'s docstring predicts from this run's measured bf16 matmul rate and
+copy bandwidth (``cost_model``: per phase, statistics then gradients, the larger of FLOPs / rate
+and HBM bytes / bandwidth), next to the measured median.
+
 Targets (issue): on H100, faster than cut-cross-entropy and Liger at every shape, >= 70% of the
 measured bf16 matmul rate, peak memory no more than cut-cross-entropy's.
 
@@ -152,6 +157,30 @@ def reference(hidden, weight, targets, softcap, vocab_range):
         torch.set_float32_matmul_precision(precision)
 
 
+def cost_model(n, d, vocab, elem_bytes, peaks, device, workspace_bytes=None):
+    """Predicted ms of unimm's forward + backward (the cost model of ``unimm.kernels.cross_entropy``):
+    the statistics pass, then the column-chunked gradients, each bound by the larger of its FLOPs at
+    the measured matmul rate and its HBM bytes at the measured copy bandwidth."""
+    from unimm.kernels import cross_entropy
+
+    workspace = workspace_bytes or cross_entropy.workspace_bytes()
+    chunk = min(vocab, max(128, workspace // max(1, n * elem_bytes) // 128 * 128))
+    sms, l2 = 132, 50 << 20
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        sms, l2 = props.multi_processor_count, getattr(props, "L2_cache_size", l2)
+    row_blocks = -(-n // 128)
+    splits = max(1, -(-sms * 128 * d * elem_bytes // max(1, l2 // 2)))  # the kernel's L2 rule
+    waves = -(-row_blocks * splits // sms)
+    phases = (
+        (2 * n * d * vocab, n * d * elem_bytes + vocab * d * elem_bytes * waves + 16 * n * splits),
+        (6 * n * d * vocab, (vocab / chunk) * (2 * n * d * elem_bytes + 8 * n * d) + 3 * vocab * d * elem_bytes
+         + 3 * n * vocab * elem_bytes),
+    )
+    rate, bandwidth = peaks["bf16_matmul_tflops"] * 1e12, peaks["copy_gbps"] * 1e9
+    return sum(max(flops / rate, moved / bandwidth) for flops, moved in phases) * 1e3
+
+
 def release_grads(hidden, weight, run):
     hidden.grad = weight.grad = None
     run.release()
@@ -229,9 +258,13 @@ def bench_shape(name, spec, run, compile_backend):
         result.update(available=True, tflops=tflops)
         if run.peaks is not None:
             result["pct_bf16_peak"] = 100 * tflops / run.peaks["bf16_matmul_tflops"]
+            if impl.startswith("unimm"):
+                result["model_ms"] = cost_model(n, d, codes if in_range else vocab, hidden.element_size(), run.peaks,
+                                                device)
         if impl == "torch.compile":
             result["compile_s"] = result["first_call_s"]
         print(f"{name:>12} {impl:>20}  {result['median_ms']:9.3f} ms  {tflops:7.2f} TFLOP/s"
+              + (f"  model {result['model_ms']:9.3f} ms" if "model_ms" in result else "")
               + (f"  extra {result['extra_peak_bytes'] / 2**20:9.1f} MiB" if "extra_peak_bytes" in result else "")
               + (f"  compile {result['compile_s']:.1f} s" if "compile_s" in result else ""))
     del hidden, weight, targets, range_targets, refs
@@ -282,6 +315,7 @@ def table_row(result, shapes):
         "shape": f"{result['shape']} N={n} D={d} V={vocab}" + (f" softcap={softcap:g}" if softcap else ""),
         "impl": impl,
         "median ms": show(result, "median_ms", ".2f") if result["available"] else "n/a",
+        "model ms": show(result, "model_ms", ".2f"),
         "TFLOP/s": show(result, "tflops", ".1f"),
         "% bf16 peak": show(result, "pct_bf16_peak", ".1f"),
         "extra MiB": show(result, "extra_peak_bytes", ".0f", 2**-20),

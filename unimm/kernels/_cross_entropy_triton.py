@@ -16,24 +16,68 @@ from unimm.kernels._triton import tanh
 # Statistics and gradients
 # ---------------------------------------------------------------------------------------------
 
-def run_chunks(hidden, head, head_bias, column, weights, row_scale, label_smoothing, z_loss, softcap, wants,
-               workspace):
-    """Per-row statistics ``(lse, target_logit, logit_sum)`` (fp32 ``[N]``) and, for the gradients
-    flagged in ``wants`` (hidden, head, bias), ``(dh, dw, db)``: dh ``[N, D]`` in hidden's dtype,
-    dw ``[V, D]`` in head's dtype, db ``[V]`` in fp32; None where not wanted. ``row_scale [N]``
-    multiplies each row's loss gradient (the upstream gradient, 1 / sum(w) for "mean");
-    ``workspace`` bounds the dx chunk (bytes)."""
+def statistics(hidden, head, head_bias, column, softcap, class_weights=None):
+    """Per-row ``[4, N]`` fp32: the row max m and log-sum ``log sum exp(x - m)`` of the logits
+    (kept apart: lse = m + log-sum rounds away ~1e-4 at |x| ~ 1e3, and ``exp(x - lse)`` would
+    carry that into every p), the target logit (0 for a dropped row) and the sum of the logits,
+    weighted by ``class_weights`` (fp32 ``[V]``) when given."""
+    n, d = hidden.shape
+    vocab = head.shape[0]
+    device = hidden.device
+    if n == 0:
+        return torch.empty(4, 0, dtype=torch.float32, device=device)
+    config = _lse_config(hidden.dtype, dispatch.TRITON_INTERPRET)
+    row_blocks = cdiv(n, config["BLOCK_N"])
+    splits, cols_per_split = split_columns(row_blocks, vocab, config["BLOCK_V"], device)
+    l2_splits = _l2_splits(config["BLOCK_N"] * d * hidden.element_size(), device)
+    if l2_splits > splits:
+        tiles = cdiv(vocab, config["BLOCK_V"])
+        per_split = cdiv(tiles, min(tiles, l2_splits))
+        splits, cols_per_split = cdiv(tiles, per_split), per_split * config["BLOCK_V"]
+    parts = torch.empty(4, splits, n, dtype=torch.float32, device=device)  # max, sum exp, sum x, x[t]
+    with device_guard(device):
+        _lse_kernel[(row_blocks * splits,)](
+            hidden, head, head_bias if head_bias is not None else head,
+            class_weights if class_weights is not None else parts, column, parts, n, vocab, d,
+            hidden.stride(0), hidden.stride(1), head.stride(0), head.stride(1), cols_per_split,
+            float(softcap) if softcap is not None else 1.0,
+            HAS_BIAS=head_bias is not None, HAS_SOFTCAP=softcap is not None,
+            HAS_CLASS_WEIGHTS=class_weights is not None, PRECISION=dot_precision(hidden.dtype), **config,
+        )
+    part_max, part_sum, part_logit_sum, part_target = parts
+    row_max = part_max.max(0).values if splits > 1 else part_max[0]
+    log_sum = (part_sum * (part_max - row_max).exp()).sum(0).log()
+    return torch.stack((row_max, log_sum, part_target.sum(0), part_logit_sum.sum(0)))
+
+
+def _l2_splits(block_bytes: int, device: torch.device) -> int:
+    """Column splits that keep the hidden blocks (``block_bytes`` each) of the CTAs resident at once
+    (about one per SM) within half of L2: the launch order runs a row block's splits side by side,
+    so SMs / splits blocks are live, each re-read once per column tile from L2 instead of HBM."""
+    if device.type != "cuda":
+        return 1
+    props = torch.cuda.get_device_properties(device)
+    budget = max(1, getattr(props, "L2_cache_size", 0) // 2)
+    return max(1, cdiv(props.multi_processor_count * block_bytes, budget))
+
+
+def gradients(hidden, head, head_bias, column, stats, coefs, softcap, wants, workspace, class_weights=None):
+    """``(dh, dw, db)`` for the gradients flagged in ``wants`` (hidden, head, bias), None where
+    not wanted: dh ``[N, D]`` in hidden's dtype, dw ``[V, D]`` in head's dtype, db ``[V]`` fp32.
+    Each row's gradient of its logits is ``dx = p cp - ct [v = t] - cu w_v``, p = exp(x - m - log-sum),
+    w_v the ``class_weights`` (fp32 ``[V]``; 1 without):
+    ``stats`` is ``statistics()``'s (m and log-sum are read), ``coefs`` the fp32 ``[3, N]``
+    (cp, ct, cu) per row; a dropped row (column -1) gets dx = 0, a kept row whose target is outside
+    the head (column -2) no target term. ``workspace`` bounds the dx
+    chunk (bytes)."""
     n, d = hidden.shape
     vocab = head.shape[0]
     device = hidden.device
     want_dh, want_dw, want_db = wants
     dh = dw = db = None
+    if not (want_dh or want_dw or want_db):
+        return dh, dw, db
     with device_guard(device):
-        stats = _lse_stats(hidden, head, head_bias, column, softcap)
-        if not (want_dh or want_dw or want_db):
-            return stats, (dh, dw, db)
-        lse = stats[0]
-        coef = row_scale * weights
         config = _matmul_config(hidden.dtype, dispatch.TRITON_INTERPRET)
         dw_config = _matmul_config(hidden.dtype, dispatch.TRITON_INTERPRET, EPILOGUE_STORE)
         chunk = _chunk_cols(n, vocab, hidden.element_size(), config["BLOCK_N"], workspace)
@@ -41,12 +85,14 @@ def run_chunks(hidden, head, head_bias, column, weights, row_scale, label_smooth
         dh32 = torch.zeros(n, d, dtype=torch.float32, device=device) if want_dh else None
         dw = torch.empty(vocab, d, dtype=head.dtype, device=device) if want_dw else None
         db = torch.empty(vocab, dtype=torch.float32, device=device) if want_db else None
+        stats, coefs = stats[:2].contiguous(), coefs.contiguous()
         for start in range(0, vocab, chunk):
             cols = slice(start, min(vocab, start + chunk))
             dx_chunk = dx[:, :cols.stop - start]
             _matmul(hidden, head[cols].T, dx_chunk, EPILOGUE_LOSS_GRAD, config,
                     bias=head_bias[cols] if head_bias is not None else None, softcap=softcap,
-                    loss_terms=(lse, column, coef, start, vocab, label_smoothing, z_loss))
+                    class_weights=class_weights[cols] if class_weights is not None else None,
+                    loss_terms=(stats, column, coefs, start))
             if want_dw:  # dropped rows' hidden loads as zeros
                 _matmul(dx_chunk.T, hidden, dw[cols], EPILOGUE_STORE, dw_config, rows=column)
             if want_dh:  # dropped rows' dH stays 0
@@ -55,37 +101,13 @@ def run_chunks(hidden, head, head_bias, column, weights, row_scale, label_smooth
                 db[cols] = dx_chunk.sum(0, dtype=torch.float32)
     if want_dh:
         dh = dh32.to(hidden.dtype)
-    return stats, (dh, dw, db)
+    return dh, dw, db
 
 
 def _chunk_cols(n: int, vocab: int, elem_bytes: int, granule: int, workspace: int) -> int:
     """Columns per gradient chunk: as many as the dx workspace (bytes) holds, whole matmul tiles."""
     cols = max(granule, workspace // max(1, n * elem_bytes) // granule * granule)
     return max(1, min(cols, vocab))
-
-
-def _lse_stats(hidden, head, head_bias, column, softcap):
-    """(lse, target_logit, logit_sum), fp32 ``[N]`` each, through ``_lse_kernel``."""
-    n, d = hidden.shape
-    vocab = head.shape[0]
-    device = hidden.device
-    if n == 0:
-        return tuple(torch.empty(0, dtype=torch.float32, device=device) for _ in range(3))
-    config = _lse_config(hidden.dtype, dispatch.TRITON_INTERPRET)
-    row_blocks = cdiv(n, config["BLOCK_N"])
-    splits, cols_per_split = split_columns(row_blocks, vocab, config["BLOCK_V"], device)
-    parts = torch.empty(4, splits, n, dtype=torch.float32, device=device)  # max, sum exp, sum x, x[t]
-    _lse_kernel[(row_blocks, splits)](
-        hidden, head, head_bias if head_bias is not None else head, column, parts, n, vocab, d,
-        hidden.stride(0), hidden.stride(1), head.stride(0), head.stride(1), cols_per_split,
-        float(softcap) if softcap is not None else 1.0,
-        HAS_BIAS=head_bias is not None, HAS_SOFTCAP=softcap is not None, PRECISION=dot_precision(hidden.dtype),
-        **config,
-    )
-    part_max, part_sum, part_logit_sum, part_target = parts
-    row_max = part_max.max(0).values if splits > 1 else part_max[0]
-    lse = row_max + (part_sum * (part_max - row_max).exp()).sum(0).log()
-    return lse, part_target.sum(0), part_logit_sum.sum(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,11 +145,14 @@ def _matmul_config(dtype: torch.dtype, interpret: bool, epilogue: int = EPILOGUE
     return config
 
 
-def _matmul(a, b, out, epilogue, config, *, bias=None, softcap=None, loss_terms=None, rows=None):
+def _matmul(a, b, out, epilogue, config, *, bias=None, softcap=None, class_weights=None, loss_terms=None,
+            rows=None):
     """The three GEMMs of the gradient, fp32 accumulation; strides are honoured, so transposes are
-    free. ``rows``: each token row's column, -1 when dropped (int32).
-      * EPILOGUE_LOSS_GRAD, ``dx = lossgrad(h @ W.T)``: ``loss_terms`` = (lse, column, coef, first
-        column of this chunk, V, label_smoothing, z_loss); a dropped row's dx is 0.
+    free. ``rows``: each token row's column (int32), -1 when dropped, any other negative value
+    when kept with its target outside this head (another rank's vocabulary shard).
+      * EPILOGUE_LOSS_GRAD, ``dx = lossgrad(h @ W.T)``: ``loss_terms`` = (stats ``[2, M]``: row max
+        and log-sum, column, coefs ``[3, M]``: cp, ct, cu, first column of this chunk) and the
+        chunk's ``class_weights``; a dropped row's dx is 0.
       * EPILOGUE_STORE, ``dW = dx.T @ h``: K runs over token rows; a dropped row loads as zeros.
       * EPILOGUE_ACCUMULATE, ``dH += dx @ W``: a dropped row's output is left as it is."""
     m, k = a.shape
@@ -135,27 +160,32 @@ def _matmul(a, b, out, epilogue, config, *, bias=None, softcap=None, loss_terms=
     if loss_terms is None:
         if rows is None:
             raise ValueError("_matmul: EPILOGUE_STORE and EPILOGUE_ACCUMULATE need rows")
-        loss_terms = (out, rows, out, 0, 1, 0.0, 0.0)
-    lse, column, coef, col_offset, vocab, label_smoothing, z_loss = loss_terms
+        loss_terms = (out, rows, out, 0)
+    stats, column, coefs, col_offset = loss_terms
     grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]),)
     _matmul_kernel[grid](
-        a, b, out, bias if bias is not None else out, lse, column, coef, m, n, k,
+        a, b, out, bias if bias is not None else out, class_weights if class_weights is not None else out, stats,
+        column, coefs, m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        col_offset, vocab, float(softcap) if softcap is not None else 1.0, label_smoothing, z_loss,
+        col_offset, float(softcap) if softcap is not None else 1.0,
         EPILOGUE=int(epilogue), HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        HAS_CLASS_WEIGHTS=class_weights is not None,
         PRECISION=dot_precision(a.dtype), **config,
     )
 
 
 @triton.jit
 def _lse_kernel(
-    h_ptr, w_ptr, bias_ptr, column_ptr, parts_ptr, n_rows, vocab, dim,
+    h_ptr, w_ptr, bias_ptr, class_weight_ptr, column_ptr, parts_ptr, n_rows, vocab, dim,
     stride_hn, stride_hd, stride_wv, stride_wd, cols_per_split, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_CLASS_WEIGHTS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    split = tl.program_id(1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # A row block's column splits are adjacent in launch order (see _l2_splits); the host's split
+    # count is cdiv(vocab, cols_per_split).
+    splits = tl.cdiv(vocab, cols_per_split)
+    split = tl.program_id(0) % splits
+    rows = (tl.program_id(0) // splits).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     dims = tl.arange(0, BLOCK_D)
     col_begin = split.to(tl.int64) * cols_per_split
@@ -192,12 +222,16 @@ def _lse_kernel(
             new_max = tl.maximum(row_max, tl.max(x, 1))
             exp_sum = exp_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), 1)
             row_max = new_max
-            logit_sum += tl.sum(tl.where(col_ok[None, :], x, 0.0), 1)
+            if HAS_CLASS_WEIGHTS:  # the label-smoothing term of torch's weight=: sum_v w_v x_v
+                logit_sum += tl.sum(tl.where(col_ok[None, :], x * tl.load(class_weight_ptr + cols, mask=col_ok,
+                                                                          other=0.0)[None, :], 0.0), 1)
+            else:
+                logit_sum += tl.sum(tl.where(col_ok[None, :], x, 0.0), 1)
             target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), 1)
             acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
 
     out = split.to(tl.int64) * n_rows + rows
-    plane = tl.num_programs(1).to(tl.int64) * n_rows
+    plane = splits.to(tl.int64) * n_rows
     tl.store(parts_ptr + out, row_max, mask=row_ok)
     tl.store(parts_ptr + plane + out, exp_sum, mask=row_ok)
     tl.store(parts_ptr + 2 * plane + out, logit_sum, mask=row_ok)
@@ -206,11 +240,11 @@ def _lse_kernel(
 
 @triton.jit
 def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, lse_ptr, column_ptr, coef_ptr, M, N, K,
+    a_ptr, b_ptr, c_ptr, bias_ptr, class_weight_ptr, stats_ptr, column_ptr, coef_ptr, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    col_offset, vocab, softcap, label_smoothing, z_loss,
-    EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    col_offset, softcap,
+    EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_CLASS_WEIGHTS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles sweep the columns together, so B tiles are reused
     # from L2 instead of re-read from memory.
@@ -235,7 +269,7 @@ def _matmul_kernel(
         if EPILOGUE == EPILOGUE_STORE:
             # dW = dx.T @ h: K runs over token rows. A dropped row's dx is 0, but its hidden may
             # be Inf or NaN (0 * Inf = NaN): it loads as zeros.
-            k_ok &= tl.load(column_ptr + k0 + rk, mask=k_ok, other=-1) >= 0
+            k_ok &= tl.load(column_ptr + k0 + rk, mask=k_ok, other=-1) != -1
         b = tl.load(b_ptrs, mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
@@ -245,22 +279,32 @@ def _matmul_kernel(
     c_mask = (rm < M)[:, None] & (rn < N)[None, :]
     if EPILOGUE == EPILOGUE_LOSS_GRAD:
         # acc holds logits of rows rm, columns col_offset + rn: turn them into d loss / d logit,
-        # c (p (1 + 2 z lse) - eps / V - (1 - eps) [v = t]), through the soft-cap.
+        # p cp - ct [v = t] - cu w_v, through the soft-cap. p = exp((x - m) - log-sum): x - m is exact
+        # near the max, where exp(x - lse) would carry lse's rounding (~1e-4 at |x| ~ 1e3).
         row_ok = rm < M
-        lse = tl.load(lse_ptr + rm, mask=row_ok, other=0.0)
+        row_max = tl.load(stats_ptr + rm, mask=row_ok, other=0.0)
+        log_sum = tl.load(stats_ptr + M + rm, mask=row_ok, other=0.0)
         target = tl.load(column_ptr + rm, mask=row_ok, other=-1)
-        coef = tl.load(coef_ptr + rm, mask=row_ok, other=0.0)
+        cp = tl.load(coef_ptr + rm, mask=row_ok, other=0.0)
+        ct = tl.load(coef_ptr + M + rm, mask=row_ok, other=0.0)
+        cu = tl.load(coef_ptr + 2 * M + rm, mask=row_ok, other=0.0)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         if HAS_SOFTCAP:
             acc = softcap * tanh(acc / softcap)
-        grad = tl.exp(acc - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None] - label_smoothing / vocab
-        grad -= tl.where((col_offset + rn)[None, :] == target[:, None], 1.0 - label_smoothing, 0.0)
+        uniform = cu[:, None]
+        if HAS_CLASS_WEIGHTS:
+            uniform = uniform * tl.load(class_weight_ptr + rn, mask=rn < N, other=0.0)[None, :]
+        grad = tl.exp((acc - row_max[:, None]) - log_sum[:, None]) * cp[:, None] - uniform
+        # the target's column within this chunk, compared in 32 bits (a chunk is < 2^31 columns)
+        local_target = target - col_offset
+        grad -= tl.where((pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :] == local_target[:, None], ct[:, None],
+                         0.0)
         if HAS_SOFTCAP:
             grad = grad * (1.0 - (acc / softcap) * (acc / softcap))
-        # selected, not multiplied: a dropped row (coef 0) may have Inf or NaN logits or lse
-        acc = tl.where(target[:, None] >= 0, coef[:, None] * grad, 0.0)
+        # selected, not multiplied: a dropped row may have Inf or NaN logits, statistics or coefficients
+        acc = tl.where(target[:, None] != -1, grad, 0.0)
     if EPILOGUE == EPILOGUE_ACCUMULATE:  # accumulate into an fp32 output; a dropped row adds nothing
-        kept = tl.load(column_ptr + rm, mask=rm < M, other=-1) >= 0
+        kept = tl.load(column_ptr + rm, mask=rm < M, other=-1) != -1
         acc = tl.where(kept[:, None], acc, 0.0) + tl.load(c_ptrs, mask=c_mask, other=0.0)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)

@@ -1,27 +1,46 @@
 """Fused linear + cross-entropy over large (expanded) vocabularies, forward and backward.
 
 Public: ``linear_cross_entropy(hidden, weight, targets, *, bias, ignore_index, reduction,
-label_smoothing, z_loss, softcap, token_weights, vocab_range, return_lse)``; its meaning is
-``unimm.kernels.reference.cross_entropy``. ``W`` below is ``weight[lo:hi]``, V = hi - lo.
+label_smoothing, z_loss, softcap, token_weights, vocab_range, class_weights, return_lse,
+return_accuracy, shift, process_group)``; its meaning is ``unimm.kernels.reference.cross_entropy``.
+``W`` below is ``weight[lo:hi]``, V = hi - lo, e the bytes of an element of hidden.
 
-Triton design:
+Triton design (kernels and launches: ``_cross_entropy_triton``; the O(N) loss algebra around them:
+``_cross_entropy_terms``; the vocabulary-parallel path: ``_cross_entropy_parallel``):
   1. ``_lse_kernel``: the tile product ``h @ W.T`` (+ bias, soft-cap) with an online
      log-sum-exp epilogue, as in flash-attention: per row the running max and sum of exp, the
-     target logit and the sum of logits (label smoothing). Columns are split over a second grid
-     axis when rows are few; a few torch ops merge the splits. Nothing N x V is stored. The loss
-     is then a few O(N) torch ops.
-  2. Gradients, V in column chunks of ``chunk_cols``: ``_matmul_kernel`` recomputes the logits of
-     the chunk and its epilogue turns them straight into
-     ``dx = c (p (1 + 2 z lse) - (1 - eps) [v = t] - eps / V) (1 - (x / softcap)^2)`` (c: upstream
-     gradient times token weight) in the input dtype; then ``dW[chunk] = dx.T @ h`` is one GEMM
-     over all N rows (dW accumulated inside the GEMM, written once), ``dH += dx @ W[chunk]`` goes
-     into an fp32 ``[N, D]`` accumulator (re-read per chunk: N D bytes against
-     4 N D chunk_cols flops) and ``dbias[chunk] = colsum(dx)``.
-For a scalar loss ("mean", "sum") with gradients required, step 2 runs in the forward pass with a
-unit upstream gradient and backward only scales the saved gradients; for "none" it runs in
-backward with each row's upstream gradient. 8 N D V flops either way. The kernels and their
-launches are ``unimm.kernels._cross_entropy_triton``; this module checks the arguments, dispatches,
-and holds the custom ops with their autograd.
+     target logit and the (class-weighted) sum of logits (label smoothing). Columns are split over
+     a second grid axis when rows are few; a few torch ops merge the splits. The row max m and the
+     log-sum ``log sum exp(x - m)`` are kept apart (lse = m + log-sum rounds ~1e-4 away at
+     |x| ~ 1e3 in fp32). Nothing N x V is stored; the loss, lse and the token accuracy (target
+     logit == row max) are then O(N) torch ops.
+  2. Gradients, V in column chunks of ``chunk_cols`` = C: ``_matmul_kernel`` recomputes the logits
+     of the chunk and its epilogue turns them straight into
+     ``dx = (p cp - ct [v = t] - cu c_v) (1 - (x / softcap)^2)``, p = exp((x - m) - log-sum),
+     with per-row coefficients (cp, ct, cu) that carry the upstream gradients of the loss and of
+     lse, token and class weights, label smoothing and z-loss (``_cross_entropy_terms.coefs``), in
+     the input dtype; then ``dW[chunk] = dx.T @ h`` is one GEMM over all N rows (dW accumulated
+     inside the GEMM, written once), ``dH += dx @ W[chunk]`` goes into an fp32 ``[N, D]``
+     accumulator and ``dbias[chunk] = colsum(dx)``.
+For a scalar loss ("mean", "sum") whose lse is not returned, step 2 runs in the forward pass with a
+unit upstream gradient and backward only scales the saved gradients; otherwise ("none", or a
+returned lse that may get a gradient) it runs in backward on the forward's statistics.
+
+Cost model (FLOPs; HBM bytes, e per element, fp32 terms 4 bytes), per call:
+  * statistics (forward, both paths): 2 N D V FLOPs. Each CTA re-reads its hidden block
+    (BLOCK_N D e) once per column tile, so the grid runs a row block's column splits side by side
+    and takes at least SMs x BLOCK_N D e / (L2 / 2) splits: the live hidden blocks then stay in L2
+    and h costs N D e of HBM (with row blocks side by side instead, 132 live 1 MiB blocks at
+    D = 4096 overflow L2 and h costs up to N D e V / BLOCK_V). W: V D e per wave of resident CTAs,
+    ceil(row blocks x splits / SMs) waves; 16 N splits bytes of statistics.
+  * gradients: 6 N D V FLOPs (dx, dW, dH: 2 N D V each), so 8 N D V in all. Bytes per chunk of C
+    columns: h read by the dx and dW GEMMs (2 N D e), W[chunk] by dx and dH (2 C D e), dx written
+    once and read twice (3 N C e), the fp32 dH accumulator read and written (8 N D), dW[chunk]
+    written (C D e); over V / C chunks: (V / C)(2 N D e + 8 N D) + 3 V D e + 3 N V e (plus the
+    GEMMs' tile re-reads that L2 grouping (GROUP_M) absorbs). A larger workspace (larger C) cuts
+    the (V / C) terms; at the default 1 GiB and N = 16k, C = 32k columns in bf16.
+  * vocabulary-parallel (``process_group``, P ranks): each rank the above on its V / P columns,
+    plus all-reduces of 4 N fp32 (forward) and N D fp32 (dH, backward).
 
 Dropped rows (target == ignore_index, or token weight 0) contribute exactly nothing, even when
 their hidden row holds Inf or NaN: their dx is selected to 0 in the epilogue (not multiplied by a
@@ -45,8 +64,11 @@ import math
 import os
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from unimm.kernels import _cross_entropy_parallel as parallel
+from unimm.kernels import _cross_entropy_terms as terms_
 from unimm.kernels import dispatch
 from unimm.kernels._common import check_tensors, is_int, is_real, unserved_dtype
 from unimm.kernels.reference import cross_entropy as reference
@@ -75,7 +97,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
                          token_weights: torch.Tensor | None = None, vocab_range: tuple[int, int] | None = None,
-                         return_lse: bool = False):
+                         class_weights: torch.Tensor | None = None, return_lse: bool = False,
+                         return_accuracy: bool = False, shift: bool = False, process_group=None):
     """Cross-entropy of ``hidden @ weight.T`` (+ bias) against ``targets``, never forming N x V.
 
     Args:
@@ -95,49 +118,125 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             NaN, as checking would cost a device sync); "sum" and "none" take any weights as given.
         vocab_range: ``(lo, hi)`` integers: the softmax runs over these columns only (e.g. image
             codes).
-        return_lse: also return fp32 ``lse [N]`` of every row (dropped rows included).
+        class_weights: optional float ``[V]`` per-class weights, torch's ``weight=`` and Liger's
+            ``ce_weight``: the target's weight scales its cross-entropy, label smoothing spreads
+            over the classes in proportion to them, "mean" divides the class-weighted part by the
+            sum of the kept rows' target weights and z-loss by the kept rows' count (Liger; with
+            token_weights both sums are token-weighted). Not differentiated.
+        return_lse: also return fp32 ``lse [N]`` of every row (dropped rows included). It is
+            differentiable (z-loss or other terms built on it train hidden, weight and bias)
+            through kept rows; a dropped row's lse carries no gradient.
+        return_accuracy: also return the token accuracy (Liger's ``return_token_accuracy``), from
+            the same pass: a kept row is a hit when its target's logit is the row's maximum (ties
+            count as hits). Reduced like the loss but unweighted: per row 1.0 / 0.0 ("none",
+            dropped rows 0), the hit count ("sum"), or hits / kept rows ("mean", 0 when none).
+        shift: next-token prediction (cut-cross-entropy's ``shift``): row t of each sequence
+            (hidden ``[..., T, D]``, targets ``[..., T]``) is scored against target t + 1, the last
+            row against nothing. Nothing is copied: the targets move, not hidden. "none", lse and
+            accuracy then have shape ``[..., T - 1]``.
+        process_group: a ``torch.distributed`` group over which the vocabulary is sharded
+            (tensor-parallel heads): ``weight`` and ``bias`` are this rank's contiguous rows, in
+            rank order; everything else (hidden, targets, token_weights, class_weights over the
+            whole vocabulary, vocab_range in global columns) is the same on every rank. The loss,
+            lse and accuracy are the single-process ones on every rank, each rank gets its shard's
+            gradients and the whole hidden gradient (``unimm.kernels._cross_entropy_parallel``).
 
     Returns:
-        The loss (scalar, or ``targets.shape`` for "none"), and lse if ``return_lse``. Gradients
-        flow to hidden, weight and bias in their own dtypes, accumulated in fp32.
+        The loss (scalar, or ``targets.shape`` for "none"), then lse if ``return_lse``, then the
+        accuracy if ``return_accuracy``. Gradients flow to hidden, weight and bias in their own
+        dtypes, accumulated in fp32.
 
     NaN and Inf in tensors are never checked: they propagate, as in PyTorch, to exactly the
     outputs that depend on them; dropped rows and columns outside ``vocab_range`` contribute
     nothing. A target outside ``vocab_range`` (not ``ignore_index``) raises on CPU tensors and
     acts as a NaN token weight on a GPU.
     """
+    offset, vocab = 0, None
+    if process_group is not None:
+        check_tensors({"weight": weight})
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("process_group needs an initialised torch.distributed")
+        offset, vocab = parallel.shard_offset(weight, process_group)
     ignore_index, reduction, label_smoothing, z_loss, softcap, (lo, hi) = _check_args(
         hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, token_weights,
-        vocab_range)
+        vocab_range, vocab)
+    vocab = weight.shape[0] if vocab is None else vocab
+    if class_weights is not None:
+        check_tensors({"class_weights": class_weights}, like=("hidden", hidden), floating=True)
+        if tuple(class_weights.shape) != (vocab,):
+            raise ValueError(f"class_weights must be [V] = [{vocab}], got {tuple(class_weights.shape)}")
+    if not isinstance(shift, bool) or not isinstance(return_accuracy, bool):
+        raise TypeError(f"shift and return_accuracy must be bools, got {shift!r} and {return_accuracy!r}")
+    out_shape = targets.shape
+    targets = targets.long()  # any integer dtype; the kernels and gather want int64
+    if shift:
+        if hidden.dim() < 2:
+            raise ValueError(f"shift needs hidden [..., T, D], got {tuple(hidden.shape)}")
+        targets, token_weights = (_shift_left(t, fill, hidden.shape[:-1])
+                                  for t, fill in ((targets, ignore_index), (token_weights, 0.0)))
+        out_shape = (*hidden.shape[:-2], max(0, hidden.shape[-2] - 1))
     n_rows, dim = math.prod(hidden.shape[:-1]), hidden.shape[-1]
     rows = hidden.reshape(n_rows, dim)
-    flat_targets = targets.reshape(-1).long()  # any integer dtype; the kernels and gather want int64
+    flat_targets = targets.reshape(-1)
     flat_weights = token_weights.reshape(-1) if token_weights is not None else None
     _check_values(flat_targets, flat_weights, lo, hi, ignore_index, reduction)
     workspace_bytes()  # a bad UNIMM_CE_WORKSPACE_MB is reported on every backend, before any work
     backend = dispatch.select("linear_cross_entropy", hidden.device, implemented=("triton",),
                               unsupported={"triton": unserved_dtype(hidden.dtype, _KERNEL_DTYPES)})
-    if backend == "reference":
+    if process_group is not None:
+        if dim == 0 and backend != "reference":  # as below
+            rows, weight = F.pad(rows, (0, 1)), F.pad(weight, (0, 1))
+        loss, lse, stats = parallel.linear_cross_entropy(
+            rows, weight, bias, flat_targets, flat_weights, class_weights, process_group, offset, backend, lo, hi,
+            ignore_index, reduction, label_smoothing, z_loss, softcap, workspace_bytes())
+        kept = reference.row_terms(flat_targets, flat_weights, lo, hi, ignore_index, reduction)[0]
+        accuracy = reference.reduce_hits(kept & (stats[2] >= stats[0]), kept, reduction)
+    elif backend == "reference":
         # the reference's matmuls must run in its compute dtype, not an enclosing autocast's
         with torch.autocast(hidden.device.type, enabled=False):
-            loss, lse = reference.linear_cross_entropy(
+            loss = reference.linear_cross_entropy(
                 rows, weight, flat_targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, token_weights=flat_weights,
-                vocab_range=(lo, hi), return_lse=True, compute_dtype=torch.promote_types(hidden.dtype, torch.float32))
+                vocab_range=(lo, hi), class_weights=class_weights, return_lse=True, return_accuracy=True,
+                compute_dtype=torch.promote_types(hidden.dtype, torch.float32))
+        loss, lse, accuracy = loss
     else:
         if dim == 0:
             # Every logit is 0 (+ bias): the kernels see one zero column, and autograd slices its
             # gradient back to width 0.
             rows, weight = F.pad(rows, (0, 1)), F.pad(weight, (0, 1))
         wants = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (rows, weight, bias)]
-        grads_now = wants if reduction != "none" else [False, False, False]
-        loss, lse, *_ = _forward_op(rows, weight, bias, flat_targets, flat_weights, lo, hi, ignore_index, reduction,
-                                    label_smoothing, z_loss, softcap, grads_now)
-    if reduction == "none":
-        loss = loss.reshape(targets.shape)
+        # a returned lse may get a gradient of its own: the gradients then wait for backward
+        grads_now = wants if reduction != "none" and not return_lse else [False, False, False]
+        loss, lse, stats, *_ = _forward_op(rows, weight, bias, flat_targets, flat_weights,
+                                           class_weights.float() if class_weights is not None else None, lo, hi,
+                                           ignore_index, reduction, label_smoothing, z_loss, softcap, grads_now)
+        kept = reference.row_terms(flat_targets, flat_weights, lo, hi, ignore_index, reduction)[0]
+        accuracy = reference.reduce_hits(kept & (stats[2] >= stats[0]), kept, reduction)
+    outputs = [loss]
     if return_lse:
-        return loss, lse.reshape(targets.shape)
-    return loss
+        outputs.append(lse)
+    if return_accuracy:
+        outputs.append(accuracy)
+    if shift:  # the rows scored against nothing (each sequence's last) leave the per-row outputs
+        outputs = [_drop_last(t, hidden.shape[:-1]) if t.dim() else t for t in outputs]
+    outputs = [t.reshape(out_shape) if t.dim() else t for t in outputs]
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def _shift_left(t: torch.Tensor | None, fill, seq_shape) -> torch.Tensor | None:
+    """``t[..., 1:]`` followed by ``fill``, along the sequence axis of ``seq_shape``."""
+    if t is None:
+        return None
+    t = t.reshape(seq_shape)
+    shifted = torch.full_like(t, fill)
+    shifted[..., :-1] = t[..., 1:]
+    return shifted
+
+
+def _drop_last(per_row: torch.Tensor, seq_shape) -> torch.Tensor:
+    """A per-row output without each sequence's last row."""
+    return per_row.reshape(seq_shape)[..., :-1]
 
 
 def workspace_bytes() -> int:
@@ -175,9 +274,10 @@ def _integer(name: str, value) -> int:
 
 
 def _check_args(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                token_weights, vocab_range):
+                token_weights, vocab_range, global_vocab):
     """Checks every argument without reading tensor data; returns the scalar options as plain
-    Python values: (ignore_index, reduction, label_smoothing, z_loss, softcap, (lo, hi))."""
+    Python values: (ignore_index, reduction, label_smoothing, z_loss, softcap, (lo, hi)).
+    ``vocab_range`` is checked against ``global_vocab`` (all shards' rows; None: weight's)."""
     check_tensors({"hidden": hidden})
     optional = {name: t for name, t in (("bias", bias), ("token_weights", token_weights)) if t is not None}
     check_tensors({"weight": weight, "targets": targets, **optional}, like=("hidden", hidden))
@@ -216,8 +316,9 @@ def _check_args(hidden, weight, targets, bias, ignore_index, reduction, label_sm
     z_loss = _real("z_loss", z_loss, "a finite number >= 0", lambda v: v >= 0)
     if softcap is not None:
         softcap = _real("softcap", softcap, "a finite number > 0 (or None)", lambda v: v > 0)
+    global_vocab = vocab if global_vocab is None else global_vocab
     if vocab_range is None:
-        lo, hi = 0, vocab
+        lo, hi = 0, global_vocab
     else:
         if isinstance(vocab_range, (str, bytes, torch.Tensor)) or not hasattr(vocab_range, "__iter__"):
             raise TypeError(f"vocab_range must be a pair (lo, hi) of integers, got {type(vocab_range).__name__} "
@@ -226,8 +327,8 @@ def _check_args(hidden, weight, targets, bias, ignore_index, reduction, label_sm
         if len(pair) != 2:
             raise ValueError(f"vocab_range must be a pair (lo, hi) of integers, got {len(pair)} values {vocab_range!r}")
         lo, hi = (_integer("vocab_range", end) for end in pair)
-        if not 0 <= lo < hi <= vocab:
-            raise ValueError(f"vocab_range must be (lo, hi) with 0 <= lo < hi <= V = {vocab}, got {vocab_range}")
+        if not 0 <= lo < hi <= global_vocab:
+            raise ValueError(f"vocab_range must be (lo, hi) with 0 <= lo < hi <= V = {global_vocab}, got {vocab_range}")
     return ignore_index, reduction, label_smoothing, z_loss, softcap, (lo, hi)
 
 
@@ -255,30 +356,33 @@ def _check_values(targets, token_weights, lo, hi, ignore_index, reduction):
 
 @torch.library.custom_op("unimm::linear_cross_entropy", mutates_args=())
 def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                token_weights: torch.Tensor | None, lo: int, hi: int, ignore_index: int, reduction: str,
+                token_weights: torch.Tensor | None, class_weights: torch.Tensor | None, lo: int, hi: int,
+                ignore_index: int, reduction: str,
                 label_smoothing: float, z_loss: float, softcap: float | None,
-                grads_now: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, lse, dh, dw, db). With ``grads_now`` (only for a scalar loss) the gradients of a unit
-    upstream gradient are computed in the same pass, no recompute, and backward scales them;
-    gradients not computed come back empty."""
-    kept, column, weights, total_weight = _row_terms(targets, token_weights, lo, hi, ignore_index, reduction)
-    row_scale = (1.0 / total_weight).reshape(1).expand(hidden.shape[0]) if any(grads_now) else None
-    (lse, target_logit, logit_sum), grads = triton_backend.run_chunks(
-        hidden, weight[lo:hi], bias[lo:hi] if bias is not None else None, column, weights, row_scale,
-        label_smoothing, z_loss, softcap, tuple(grads_now), workspace_bytes())
-    ce = (1.0 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - logit_sum / (hi - lo))
-    # selected, not multiplied: a dropped row's lse may be Inf or NaN
-    loss = torch.where(kept, weights * (ce + z_loss * lse.square()), 0.0)
-    if reduction == "mean":
-        loss = loss.sum() / total_weight
-    elif reduction == "sum":
-        loss = loss.sum()
-    return (loss, lse, *(g if g is not None else hidden.new_empty(0) for g in grads))
+                grads_now: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                torch.Tensor]:
+    """(loss, lse, stats, dh, dw, db); stats is ``triton_backend.statistics``' ``[4, N]``. With
+    ``grads_now`` (only for a scalar loss whose lse gets no gradient) the gradients of a unit
+    upstream gradient are computed in the same pass and backward scales them; gradients not
+    computed come back empty."""
+    terms = terms_.row_terms(targets, token_weights, class_weights, lo, hi, ignore_index, reduction)
+    column, head_cw = terms[1], terms[4]
+    class_sum = head_cw.sum() if head_cw is not None else None
+    head, head_bias = weight[lo:hi], bias[lo:hi] if bias is not None else None
+    stats = triton_backend.statistics(hidden, head, head_bias, column, softcap, head_cw)
+    loss, lse = terms_.loss(stats, terms, label_smoothing, z_loss, hi - lo, class_sum, reduction)
+    grads = (None, None, None)
+    if any(grads_now):
+        unit = torch.ones((), device=hidden.device)
+        coefs = terms_.coefs(stats, terms, unit, None, label_smoothing, z_loss, hi - lo, class_sum)
+        grads = triton_backend.gradients(hidden, head, head_bias, column, stats, coefs, softcap, tuple(grads_now),
+                                         workspace_bytes(), head_cw)
+    return (loss, lse, stats, *(g if g is not None else hidden.new_empty(0) for g in grads))
 
 
 @_forward_op.register_fake
-def _(hidden, weight, bias, targets, token_weights, lo, hi, ignore_index, reduction, label_smoothing, z_loss,
-      softcap, grads_now):
+def _(hidden, weight, bias, targets, token_weights, class_weights, lo, hi, ignore_index, reduction, label_smoothing,
+      z_loss, softcap, grads_now):
     n, d = hidden.shape
     f32 = dict(dtype=torch.float32)
     loss = hidden.new_empty((n,) if reduction == "none" else (), **f32)
@@ -286,29 +390,30 @@ def _(hidden, weight, bias, targets, token_weights, lo, hi, ignore_index, reduct
     dtypes = (hidden.dtype, torch.float32, torch.float32)
     grads = [hidden.new_empty(shape if now else (0,), dtype=dtype)
              for shape, dtype, now in zip(shapes, dtypes, grads_now)]
-    return (loss, hidden.new_empty((n,), **f32), *grads)
+    return (loss, hidden.new_empty((n,), **f32), hidden.new_empty((4, n), **f32), *grads)
 
 
 @torch.library.custom_op("unimm::linear_cross_entropy_backward", mutates_args=())
-def _backward_op(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 targets: torch.Tensor, token_weights: torch.Tensor | None, lo: int, hi: int, ignore_index: int,
+def _backward_op(grad_loss: torch.Tensor, grad_lse: torch.Tensor | None, hidden: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None, targets: torch.Tensor, token_weights: torch.Tensor | None,
+                 class_weights: torch.Tensor | None, stats: torch.Tensor, lo: int, hi: int, ignore_index: int,
                  reduction: str, label_smoothing: float, z_loss: float, softcap: float | None,
                  wants: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dh, dw, db) when the gradients were not computed with the loss (reduction "none"): the
-    chunks run again with each row's upstream gradient."""
-    _, column, weights, total_weight = _row_terms(targets, token_weights, lo, hi, ignore_index, reduction)
-    row_scale = grad_loss.float().reshape(-1)
-    if reduction != "none":
-        row_scale = (row_scale / total_weight).expand(hidden.shape[0])
-    _, grads = triton_backend.run_chunks(hidden, weight[lo:hi], bias[lo:hi] if bias is not None else None, column,
-                                         weights, row_scale, label_smoothing, z_loss, softcap, tuple(wants),
-                                         workspace_bytes())
+    """(dh, dw, db) when the gradients were not computed with the loss (reduction "none", or a
+    returned lse): the chunks run with each row's upstream gradients of its loss and its lse, on
+    the forward's statistics."""
+    terms = terms_.row_terms(targets, token_weights, class_weights, lo, hi, ignore_index, reduction)
+    column, head_cw = terms[1], terms[4]
+    class_sum = head_cw.sum() if head_cw is not None else None
+    coefs = terms_.coefs(stats, terms, grad_loss, grad_lse, label_smoothing, z_loss, hi - lo, class_sum)
+    grads = triton_backend.gradients(hidden, weight[lo:hi], bias[lo:hi] if bias is not None else None, column,
+                                     stats, coefs, softcap, tuple(wants), workspace_bytes(), head_cw)
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 
 @_backward_op.register_fake
-def _(grad_loss, hidden, weight, bias, targets, token_weights, lo, hi, ignore_index, reduction, label_smoothing,
-      z_loss, softcap, wants):
+def _(grad_loss, grad_lse, hidden, weight, bias, targets, token_weights, class_weights, stats, lo, hi, ignore_index,
+      reduction, label_smoothing, z_loss, softcap, wants):
     shapes = (tuple(hidden.shape), (hi - lo, hidden.shape[1]), (hi - lo,))
     dtypes = (hidden.dtype, torch.float32, torch.float32)
     return tuple(hidden.new_empty(shape if want else (0,), dtype=dtype)
@@ -316,56 +421,38 @@ def _(grad_loss, hidden, weight, bias, targets, token_weights, lo, hi, ignore_in
 
 
 def _setup_context(ctx, inputs, output):
-    (hidden, weight, bias, targets, token_weights, lo, hi, ignore_index, reduction, label_smoothing, z_loss,
-     softcap, grads_now) = inputs
-    ctx.mark_non_differentiable(*output[1:])
+    (hidden, weight, bias, targets, token_weights, class_weights, lo, hi, ignore_index, reduction, label_smoothing,
+     z_loss, softcap, grads_now) = inputs
+    ctx.mark_non_differentiable(*output[2:])
     ctx.grads_now = any(grads_now)
     ctx.vocab = (lo, hi, weight.shape[0])
     ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap)
     ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
     if ctx.grads_now:
-        ctx.save_for_backward(*output[2:])
+        ctx.save_for_backward(*output[3:])
     else:
-        ctx.save_for_backward(hidden, weight, bias, targets, token_weights)
+        ctx.save_for_backward(hidden, weight, bias, targets, token_weights, class_weights, output[2])
 
 
-def _backward(ctx, grad_loss, *unused):
+def _backward(ctx, grad_loss, grad_lse, *unused):
     lo, hi, vocab = ctx.vocab
     wants = [bool(w) for w in ctx.needs_input_grad[:3]]
     if ctx.grads_now:
         # Out of place: the saved gradients stay valid for a second backward (retain_graph), and
-        # torch.compile can trace it.
+        # torch.compile can trace it. lse was not returned, so it has no gradient.
         grads = [g * grad_loss.to(g.dtype) if want else None for g, want in zip(ctx.saved_tensors, wants)]
     else:
         # The kernels' gradients are not differentiable again: the op sees detached tensors.
-        hidden, weight, bias, targets, token_weights = (t.detach() if t is not None else None
-                                                        for t in ctx.saved_tensors)
-        grads = _backward_op(grad_loss.detach(), hidden, weight, bias, targets, token_weights, lo, hi, *ctx.options,
-                             wants)
+        saved = [t.detach() if t is not None else None for t in ctx.saved_tensors]
+        grads = _backward_op(grad_loss.detach(), grad_lse.detach() if grad_lse is not None else None, *saved, lo, hi,
+                             *ctx.options, wants)
         grads = [g if want else None for g, want in zip(grads, wants)]
     dh, dw, db = grads
     hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
     dh = dh.to(hidden_dtype) if dh is not None else None
-    dw = _full_rows(dw, lo, vocab).to(weight_dtype) if dw is not None else None
-    db = _full_rows(db, lo, vocab).to(bias_dtype) if db is not None else None
-    return dh, dw, db, None, None, None, None, None, None, None, None, None, None
+    dw = terms_.full_rows(dw, lo, vocab).to(weight_dtype) if dw is not None else None
+    db = terms_.full_rows(db, lo, vocab).to(bias_dtype) if db is not None else None
+    return dh, dw, db, None, None, None, None, None, None, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _row_terms(targets, token_weights, lo, hi, ignore_index, reduction):
-    """``reference.row_terms`` (which rows are kept, their weights, the normaliser of the
-    reduction) with the kernels' column: the target's column in the head, -1 for a dropped row
-    (int32)."""
-    kept, column, weights, total = reference.row_terms(targets, token_weights, lo, hi, ignore_index, reduction)
-    return kept, torch.where(kept, column, -1).to(torch.int32), weights, total
-
-
-def _full_rows(block: torch.Tensor, lo: int, vocab: int) -> torch.Tensor:
-    """The gradient of a whole ``[V, ...]`` parameter from that of its rows ``[lo, lo + len)``."""
-    if block.shape[0] == vocab:
-        return block
-    full = block.new_zeros((vocab, *block.shape[1:]))
-    full[lo:lo + block.shape[0]] = block
-    return full

@@ -3,15 +3,22 @@
 For rows ``h`` of ``hidden [N, D]`` and the column block ``(lo, hi)`` of the vocabulary:
   x   = h @ weight[lo:hi].T (+ bias[lo:hi])          in fp32 (fp64 when asked); 0 (+ bias) when D = 0
   x   = softcap * tanh(x / softcap)                   if softcap
-  lse = logsumexp(x)
+  lse = m + log(sum(exp(x - m))), m = max(x) held constant: its gradient p = exp(x - m) / sum(...)
+        keeps x - m exact (exp(x - lse) would carry lse's rounding, ~1e-4 at |x| ~ 1e3 in fp32)
   a row is kept when its target != ignore_index and its token weight w != 0 (w = 1 without
-  token_weights; a NaN weight is kept, and propagates). For a kept row, with eps = label_smoothing:
-    ce = (1 - eps) (lse - x[target - lo]) + eps (lse - mean(x))
-    l  = w (ce + z_loss lse^2)
-  a dropped row (ignored, or weight 0): l = 0, and it contributes exactly nothing to the loss or to
-  any gradient, even when its hidden row holds Inf or NaN.
-  reduction "mean": sum(l) / sum(w over kept rows), 0 when nothing is kept; "sum": sum(l);
-  "none": l [N]. ``return_lse`` adds lse [N] (fp32) for every row, dropped rows included.
+  token_weights; a NaN weight is kept, and propagates). For a kept row, with eps = label_smoothing,
+  t = target - lo and c = class_weights[lo:hi] (torch's ``weight=``, Liger's ``ce_weight``; all 1
+  without, and then ce is (1 - eps) (lse - x[t]) + eps (lse - mean(x))):
+    ce = (1 - eps) c[t] (lse - x[t]) + eps / V sum_v c[v] (lse - x[v])
+    z  = z_loss lse^2
+  a dropped row (ignored, or weight 0): ce = z = 0, and it contributes exactly nothing to the loss
+  or to any gradient, even when its hidden row holds Inf or NaN.
+  reduction "mean": sum(w ce) / sum(w c[t]) + sum(w z) / sum(w), each over kept rows and 0 when
+  nothing is kept (as torch and Liger: the class-weighted part over the class-weighted count,
+  z-loss over the plain one); "sum": sum(w (ce + z)); "none": w (ce + z) [N].
+  ``return_lse`` adds lse [N] (fp32) for every row, dropped rows included; its gradient flows
+  through kept rows only. ``return_accuracy`` adds the hits (a kept row whose
+  target logit is its maximum) reduced by ``reduce_hits``.
 
 Tensor values are never checked here (``unimm.kernels.linear_cross_entropy`` checks what it can
 without a device sync); what the kernels do with values they cannot check, this does too:
@@ -57,11 +64,45 @@ def row_terms(targets: torch.Tensor, token_weights: torch.Tensor | None, lo: int
     return kept, column, w, total
 
 
+def logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise log-sum-exp whose gradient is ``exp(x - m) / s`` (the module docstring)."""
+    m = x.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, 0.0)  # all -inf (or +inf) rows: as torch.logsumexp
+    return (m + (x - m).exp().sum(-1, keepdim=True).log())[..., 0]
+
+
+def reduce_hits(hits: torch.Tensor, kept: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Token accuracy from the per-row hits (bool, False on dropped rows): fp32 per row ("none"),
+    their count ("sum"), or count / kept rows ("mean", 0 when none is kept); unweighted."""
+    hits = hits.float()
+    if reduction == "none":
+        return hits
+    if reduction == "sum":
+        return hits.sum()
+    return hits.sum() / kept.sum().clamp(min=1)
+
+
+def class_terms(kept, column, w, total, class_weights, lo, hi, reduction, dtype=torch.float32):
+    """The class weights of the head ``c [V]`` (None without), each row's ``c[t]`` (0 where
+    dropped; 1 without) and the normaliser of the ce term (sum of ``w c[t]`` for "mean", NaN where
+    ``total`` is, 1 in place of 0; else ``total``). Shared by the reference and the kernels."""
+    if class_weights is None:
+        return None, torch.ones_like(w), total
+    head = class_weights[lo:hi].to(dtype)
+    picked = torch.where(kept, head[column], 0.0)
+    ce_total = total
+    if reduction == "mean":
+        ce_total = (w * picked).sum()
+        ce_total = torch.where(total.isnan() | (ce_total == 0), torch.where(total.isnan(), math.nan, 1.0), ce_total)
+    return head, picked, ce_total
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
                          token_weights: torch.Tensor | None = None, vocab_range: tuple[int, int] | None = None,
-                         return_lse: bool = False, compute_dtype: torch.dtype = torch.float32):
+                         class_weights: torch.Tensor | None = None, return_lse: bool = False,
+                         return_accuracy: bool = False, compute_dtype: torch.dtype = torch.float32):
     lo, hi = vocab_range if vocab_range is not None else (0, weight.shape[0])
     dim = hidden.shape[-1]
     h = hidden.reshape(math.prod(hidden.shape[:-1]), dim).to(compute_dtype)
@@ -81,17 +122,31 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     # would be NaN in dW), and its logits by zeros after it (Inf or NaN in the weights or bias must
     # not reach it through the softmax's backward either).
     x = torch.where(kept[:, None], logits(torch.where(kept[:, None], h, 0.0)), 0.0)
-    lse = torch.logsumexp(x, dim=-1)
+    lse = logsumexp(x)
     target_logit = x.gather(1, column[:, None])[:, 0]
-    ce = (1.0 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - x.mean(-1))
-    loss = torch.where(kept, w * (ce + z_loss * lse.square()), 0.0)
+    head_weights, picked, ce_total = class_terms(kept, column, w, total, class_weights, lo, hi, reduction,
+                                                 compute_dtype)
+    if head_weights is None:
+        ce = (1.0 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - x.mean(-1))
+    else:
+        smooth = (head_weights.sum() * lse - x @ head_weights) / (hi - lo)
+        ce = (1.0 - label_smoothing) * picked * (lse - target_logit) + label_smoothing * smooth
+    ce = torch.where(kept, w * ce, 0.0)
+    z = torch.where(kept, w * z_loss * lse.square(), 0.0)
 
     if reduction == "mean":
-        loss = loss.sum() / total
+        loss = ce.sum() / ce_total + z.sum() / total
     elif reduction == "sum":
-        loss = loss.sum()
+        loss = (ce + z).sum()
+    else:
+        loss = ce + z
+    outputs = [loss]
     if return_lse:
-        with torch.no_grad():  # every row's own lse, dropped rows included
+        with torch.no_grad():  # every row's own lse, dropped rows included ...
             all_lse = torch.logsumexp(logits(h), dim=-1)
-        return loss, all_lse.float()
-    return loss
+        outputs.append(torch.where(kept, lse, all_lse).float())  # ... with a gradient through kept rows
+    if return_accuracy:
+        with torch.no_grad():
+            hits = kept & (target_logit >= x.amax(-1))
+        outputs.append(reduce_hits(hits, kept, reduction))
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
