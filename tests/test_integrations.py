@@ -513,7 +513,7 @@ def test_apply_rejects_unsupported_models():
     with pytest.raises(TypeError, match="GPT2LMHeadModel"):
         hf.apply(gpt2)
     torch.manual_seed(0)
-    odd_heads = transformers.LlamaForCausalLM(_config("llama", head_dim=24))
+    odd_heads = transformers.LlamaForCausalLM(_config("llama", head_dim=20))
     with pytest.raises(ValueError, match="head_dim"):
         hf.apply(odd_heads)
     with pytest.raises(ValueError, match="attention_dropout"):

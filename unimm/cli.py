@@ -52,6 +52,10 @@ def info_lines() -> list[str]:
                  f"TRITON_INTERPRET={int(dispatch.TRITON_INTERPRET)}):")
     for backend, reason in dispatch.live_backends(device).items():
         lines.append(f"  {backend:<9} {'live' if reason is None else 'not live: ' + reason}")
+    from unimm.kernels import _attention_vendor
+
+    lines.append("attention on CUDA, fp16 / bf16 (automatic dispatch), by mask layout:")
+    lines += [f"  {layout:<58} {served}" for layout, served in _attention_vendor.served_layouts().items()]
     return lines
 
 

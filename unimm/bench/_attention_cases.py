@@ -1,14 +1,38 @@
 """How the attention family (``unimm.bench.attention``) builds and checks its cases: each layout
 as the ``AttentionMask`` builder call a model would make, its description, and the fp32
-reference every implementation's output and gradients are compared with.
+reference every implementation's output and gradients are compared with, and unimm's two rows
+(automatic dispatch, and its own kernel forced: benched where dispatch chose a vendor kernel).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from unimm.kernels import AttentionMask
+from unimm.kernels import AttentionMask, attention
+from unimm.kernels.attention import attention_backend
 from unimm.testing import rel_err
+
+OWN = "unimm[triton]"
+
+
+def unimm_impl(impl, case):
+    """make_impl's answer for "unimm" and OWN: (fn(q, k, v), extras with ``served_by``, None)."""
+    mask = case["mask"]
+    served_by = attention_backend(case["q"], case["k"], case["v"], mask)
+    if impl == "unimm":
+        return (lambda q, k, v: attention(q, k, v, mask)), dict(
+            variant="attention(q, k, v, mask), automatic dispatch", mask_build_ms=case["unimm_build_ms"],
+            served_by=served_by), None
+    def own(q, k, v):
+        previous, os.environ["UNIMM_BACKEND"] = os.environ.get("UNIMM_BACKEND", ""), "triton"
+        try:
+            return attention(q, k, v, mask)
+        finally:
+            os.environ["UNIMM_BACKEND"] = previous  # empty is automatic dispatch, as unset
+    return own, dict(variant="attention(q, k, v, mask), UNIMM_BACKEND=triton", served_by="triton",
+                     mask_build_ms=case["unimm_build_ms"]), None
 
 
 def images_per_doc(spec) -> int:

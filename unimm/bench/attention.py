@@ -3,7 +3,11 @@
 Every layout is one ``AttentionMask`` (docs/ARCHITECTURE.md, "Attention masks"): per query row one range
 of visible keys ``[kv_start, kv_end)``. For each layout and head shape, in this process on the
 same bf16 inputs (q, k, v in unimm's layout [B, S, H, D], all requiring grad):
-  * unimm: ``attention(q, k, v, mask)`` with the layout's AttentionMask.
+  * unimm: ``attention(q, k, v, mask)`` with the layout's AttentionMask, automatic dispatch; the
+    row's ``served_by`` names the kernel that ran (``attention_backend``: "triton", or the vendor
+    kernel "sdpa" / "flash_attn_varlen" for plain causal / packed causal documents).
+  * unimm[triton]: the same call with ``UNIMM_BACKEND=triton``, unimm's own kernel, where
+    automatic dispatch chose a vendor kernel.
   * sdpa[flash], sdpa[cudnn] (pure causal only): ``F.scaled_dot_product_attention`` with
     ``is_causal=True`` on [B, H, S, D] views (transposes, no copies), restricted to one backend
     with ``sdpa_kernel``.
@@ -55,9 +59,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from unimm.bench._attention_cases import check, describe_layout, layout_builder, reference
+from unimm.bench._attention_cases import OWN, check, describe_layout, layout_builder, reference, unimm_impl
 from unimm.bench._harness import NotHere, attempt, first_line, fold, mark_na, optional_import, parse_run, show, verdict
-from unimm.kernels import attention
+from unimm.kernels.attention import attention_backend
 from unimm.testing import BENCH_TOLERANCE
 
 try:
@@ -79,6 +83,8 @@ SMOKE_COUNTS = dict(warmup=1, repeat=3)  # the smoke run checks the script, it m
 SHAPES = {
     "h16-d128": (1, 16384, 16, 16, 128),
     "h32-d64": (1, 16384, 32, 32, 64),
+    "gqa32-8-d128-s8k": (1, 8192, 32, 8, 128),  # Llama-3-8B's heads
+    "gqa32-8-d128": (1, 16384, 32, 8, 128),
 }
 SMOKE_SHAPES = {
     "tiny": (2, 96, 2, 2, 16),
@@ -108,7 +114,7 @@ SDPA_CAUSAL = ("sdpa[flash]", "sdpa[cudnn]")
 SDPA_DENSE = "sdpa[dense mask]"
 FLEX = "flex_attention"
 FA4 = "flash-attn-4"
-IMPLS = ("unimm",) + SDPA_CAUSAL + (SDPA_DENSE, FLEX, FA4)
+IMPLS = ("unimm", OWN) + SDPA_CAUSAL + (SDPA_DENSE, FLEX, FA4)
 DIRECTIONS = ("forward", "backward")
 BWD_FLOP_FACTOR = 2.5
 
@@ -128,9 +134,8 @@ def make_impl(impl, case, run):
     mask, device, gqa = case["mask"], run.device, case["gqa"]
     gqa_kw = {"enable_gqa": True} if gqa else {}
 
-    if impl == "unimm":
-        return (lambda q, k, v: attention(q, k, v, mask)), dict(
-            variant="attention(q, k, v, mask), automatic dispatch", mask_build_ms=case["unimm_build_ms"]), None
+    if impl in ("unimm", OWN):
+        return unimm_impl(impl, case)
 
     if impl in SDPA_CAUSAL:
         if sdpa_kernel is None:
@@ -242,7 +247,7 @@ def time_backward(fn, inputs, dout, forward_ms, run):
 def run_impl(result, impl, case, ref, run):
     """One implementation on one case: a checked first call, then forward and backward timing and
     peak memory. Fills ``result``; raises what the caller turns into n/a."""
-    if run.quick and impl not in ("unimm",) + (SDPA_CAUSAL + (FA4,) if case["layout"] == PURE_CAUSAL else (FLEX,)):
+    if run.quick and impl not in ("unimm", OWN) + (SDPA_CAUSAL + (FA4,) if case["layout"] == PURE_CAUSAL else (FLEX,)):
         raise NotHere("left out of --quick runs")
     fn, extras, no_backward = make_impl(impl, case, run)
     result.update(extras)
@@ -320,7 +325,8 @@ def bench_case(layout, layout_spec, shape, shape_spec, run, build_counts):
     case = dict(layout=layout, mask=mask, dense=dense, build_counts=build_counts, layout_spec=layout_spec,
                 gqa=q_heads != kv_heads, batch=batch, seq=seq, kv_len=kv_len, unimm_build_ms=unimm_build_ms,
                 q=q, k=k, v=v, dout=dout, empty=empty)
-    impls = ("unimm",) + (SDPA_CAUSAL if layout == PURE_CAUSAL else (SDPA_DENSE,)) + (FLEX, FA4)
+    own = (OWN,) if attention_backend(q, k, v, mask) not in ("triton", "reference") else ()  # vendor served "unimm"
+    impls = ("unimm",) + own + (SDPA_CAUSAL if layout == PURE_CAUSAL else (SDPA_DENSE,)) + (FLEX, FA4)
     results = []
     for impl in impls:
         result = dict(case_info, impl=impl)
@@ -362,7 +368,8 @@ def bench_case(layout, layout_spec, shape, shape_spec, run, build_counts):
 
 def check_targets(results, layouts, shapes):
     """Each part of the target -> True / False / None (not judged), plus what stopped a judgement.
-    Pure causal is judged against the faster of sdpa[flash] / sdpa[cudnn]."""
+    Pure causal is judged against the faster of sdpa[flash] / sdpa[cudnn]. Judged is unimm's own
+    kernel (the unimm[triton] row where automatic dispatch chose a vendor kernel)."""
     checks = {f"{kind}_{direction}": [] for kind in ("causal_vs_sdpa", "mixed_vs_flex") for direction in DIRECTIONS}
     why = []
     for layout in layouts:
@@ -370,13 +377,14 @@ def check_targets(results, layouts, shapes):
         anchors, needed = (SDPA_CAUSAL, TARGET_VS_SDPA) if layout == PURE_CAUSAL else ((FLEX,), TARGET_VS_FLEX)
         for shape in shapes:
             rows = {r["impl"]: r for r in results if r["layout"] == layout and r["shape"] == shape}
-            unimm = rows.get("unimm", {})
+            unimm = rows[OWN] if rows.get(OWN, {}).get("available") else rows.get("unimm", {})
             for direction in DIRECTIONS:
                 values = checks[f"{kind}_{direction}"]
                 if not unimm.get("available") or unimm.get(direction) is None:
                     values.append(False)
                     continue
-                speedups = [unimm["speedup"][direction][a] for a in anchors if a in unimm["speedup"][direction]]
+                speedups = [rows[a][direction]["median_ms"] / unimm[direction]["median_ms"] for a in anchors
+                            if rows.get(a, {}).get("available") and rows[a].get(direction)]
                 if speedups:
                     values.append(min(speedups) >= needed)
                 else:
@@ -397,7 +405,7 @@ def table_row(result, results):
     return {
         "layout": result["layout"],
         "shape": result["shape"],
-        "impl": result["impl"],
+        "impl": result["impl"] + (f" ({result['served_by']})" if "served_by" in result else ""),
         "fwd ms": show(forward, "median_ms", ".3f") if forward else na,
         "bwd ms": show(backward, "median_ms", ".3f") if backward else na,
         "fwd TFLOP/s": show(forward, "tflops", ".1f"),

@@ -88,8 +88,8 @@ def apply(model):
     decoder = _decoder(model.model)
     config = decoder.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
-        raise ValueError(f"unimm attention needs config.head_dim to be a power of two in [16, 256], got {head_dim}")
+    if head_dim < 16 or head_dim > 256 or head_dim % 8:
+        raise ValueError(f"unimm attention needs config.head_dim to be a multiple of 8 in [16, 256], got {head_dim}")
     if getattr(config, "attention_dropout", 0.0):
         raise ValueError("unimm attention has no dropout; config.attention_dropout must be 0, "
                          f"got {config.attention_dropout}")

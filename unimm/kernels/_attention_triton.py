@@ -49,6 +49,17 @@ def _bad_rows(x):
 
 
 @triton.jit
+def _dim_mask(ok, dims, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The load / store mask ``[R, BLOCK_D]`` (or ``[R, 1]``) of rows ``ok [R]``: a head dim that is
+    not a power of two is padded to BLOCK_D columns inside the kernel (loaded as zeros, which add
+    nothing to any dot, and never stored); a power of two keeps the row mask alone."""
+    mask = ok[:, None]
+    if HEAD_DIM != BLOCK_D:
+        mask = mask & (dims[None, :] < HEAD_DIM)
+    return mask
+
+
+@triton.jit
 def _count_in(count_ptr, lo, hi, valid):
     """How many flags lie in [lo, hi) (lo < hi where ``valid``, else 0), from their running
     count (inclusive) at count_ptr."""
@@ -67,7 +78,7 @@ def _flagged_keys(counts_ptr, lo, hi, num_keys, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _key_tile(k_base, v_base, flags_ptr, n0, num_keys, stride_ks, stride_vs, dims, BLOCK_N: tl.constexpr,
-              SAFE: tl.constexpr):
+              SAFE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """The key tile at n0 of a query program's walk: its columns and k, v ``[BLOCK_N, D]`` (zeros past
     the end; with SAFE, flagged k (v) rows load as zeros too: see "non-finite inputs")."""
     cols = n0 + tl.arange(0, BLOCK_N)
@@ -77,8 +88,10 @@ def _key_tile(k_base, v_base, flags_ptr, n0, num_keys, stride_ks, stride_vs, dim
         bits = tl.load(flags_ptr + cols, mask=load_k, other=3)
         load_k &= (bits & 1) == 0
         load_v &= (bits & 2) == 0
-    k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=load_k[:, None], other=0.0)
-    v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=load_v[:, None], other=0.0)
+    k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + dims[None, :],
+                mask=_dim_mask(load_k, dims, HEAD_DIM, BLOCK_D), other=0.0)
+    v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vs + dims[None, :],
+                mask=_dim_mask(load_v, dims, HEAD_DIM, BLOCK_D), other=0.0)
     return cols, k, v
 
 
@@ -127,7 +140,7 @@ def _scores(q, k, scale, softcap, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.const
 
 @triton.jit
 def _key_flags_kernel(k_ptr, v_ptr, flags_ptr, num_keys, kv_heads, stride_kb, stride_ks, stride_kh, stride_vb,
-                      stride_vs, stride_vh, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+                      stride_vs, stride_vh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
     """int32 flags ``[B, Hkv, 3, Skv]`` per key: plane 0, bit 0 its k row holds a non-finite
     entry, bit 1 its v row does; plane 1, either does (0 / 1); plane 2, its k row does."""
     bh = tl.program_id(1)
@@ -135,12 +148,11 @@ def _key_flags_kernel(k_ptr, v_ptr, flags_ptr, num_keys, kv_heads, stride_kb, st
     kv_h = bh % kv_heads
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < num_keys
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, BLOCK_D)
     offs = cols[:, None].to(tl.int64)
-    k = tl.load(k_ptr + b * stride_kb + kv_h * stride_kh + offs * stride_ks + dims[None, :], mask=col_ok[:, None],
-                other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + kv_h * stride_vh + offs * stride_vs + dims[None, :], mask=col_ok[:, None],
-                other=0.0)
+    load = _dim_mask(col_ok, dims, HEAD_DIM, BLOCK_D)
+    k = tl.load(k_ptr + b * stride_kb + kv_h * stride_kh + offs * stride_ks + dims[None, :], mask=load, other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + kv_h * stride_vh + offs * stride_vs + dims[None, :], mask=load, other=0.0)
     k_bad = _bad_rows(k)
     v_bad = _bad_rows(v)
     base = flags_ptr + bh.to(tl.int64) * 3 * num_keys + cols
@@ -154,7 +166,7 @@ def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, start_ptr, end_ptr, flags_ptr, counts_ptr, seq_len, num_keys, heads,
     group, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_mask, scale, softcap,
-    HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SAFE: tl.constexpr,
 ):
     bh, b, h, kv_h, rows, row_ok, start, end, nonempty, lo, hi, inner_lo, inner_hi = _query_program(
@@ -165,9 +177,9 @@ def _attn_fwd_kernel(
     # (masks applied late, not an early return: either costs the loop registers)
     mine = (_flagged_keys(counts_ptr + counts_base, lo, hi, num_keys, BLOCK_N) > 0) == SAFE
     hi = tl.where(mine, hi, 0)
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qs + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
+                mask=_dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D), other=0.0)
     k_base = k_ptr + b * stride_kb + kv_h * stride_kh
     v_base = v_ptr + b * stride_vb + kv_h * stride_vh
 
@@ -175,10 +187,10 @@ def _attn_fwd_kernel(
     # a row whose own q is not finite is NaN (a soft-cap could make its scores finite): NaN in
     # l_i stays there, and costs the loop no register
     l_i = tl.where(_bad_rows(q), float("nan"), 0.0)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):  # key tiles some row sees
         cols, k, v = _key_tile(k_base, v_base, flags_ptr + kv_bh * 3 * num_keys, n0, num_keys, stride_ks, stride_vs,
-                               dims, BLOCK_N, SAFE)
+                               dims, BLOCK_N, SAFE, HEAD_DIM, BLOCK_D)
         s, _ = _scores(q, k, scale, softcap, HAS_SOFTCAP, PRECISION)
         if (n0 < inner_lo) | (n0 + BLOCK_N > inner_hi):  # not every row sees the whole tile
             visible = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
@@ -200,7 +212,7 @@ def _attn_fwd_kernel(
         out = tl.where((_count_in(counts_ptr + counts_base, start, end, nonempty) > 0)[:, None], float("nan"),
                        out)
     tl.store(o_ptr + b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_os + dims[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+             out.to(o_ptr.dtype.element_ty), mask=_dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D))
     lse2 = tl.where(nonempty, m_i + tl.log2(l_i), float("inf"))
     tl.store(lse_ptr + bh.to(tl.int64) * seq_len + rows, lse2, mask=row_ok)
 
@@ -209,7 +221,7 @@ def _attn_fwd_kernel(
 def _attn_bwd_prep_kernel(
     q_ptr, do_ptr, o_ptr, delta_ptr, row_flags_ptr, spans_ptr, start_ptr, end_ptr, counts_ptr, seq_len, num_keys,
     heads, group, stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_ob, stride_os,
-    stride_oh, stride_mask, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    stride_oh, stride_mask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Per query row, before the backward kernels: delta = dO . O (the softmax backward's row
     term; 0 for poisoned rows, so that it is finite), flags (bit 0: the row's q or dO is not
@@ -218,14 +230,14 @@ def _attn_bwd_prep_kernel(
     bh, b, h, kv_h, rows, row_ok, start, end, nonempty, lo, hi, inner_lo, inner_hi = _query_program(
         start_ptr, end_ptr, seq_len, num_keys, heads, group, stride_mask, BLOCK_M)
     kv_bh = b * (heads // group) + kv_h
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, BLOCK_D)
     row_off = rows[:, None].to(tl.int64)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + row_off * stride_qs + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
+                mask=_dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D), other=0.0)
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + row_off * stride_dos + dims[None, :],
-                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+                 mask=_dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D), other=0.0).to(tl.float32)
     o = tl.load(o_ptr + b * stride_ob + h * stride_oh + row_off * stride_os + dims[None, :],
-                mask=row_ok[:, None], other=0.0).to(tl.float32)
+                mask=_dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D), other=0.0).to(tl.float32)
     own = _bad_rows(q) | _bad_rows(do)
     # poison level: 1, the row's dQ and the dK of the keys it sees are NaN; 2, their dV too
     # (the row's probabilities are affected: a non-finite q, dO or key, not just a value)
@@ -248,7 +260,7 @@ def _attn_bwd_dq_kernel(
     row_flags_ptr, seq_len, num_keys, heads, group,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_mask, scale, softcap,
-    HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SAFE: tl.constexpr,
 ):
     bh, b, h, kv_h, rows, row_ok, start, end, nonempty, lo, hi, inner_lo, inner_hi = _query_program(
@@ -257,22 +269,22 @@ def _attn_bwd_dq_kernel(
     counts_base = kv_bh * 2 * num_keys
     mine = (_flagged_keys(counts_ptr + counts_base, lo, hi, num_keys, BLOCK_N) > 0) == SAFE
     hi = tl.where(mine, hi, 0)  # the other launch's program: no loop, no store (masks applied late)
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, BLOCK_D)
     row_off = rows[:, None].to(tl.int64)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + row_off * stride_qs + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
+                mask=_dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D), other=0.0)
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + row_off * stride_dos + dims[None, :],
-                 mask=row_ok[:, None], other=0.0)
+                 mask=_dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D), other=0.0)
     stats = bh.to(tl.int64) * seq_len + rows
     lse2 = tl.load(lse_ptr + stats, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_ptr + stats, mask=row_ok, other=0.0)
     k_base = k_ptr + b * stride_kb + kv_h * stride_kh
     v_base = v_ptr + b * stride_vb + kv_h * stride_vh
 
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         cols, k, v = _key_tile(k_base, v_base, flags_ptr + kv_bh * 3 * num_keys, n0, num_keys, stride_ks, stride_vs,
-                               dims, BLOCK_N, SAFE)
+                               dims, BLOCK_N, SAFE, HEAD_DIM, BLOCK_D)
         s, t = _scores(q, k, scale, softcap, HAS_SOFTCAP, PRECISION)
         p = tl.exp2(s - lse2[:, None])
         if (n0 < inner_lo) | (n0 + BLOCK_N > inner_hi):
@@ -288,7 +300,7 @@ def _attn_bwd_dq_kernel(
     poisoned = (tl.load(row_flags_ptr + stats, mask=row_ok, other=0) >> 1) > 0
     dq = tl.where(poisoned[:, None], float("nan"), tl.where(nonempty[:, None], dq * scale, 0.0))
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + row_off * stride_dqs + dims[None, :],
-             dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+             dq.to(dq_ptr.dtype.element_ty), mask=_dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D))
 
 
 @triton.jit
@@ -298,7 +310,7 @@ def _attn_bwd_dkdv_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_mask, stride_tiles, scale, softcap,
-    HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SAFE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -317,18 +329,18 @@ def _attn_bwd_dkdv_kernel(
     last = tl.where(mine, last, first)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = tl.where(mine, cols < num_keys, False)
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, BLOCK_D)
     col_off = cols[:, None].to(tl.int64)
     # this program's keys, flagged ones as zeros (their dK and dV: NaN where seen, else 0)
     bits = tl.load(flags_ptr + bh.to(tl.int64) * 3 * num_keys + cols, mask=col_ok, other=3)
     k = tl.load(k_ptr + b * stride_kb + kv_h * stride_kh + col_off * stride_ks + dims[None, :],
-                mask=(col_ok & ((bits & 1) == 0))[:, None], other=0.0)
+                mask=_dim_mask(col_ok & ((bits & 1) == 0), dims, HEAD_DIM, BLOCK_D), other=0.0)
     v = tl.load(v_ptr + b * stride_vb + kv_h * stride_vh + col_off * stride_vs + dims[None, :],
-                mask=(col_ok & ((bits & 2) == 0))[:, None], other=0.0)
+                mask=_dim_mask(col_ok & ((bits & 2) == 0), dims, HEAD_DIM, BLOCK_D), other=0.0)
     tile_lo = pid_n * BLOCK_N
 
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(0, group):  # every query head that reads this kv head
         h = kv_h * group + g
         q_base = q_ptr + b * stride_qb + h * stride_qh
@@ -345,8 +357,9 @@ def _attn_bwd_dkdv_kernel(
             if SAFE:  # rows whose q or dO is not finite load as zeros
                 row_load &= (tl.load(row_flags_ptr + stats + rows, mask=row_ok, other=1) & 1) == 0
             row_off = rows[:, None].to(tl.int64)
-            q = tl.load(q_base + row_off * stride_qs + dims[None, :], mask=row_load[:, None], other=0.0)
-            do = tl.load(do_base + row_off * stride_dos + dims[None, :], mask=row_load[:, None], other=0.0)
+            load = _dim_mask(row_load, dims, HEAD_DIM, BLOCK_D)
+            q = tl.load(q_base + row_off * stride_qs + dims[None, :], mask=load, other=0.0)
+            do = tl.load(do_base + row_off * stride_dos + dims[None, :], mask=load, other=0.0)
             lse2 = tl.load(lse_ptr + stats + rows, mask=row_ok, other=float("inf"))
             delta = tl.load(delta_ptr + stats + rows, mask=row_ok, other=0.0)
             s, t = _scores(q, k, scale, softcap, HAS_SOFTCAP, PRECISION)
@@ -366,6 +379,7 @@ def _attn_bwd_dkdv_kernel(
     dv_nan = tl.load(seen + num_keys + 1, mask=col_ok, other=0) > 0
     tl.store(dk_ptr + b * stride_dkb + kv_h * stride_dkh + col_off * stride_dks + dims[None, :],
              tl.where(dk_nan[:, None], float("nan"), dk * scale).to(dk_ptr.dtype.element_ty),
-             mask=col_ok[:, None])
+             mask=_dim_mask(col_ok, dims, HEAD_DIM, BLOCK_D))
     tl.store(dv_ptr + b * stride_dvb + kv_h * stride_dvh + col_off * stride_dvs + dims[None, :],
-             tl.where(dv_nan[:, None], float("nan"), dv).to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
+             tl.where(dv_nan[:, None], float("nan"), dv).to(dv_ptr.dtype.element_ty),
+             mask=_dim_mask(col_ok, dims, HEAD_DIM, BLOCK_D))

@@ -21,7 +21,10 @@ Kernels (flash-attention 2 structure, fp32 statistics):
     is launched twice, for the programs that meet no flagged row (the unchanged loop) and for the
     others (flagged rows loaded as zeros).
 This module checks the arguments, dispatches, and launches the kernels from custom ops with their
-autograd.
+autograd. On CUDA, a call a vendor kernel computes exactly (no mask or plain causal -> SDPA;
+packed causal documents -> FlashAttention varlen, when installed) goes to it first
+(``unimm.kernels._attention_vendor`` says which layouts and why); ``attention_backend`` says
+which kernel a call gets, and ``UNIMM_BACKEND=triton`` always runs unimm's own.
 
 Masks change from batch to batch without recompiling: intervals are data, not code. Mask values
 outside ``[0, Skv]`` are clamped to it, here and in the reference alike (never read back).
@@ -34,6 +37,7 @@ import math
 
 import torch
 
+from unimm.kernels import _attention_vendor as vendor
 from unimm.kernels import dispatch
 from unimm.kernels._common import cdiv, check_tensors, device_guard, dot_precision, is_real, unserved_dtype
 from unimm.kernels.masks import AttentionMask
@@ -53,7 +57,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Attention
 
     Args:
         q: ``[B, S, Hq, D]``; k, v: ``[B, Skv, Hkv, D]`` with ``Hq % Hkv == 0``; one dtype
-            (float16, bfloat16; float32 too, mainly for CPU tests); D a power of two in [16, 256].
+            (float16, bfloat16; float32 too, mainly for CPU tests); D a multiple of 8 in [16, 256]
+            (SigLIP's 72, Phi-2's 80, Phi-3's 96 included: the kernels pad D to the next power of
+            two in registers, not by copying q, k, v).
         mask: an ``AttentionMask`` of shape ``[B, S]`` needing at most Skv keys; None: every key.
             Interval bounds outside ``[0, Skv]`` (only a hand-built mask has them) are clamped
             to it on every backend: checking them would read the mask back from the device.
@@ -68,19 +74,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Attention
     row, or one whose upstream gradient is not finite, gets a NaN dQ, every key it sees a NaN
     dK, and a NaN dV too unless only values were non-finite (they do not change the
     probabilities dV is made of). Keys, values and rows outside an interval, padding included,
-    contribute exactly nothing, whatever they hold.
+    contribute exactly nothing, whatever they hold. One exception, under automatic dispatch on
+    CUDA: the calls a vendor kernel serves (no mask; plain causal or packed causal documents over
+    exactly S keys, so no key is hidden from every row: no cache tail, no padding) follow the
+    vendor's rule, where a non-finite k or v can also reach the earlier rows of its diagonal tile
+    (``0 * NaN``); ``UNIMM_BACKEND=triton`` keeps the exact rule there too.
     """
     _check_args(q, k, v, mask, scale, softcap)
     batch, seq_len, q_heads, head_dim = q.shape
     num_keys = k.shape[1]
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    backend, vendor_kernel = _select(q, k, mask, softcap)
+    if backend == "vendor" and q.numel() and num_keys:
+        return vendor.attention(q, k, v, mask, vendor_kernel, scale)
     if mask is None:
         end = torch.full((batch, seq_len), num_keys, dtype=torch.int32, device=q.device)
         mask = AttentionMask(torch.zeros_like(end), end, num_keys)
-    scale = head_dim**-0.5 if scale is None else float(scale)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # kernels read rows of D
-    backend = dispatch.select("attention", q.device, implemented=("triton",),
-                              unsupported={"triton": unserved_dtype(q.dtype, _KERNEL_DTYPES)})
-    if backend == "reference" or q.numel() == 0 or num_keys == 0:
+    if backend in ("reference", "vendor") or q.numel() == 0 or num_keys == 0:
         with torch.autocast(q.device.type, enabled=False):  # compute in fp32, not an enclosing autocast's dtype
             return reference.attention(q, k, v, mask, scale=scale, softcap=softcap,
                                        compute_dtype=torch.promote_types(q.dtype, torch.float32))
@@ -89,6 +100,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Attention
     out, _ = _attention_op(q, k, v, mask.kv_start, mask.kv_end, first, last, scale,
                            float(softcap) if softcap is not None else None)
     return out
+
+
+def attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | None = None, *,
+                      softcap: float | None = None) -> str:
+    """Which kernel ``attention(q, k, v, mask, softcap=softcap)`` runs: ``"reference"``,
+    ``"triton"`` (unimm's own), or the vendor kernel (``"sdpa"``, ``"flash_attn_varlen"``). Reads
+    no data; the benchmark and ``unimm info`` report it."""
+    _check_args(q, k, v, mask, None, softcap)
+    backend, vendor_kernel = _select(q, k, mask, softcap)
+    return vendor_kernel if backend == "vendor" else backend
+
+
+def _select(q, k, mask, softcap) -> tuple[str, str | None]:
+    """(dispatch's backend, the vendor kernel when it is "vendor")."""
+    vendor_kernel, why_not = vendor.kernel_for(q, k, mask, softcap)
+    backend = dispatch.select("attention", q.device, implemented=("vendor", "triton"),
+                              unsupported={"vendor": why_not, "triton": unserved_dtype(q.dtype, _KERNEL_DTYPES)})
+    return backend, vendor_kernel
 
 
 def _check_args(q, k, v, mask, scale, softcap) -> None:
@@ -103,8 +132,8 @@ def _check_args(q, k, v, mask, scale, softcap) -> None:
     kv_heads = k.shape[2]
     if kv_heads == 0 or q_heads % kv_heads:
         raise ValueError(f"q's heads ({q_heads}) must be a multiple of k/v's heads ({kv_heads})")
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two in [16, 256], got {head_dim}")
+    if head_dim < 16 or head_dim > 256 or head_dim % 8:
+        raise ValueError(f"head_dim must be a multiple of 8 in [16, 256], got {head_dim}")
     if mask is not None:
         if not isinstance(mask, AttentionMask):
             raise TypeError(f"mask must be an AttentionMask or None, got {type(mask).__name__}")
@@ -134,7 +163,11 @@ def _config(head_dim: int, dtype: torch.dtype, interpret: bool, arch: int | None
     on sm_80, where every dot is mma.sync, those tiles need all 255 registers and spill under
     triton 3.6, so older chips take 32 x 32 (at most about 205 registers); no single tile clean on
     both chips kept Hopper's wgmma without doubling the dK/dV kernel's reads of Q and dO.
+    A head dim padded to its power of two (``_block_d``) takes that power's tiles, except the
+    forward's pipeline: 2 stages, as its [keys, D] load masks spill the 3-stage one on sm_80.
     """
+    padded = _block_d(head_dim) != head_dim
+    head_dim = _block_d(head_dim)
     if interpret:
         tiles = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
         return dict(fwd=tiles, dq=tiles, dkdv=tiles)
@@ -143,10 +176,17 @@ def _config(head_dim: int, dtype: torch.dtype, interpret: bool, arch: int | None
         return dict(fwd=tiles(32, 32, 4, 2), dq=tiles(32, 32, 4, 2), dkdv=tiles(32, 32, 8, 2))
     if head_dim <= 128:
         hopper = head_dim > 64 or (arch if arch is not None else _oldest_arch()) >= 90
-        return dict(fwd=tiles(128, 64, 8 if head_dim == 128 else 4, 3), dq=tiles(64, 32, 4, 3),
+        return dict(fwd=tiles(128, 64, 8 if head_dim == 128 else 4, 2 if padded else 3), dq=tiles(64, 32, 4, 3),
                     dkdv=tiles(32, 64, 8, 2) if hopper else tiles(32, 32, 8, 2))
     # D = 256 (Gemma): dK and dV accumulators of 64 keys would spill, so 32 keys (no wgmma there)
     return dict(fwd=tiles(64, 64, 8, 2), dq=tiles(64, 32, 8, 2), dkdv=tiles(16, 32, 8, 2))
+
+
+def _block_d(head_dim: int) -> int:
+    """The power of two the kernels pad ``head_dim`` to (``BLOCK_D``): its columns past
+    ``head_dim`` load as zeros and are never stored. Cost: the padded width's FLOPs on tensor
+    cores (e.g. D = 80 or 96 run as 128: 1.6x / 1.33x the dot FLOPs), HBM bytes of the real width."""
+    return 1 << (head_dim - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=None)
@@ -182,8 +222,8 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: t
                 q, k, v, out, lse2, kv_start, kv_end, flags, counts, seq_len, k.shape[1], q_heads,
                 q_heads // k.shape[2], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
                 kv_start.stride(0), scale, softcap if softcap is not None else 1.0,
-                HAS_SOFTCAP=softcap is not None, HEAD_DIM=head_dim, PRECISION=dot_precision(q.dtype), SAFE=safe,
-                **tiles,
+                HAS_SOFTCAP=softcap is not None, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+                PRECISION=dot_precision(q.dtype), SAFE=safe, **tiles,
             )
     return out, lse2
 
@@ -200,9 +240,10 @@ def _key_flags(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     k or v row does (plane 0) and of those whose k row does (plane 1)."""
     batch, num_keys, kv_heads, head_dim = k.shape
     flags = torch.empty(batch, kv_heads, 3, num_keys, dtype=torch.int32, device=k.device)
-    block = 16 if dispatch.TRITON_INTERPRET else max(8, 2048 // head_dim)
+    block = 16 if dispatch.TRITON_INTERPRET else max(8, 2048 // _block_d(head_dim))
     kernels._key_flags_kernel[(cdiv(num_keys, block), batch * kv_heads)](
-        k, v, flags, num_keys, kv_heads, *k.stride()[:3], *v.stride()[:3], HEAD_DIM=head_dim, BLOCK=block,
+        k, v, flags, num_keys, kv_heads, *k.stride()[:3], *v.stride()[:3], HEAD_DIM=head_dim,
+        BLOCK_D=_block_d(head_dim), BLOCK=block,
         num_warps=1 if dispatch.TRITON_INTERPRET else 4)
     return flags, flags[:, :, 1:].cumsum(-1, dtype=torch.int32)
 
@@ -222,15 +263,17 @@ def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     row_flags = torch.empty(batch, q_heads, seq_len, dtype=torch.int8, device=q.device)
     spans = torch.zeros(batch, kv_heads, 2, num_keys + 1, dtype=torch.int32, device=q.device)
     config = _config(head_dim, q.dtype, dispatch.TRITON_INTERPRET)
-    common = dict(HAS_SOFTCAP=softcap is not None, HEAD_DIM=head_dim, PRECISION=dot_precision(q.dtype))
+    common = dict(HAS_SOFTCAP=softcap is not None, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+                  PRECISION=dot_precision(q.dtype))
     cap = softcap if softcap is not None else 1.0
     with device_guard(q.device):
         flags, counts = _key_flags(k, v)
-        prep_rows = 16 if dispatch.TRITON_INTERPRET else max(1, 2048 // head_dim)
+        prep_rows = 16 if dispatch.TRITON_INTERPRET else max(1, 2048 // _block_d(head_dim))
         kernels._attn_bwd_prep_kernel[(cdiv(seq_len, prep_rows), batch * q_heads)](
             q, grad_out, out, delta, row_flags, spans, kv_start, kv_end, counts, seq_len, num_keys, q_heads,
             q_heads // kv_heads, *q.stride()[:3], *grad_out.stride()[:3], *out.stride()[:3], kv_start.stride(0),
-            HEAD_DIM=head_dim, BLOCK_M=prep_rows, num_warps=1 if dispatch.TRITON_INTERPRET else 4,
+            HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=prep_rows,
+            num_warps=1 if dispatch.TRITON_INTERPRET else 4,
         )
         for safe in (False, True):  # each program runs in one of the two (see "non-finite inputs")
             kernels._attn_bwd_dq_kernel[(cdiv(seq_len, config["dq"]["BLOCK_M"]), batch * q_heads)](

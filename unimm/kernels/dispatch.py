@@ -1,12 +1,17 @@
-"""Backend choice for every kernel call: ``"cuda"``, ``"triton"`` or ``"reference"``.
+"""Backend choice for every kernel call: ``"vendor"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
 
 Rules (docs/ARCHITECTURE.md):
   * CUDA tensors go to the fastest live backend that can serve the call, in the order the
     kernel family states (e.g. CUDA for small code dims, else Triton), then the reference.
   * CPU tensors go to the reference, or to Triton when ``TRITON_INTERPRET=1`` was set before
     unimm (and so triton) defined its kernels: that is how CPU tests run Triton code.
-  * ``UNIMM_BACKEND=reference|triton|cuda`` forces a backend. A forced backend that cannot serve
-    a call raises ``BackendUnavailable`` saying why; it never falls back silently.
+  * ``UNIMM_BACKEND=reference|triton|cuda|vendor`` forces a backend. A forced backend that cannot
+    serve a call raises ``BackendUnavailable`` saying why; it never falls back silently.
+  * ``"vendor"`` is a kernel someone else ships that computes exactly what the call asks (torch's
+    SDPA, FlashAttention's varlen kernel), chosen first on CUDA where a family lists it and the
+    call's layout fits it. It is live on CUDA devices; whether it serves a given call is the
+    family's ``unsupported`` reason (e.g. attention: which mask, softcap, dtype, package
+    installed). ``UNIMM_BACKEND=triton`` or ``cuda`` thus always runs unimm's own kernel.
 
 Where ``select`` is called, relative to the family's ``torch.library.custom_op``:
   * Inside the op, for the families without a backward (``decode_attention``, ``sample_tokens``,
@@ -32,7 +37,8 @@ import torch
 
 from unimm import _ext
 
-BACKENDS = ("reference", "triton", "cuda")
+OWN_BACKENDS = ("reference", "triton", "cuda")  # unimm's own kernels
+BACKENDS = OWN_BACKENDS + ("vendor",)
 
 try:
     import triton  # noqa: F401
@@ -56,8 +62,9 @@ def forced_backend() -> str | None:
     if not value or value == "auto":
         return None
     if value not in BACKENDS:
-        raise ValueError(f"UNIMM_BACKEND must be one of {', '.join(BACKENDS)}, or auto / unset for automatic "
-                         f"dispatch, got {os.environ['UNIMM_BACKEND']!r}")
+        raise ValueError(f"UNIMM_BACKEND must be one of {', '.join(OWN_BACKENDS)}, or auto / unset for automatic "
+                         f"dispatch, got {os.environ['UNIMM_BACKEND']!r}; or vendor, for the vendor kernel of a "
+                         f"family that has one")
     return value
 
 
@@ -84,6 +91,8 @@ def backend_unavailable(backend: str, device: torch.device) -> str | None:
         if device.type != "cuda":
             return f"the tensors are on {device.type}, not a CUDA device"
         return _ext.serves_device(device)
+    if backend == "vendor":
+        return None if device.type == "cuda" else f"vendor kernels run on CUDA tensors, not {device.type}"
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
@@ -97,9 +106,9 @@ def select(
     """The backend that runs ``op`` on tensors of ``device``.
 
     ``implemented``: the accelerated backends this family has, fastest first, e.g.
-    ``("cuda", "triton")``; the reference is always there. ``unsupported``: for this particular
-    call, backend -> why it cannot serve it (None or missing: it can), e.g. a CUDA kernel
-    limited to small dims.
+    ``("cuda", "triton")`` or ``("vendor", "triton")``; the reference is always there.
+    ``unsupported``: for this particular call, backend -> why it cannot serve it (None or
+    missing: it can), e.g. a CUDA kernel limited to small dims.
     """
     device = torch.device(device)
     unsupported = unsupported or {}

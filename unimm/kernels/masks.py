@@ -25,6 +25,7 @@ import numbers
 import torch
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_LAYOUTS = (None, "causal", "documents")
 
 
 def _check_size(name: str, value, low: int) -> int:
@@ -80,9 +81,15 @@ class AttentionMask:
     """Visible-key intervals ``kv_start``, ``kv_end``: int32 ``[B, S]``, end exclusive.
 
     ``num_keys`` is the largest ``kv_end``: ``attention`` needs at least that many keys.
+
+    ``layout`` is what a builder knows about the intervals without reading them back: ``"causal"``
+    (``causal`` with no cached keys: row i sees ``[0, i + 1)``), ``"documents"`` (``from_spans``
+    without bidirectional spans or padding: causal within each packed document), or None (any
+    other mask, hand-built ones included). ``attention`` hands the first two to a vendor kernel
+    that computes the same thing (``unimm.kernels._attention_vendor``).
     """
 
-    def __init__(self, kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int):
+    def __init__(self, kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int, *, layout: str | None = None):
         _check_int("kv_start", kv_start, 2)
         _check_int("kv_end", kv_end, 2)
         if kv_end.shape != kv_start.shape or kv_end.device != kv_start.device:
@@ -91,7 +98,11 @@ class AttentionMask:
         self.kv_start = _as_int32(kv_start)
         self.kv_end = _as_int32(kv_end)
         self.num_keys = _check_size("num_keys", num_keys, 0)
+        if layout not in _LAYOUTS:
+            raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+        self.layout = layout
         self._tile_bounds: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._documents: tuple[torch.Tensor, int] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -114,7 +125,7 @@ class AttentionMask:
         past_len = _check_size("past_len", past_len, 0)
         end = torch.arange(past_len + 1, past_len + seq_len + 1, dtype=torch.int32, device=device)
         end = end.expand(batch_size, seq_len).contiguous()
-        return cls(torch.zeros_like(end), end, past_len + seq_len)
+        return cls(torch.zeros_like(end), end, past_len + seq_len, layout="causal" if past_len == 0 else None)
 
     @classmethod
     def prefix_lm(cls, prefix_lens: torch.Tensor, seq_len: int) -> AttentionMask:
@@ -154,7 +165,9 @@ class AttentionMask:
             _split_runs(doc_starts & (doc >= 0), doc),
             _split_runs(span_starts & (span != 0) & (doc >= 0), doc, span),  # a span within its doc
         ])
-        if problems.any():  # the one device read
+        # the one device read: any problem, and whether some row has a bidirectional span or padding
+        bad, not_plain = torch.stack([problems.any(), ((span != 0) | (doc < 0)).any()]).tolist()
+        if bad:
             kind, row = problems.nonzero()[0].tolist()
             raise ValueError([
                 f"doc_ids row {row}: ids must be >= 0, or -1 for padding",
@@ -172,7 +185,7 @@ class AttentionMask:
         padding = doc < 0
         start = torch.where(padding, 0, doc_start).to(torch.int32)
         end = torch.where(padding, 0, end).to(torch.int32)
-        return cls(start, end, seq_len)
+        return cls(start, end, seq_len, layout=None if not_plain else "documents")
 
     @classmethod
     def from_intervals(cls, kv_start: torch.Tensor, kv_end: torch.Tensor) -> AttentionMask:
@@ -285,6 +298,42 @@ class AttentionMask:
         ``[0, num_keys]`` are so clamped). For debugging, tests and the reference."""
         keys = torch.arange(_check_size("num_keys", num_keys, 0), device=self.device)
         return (keys >= self.kv_start[..., None]) & (keys < self.kv_end[..., None])
+
+    def documents(self) -> tuple[torch.Tensor, int]:
+        """For a ``"documents"`` mask: ``cu_seqlens`` (int32 ``[docs + 1]``, the documents' starts
+        in the batch's tokens laid end to end, then their total) and the longest document's
+        length, as FlashAttention's varlen kernels take them. Read back once, then cached."""
+        if self.layout != "documents":
+            raise ValueError(f"documents() needs a mask built by from_spans without spans or padding, got layout "
+                             f"{self.layout!r}")
+        if self._documents is None:
+            batch, seq_len = self.shape
+            first = (self.kv_start == torch.arange(seq_len, device=self.device)).flatten()  # a document's first token
+            tokens = torch.arange(batch * seq_len, device=self.device)
+            cu_seqlens = torch.cat([tokens[first], tokens.new_tensor([batch * seq_len])]).to(torch.int32)
+            self._documents = (cu_seqlens, int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0)
+        return self._documents
+
+    def mask_mod(self):
+        """This mask as FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)``: row ``q_idx`` of batch
+        ``b`` sees ``kv_idx`` iff ``kv_start[b, q_idx] <= kv_idx < kv_end[b, q_idx]`` (every head
+        alike), reading the same interval tensors."""
+        start, end = self.kv_start, self.kv_end
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx >= start[b, q_idx]) & (kv_idx < end[b, q_idx])
+        return mask_mod
+
+    def to_flex_block_mask(self, num_keys: int | None = None, *, block_size: int = 128):
+        """FlexAttention's ``BlockMask`` of this mask over ``num_keys`` keys (default
+        ``self.num_keys``), so the same mask can be handed to ``flex_attention``. Needs torch's
+        ``torch.nn.attention.flex_attention`` (torch >= 2.5)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        num_keys = self.num_keys if num_keys is None else _check_size("num_keys", num_keys, 0)
+        batch, seq_len = self.shape
+        return create_block_mask(self.mask_mod(), batch, None, seq_len, num_keys, device=self.device,
+                                 BLOCK_SIZE=_check_size("block_size", block_size, 1))
 
     def visible_pairs(self) -> int:
         """Number of visible (query, key) pairs: what attention FLOPs are counted on."""
