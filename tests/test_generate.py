@@ -8,6 +8,8 @@ Tiny random fp32 models on the reference backend.
 
 import copy
 import functools
+import sys
+import warnings
 
 import pytest
 import torch
@@ -25,8 +27,10 @@ from unimm.models import (
     pack,
 )
 from unimm.models.generation import ImageSpec, unconditional_prompt
+from unimm.models.generation import engine as engine_module
 from unimm.models.generation.engine import Engine
 from unimm.models.generation.planning import ImagePlan
+from unimm.models.generation.timing import PHASES
 from unimm.models.sequence import EMU3_FORMAT, METAMORPH_FORMAT, PLAIN_FORMAT, UNIFLUID_FORMAT
 from unimm.models.vocab import ImageFormat
 from unimm.testing import DEVICE, seeded
@@ -569,3 +573,144 @@ def test_cuda_graph_continuous_generation(monkeypatch):
     for a, b in zip(*runs):
         assert torch.equal(a[0].features, b[0].features) and torch.equal(a[0].order, b[0].order)
         assert a[1].ids == b[1].ids
+
+
+# ---- captured decode steps are reused across calls ------------------------------------------------
+
+class _ReplayingGraph:
+    """What a captured step does at replay, on the CPU: run the step and write its output in place."""
+
+    def __init__(self, step, out):
+        self.step, self.out = step, out
+
+    def replay(self):
+        self.out.copy_(self.step())
+
+
+def _counting_capture(monkeypatch, captures: list):
+    def capture(step, device, *, warmups=1, reset=None):
+        captures.append(device)
+        for _ in range(warmups):
+            step()
+            reset()
+        out = step()  # a real capture runs nothing: undo the step's length update
+        reset()
+        return _ReplayingGraph(step, out), out
+
+    monkeypatch.setattr(engine_module, "graphable", lambda device: True)
+    monkeypatch.setattr(engine_module, "capture_cuda_graph", capture)
+
+
+def test_decode_graph_captured_once_per_shape(monkeypatch):
+    """A second ``generate`` of the same shapes captures nothing new and returns the eager tokens;
+    new shapes capture once more; the cache of captured steps stays bounded."""
+    decoder = tiny_decoder("gemma2")
+    engine_module.release_decode_steps()
+    ids = torch.randint(0, TEXT_VOCAB, (3, 9), generator=seeded(30))
+    lens = [9, 4, 6]
+    eager = decoder.generate(ids, 7, prompt_lens=lens, cuda_graphs=False)
+    captures = []
+    _counting_capture(monkeypatch, captures)
+    first = decoder.generate(ids, 7, prompt_lens=lens)
+    second = decoder.generate(ids, 7, prompt_lens=lens)
+    assert len(captures) == 1 and torch.equal(first, eager) and torch.equal(second, eager)
+    other = decoder.generate(ids[:2], 5, prompt_lens=lens[:2])  # other rows and cache length
+    assert len(captures) == 2
+    assert torch.equal(other, decoder.generate(ids[:2], 5, prompt_lens=lens[:2], cuda_graphs=False))
+    assert len(captures) == 2
+    for steps in range(1, engine_module.MAX_CACHED_STEPS + 2):
+        decoder.generate(ids, steps, prompt_lens=lens)
+    assert len(engine_module._STEPS[decoder]) == engine_module.MAX_CACHED_STEPS
+    engine_module.release_decode_steps(decoder)
+    assert decoder not in engine_module._STEPS
+
+
+def test_continuous_generation_reads_back_once_not_per_token(monkeypatch):
+    """Continuous tokens (diffusion head, CFG, random order) make no device read per token: the
+    generation code and the head read back as often for a 2x2 image as for a 3x3 one (the
+    output's own copies). The decoder's reads are left out: they are checks of host data (CPU
+    cache lengths, a Python constant), which a GPU decode step does not make."""
+    head = DiffusionHead(4, HIDDEN, 16, 1)
+    model = continuous_model(head)
+    prompt = [Text([1, 2, 3], loss=False, bidirectional=True)]
+    reads = []
+    watched = ("/unimm/models/generation/", "/unimm/models/heads.py", "/unimm/kernels/")
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+            if any(part in caller for part in watched):
+                reads.append((name, caller))
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    counts = []
+    for shape in ((2, 2), (3, 3)):
+        spec = ImageSpec("continuous", shape=shape, format=UNIFLUID_FORMAT, random_order=True, cfg_scale=2.5,
+                         diffusion_steps=3)
+        reads.clear()
+        model.generate([prompt], max_new_tokens=0, image=spec, start_image=True, uncond_prompts=[[Text([1])]],
+                       generator=seeded(31))
+        counts.append(len(reads))
+    assert counts[0] == counts[1], counts
+
+
+@pytest.mark.gpu
+def test_gpu_decode_graph_captured_once(monkeypatch):
+    monkeypatch.delenv("UNIMM_BACKEND")
+    decoder = tiny_decoder("gemma2", device=DEVICE)
+    engine_module.release_decode_steps()
+    captures = []
+    real = engine_module.capture_cuda_graph
+    monkeypatch.setattr(engine_module, "capture_cuda_graph",
+                        lambda *a, **k: (captures.append(1), real(*a, **k))[1])
+    ids = torch.randint(0, TEXT_VOCAB, (3, 9), generator=seeded(32)).to(DEVICE)
+    first = decoder.generate(ids, 6, prompt_lens=[9, 4, 6])
+    second = decoder.generate(ids, 6, prompt_lens=[9, 4, 6])
+    assert len(captures) == 1 and torch.equal(first, second)
+    assert torch.equal(first, decoder.generate(ids, 6, prompt_lens=[9, 4, 6], cuda_graphs=False))
+
+
+def test_return_timings_names_every_phase():
+    decoder = tiny_decoder("llama")
+    ids = torch.randint(0, TEXT_VOCAB, (2, 5), generator=seeded(33))
+    out, timings = decoder.generate(ids, 3, return_timings=True)
+    assert torch.equal(out, decoder.generate(ids, 3))
+    assert set(timings) == set(PHASES) and all(v >= 0 for v in timings.values())
+    assert timings["prefill"] > 0 and timings["decode_steps"] > 0 and timings["sampling"] > 0
+    model = continuous_model(DiffusionHead(4, HIDDEN, 16, 1))
+    spec = ImageSpec("continuous", shape=(2, 2), format=UNIFLUID_FORMAT, cfg_scale=2.0, diffusion_steps=2)
+    segments, timings = model.generate([[Text([1, 2])]], max_new_tokens=1, image=spec, start_image=True,
+                                       generator=seeded(34), return_timings=True)
+    assert timings["diffusion_head"] > 0 and timings["structure_tokens"] > 0 and timings["inputs"] > 0
+    with pytest.raises((TypeError, ValueError), match="return_timings"):
+        decoder.generate(ids, 3, return_timings="yes")
+
+
+@pytest.mark.gpu
+def test_gpu_continuous_generation_syncs_once_per_call_not_per_token(monkeypatch):
+    """torch's sync debug mode counts every synchronising call: a 3x3 continuous image (CFG,
+    random order, diffusion head) makes no more of them than a 2x2 one."""
+    monkeypatch.delenv("UNIMM_BACKEND")
+    model = continuous_model(DiffusionHead(4, HIDDEN, 16, 1)).to(DEVICE)
+    prompt = [Text([1, 2, 3], loss=False, bidirectional=True)]
+    counts = []
+    for shape in ((2, 2), (3, 3)):
+        spec = ImageSpec("continuous", shape=shape, format=UNIFLUID_FORMAT, random_order=True, cfg_scale=2.5,
+                         diffusion_steps=3)
+        run = functools.partial(model.generate, [prompt], max_new_tokens=0, image=spec, start_image=True,
+                                uncond_prompts=[[Text([1])]], generator=torch.Generator(DEVICE).manual_seed(35))
+        run()  # captures and compiles outside the count
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchronizing" in str(w.message) for w in caught))
+    assert counts[0] == counts[1], counts

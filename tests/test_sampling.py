@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from unimm import _ext
-from unimm.kernels import BackendUnavailable, sample_tokens
+from unimm.kernels import BackendUnavailable, dispatch, sample_tokens
 from unimm.kernels.reference import sampling as reference
 from unimm.testing import DEVICE, seeded
 
@@ -221,8 +221,82 @@ def test_forced_cuda_on_cpu_fails_loudly(monkeypatch):
     with pytest.raises(BackendUnavailable, match="sample_tokens"):
         sample_tokens(random((2, 10), 33, device="cpu"))
     monkeypatch.setenv("UNIMM_BACKEND", "triton")
-    with pytest.raises(BackendUnavailable, match="sample_tokens has no triton kernel"):
-        sample_tokens(random((2, 10), 33, device="cpu"))
+    if dispatch.backend_unavailable("triton", torch.device("cpu")) is not None:
+        with pytest.raises(BackendUnavailable, match="sample_tokens"):
+            sample_tokens(random((2, 10), 33, device="cpu"))
+
+
+# ---- Triton kernel (the interpreter on the CPU) ---------------------------------------------------
+
+def _triton_live():
+    why = dispatch.backend_unavailable("triton", torch.device(DEVICE))
+    if why is not None:
+        pytest.skip(why)
+
+
+def _forced(monkeypatch, backend, *args):
+    monkeypatch.setenv("UNIMM_BACKEND", backend)
+    try:
+        return _op(*args)
+    finally:
+        monkeypatch.delenv("UNIMM_BACKEND")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_matches_reference_token_for_token(monkeypatch, dtype):
+    """Every rule combination at odd sizes, with -inf, NaN and ties, one uniform per row: the
+    Triton kernel returns the reference's token on every row (the CPU has one exp)."""
+    _triton_live()
+    gen = seeded(50)
+    shapes = [(6, 1), (10, 37), (14, 300), (2, 129), (8, 1000)] if dtype == torch.float32 else [(10, 37), (8, 1000)]
+    for case, (rows, vocab) in enumerate(shapes):
+        logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype)
+        if case % 2:
+            logits = logits.float().round().to(dtype)  # ties at every threshold
+        logits[:, ::7] = float("-inf")
+        logits[0, vocab // 2] = float("nan")
+        logits[1, :] = float("nan")  # no candidate: -1
+        logits = logits.to(DEVICE)
+        lo = vocab // 5
+        for temperature, top_k, top_p, cfg_scale in [(1.0, None, None, None), (0.7, 5, None, 2.5),
+                                                     (1.3, None, 0.8, None), (0.9, 17, 0.5, 1.5),
+                                                     (0.0, None, None, 3.0), (2.0, 1, 0.3, None),
+                                                     (1e-37, None, None, None), (1e30, 40, 0.9, 4.0)][::1 + case % 2]:
+            out_rows = rows // 2 if cfg_scale else rows
+            uniforms = torch.rand(out_rows, generator=gen).to(DEVICE)
+            args = (logits, uniforms, temperature, top_k, top_p, (lo, vocab), cfg_scale)
+            want = reference.sample_tokens(logits, uniforms, temperature=temperature,
+                                           top_k=min(top_k or vocab, vocab - lo), top_p=top_p or 1.0,
+                                           vocab_range=(lo, vocab), cfg_scale=cfg_scale)
+            got = _forced(monkeypatch, "triton", *args)
+            assert torch.equal(got, want), (case, temperature, top_k, top_p, cfg_scale)
+
+
+def test_triton_writes_every_row_of_a_strided_view(monkeypatch):
+    _triton_live()
+    wide = random((9, 301), 51)
+    rows = wide[::2, 5:290]  # row stride 602, offset start
+    uniforms = torch.rand(5, generator=device_generator(52), device=DEVICE)
+    want = reference.sample_tokens(rows, uniforms, top_k=20, top_p=0.9, vocab_range=(0, 285))
+    assert torch.equal(_forced(monkeypatch, "triton", rows, uniforms, 1.0, 20, 0.9, (0, 285), None), want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_extreme_temperature_and_logits_do_not_overflow(monkeypatch, backend):
+    """(40 - 50) / 1e-37 and 3e38 - (-3e38) leave fp32's range: the maximum is subtracted first, so
+    the largest logit takes all the mass instead of a NaN or a coin toss."""
+    if backend == "triton":
+        _triton_live()
+    monkeypatch.setenv("UNIMM_BACKEND", backend)
+    rows = 64
+    tiny = torch.tensor([[50.0, 40.0]], device=DEVICE).expand(rows, -1)
+    assert (sample_tokens(tiny, temperature=1e-37, generator=device_generator(53)) == 0).all()
+    assert (sample_tokens(tiny.flip(1), temperature=1e-37, generator=device_generator(54)) == 1).all()
+    huge = torch.tensor([[3e38, -3e38], [-3e38, 3e38]], device=DEVICE).repeat(rows, 1)
+    tokens = sample_tokens(huge, temperature=0.5, generator=device_generator(55))
+    assert torch.equal(tokens, torch.tensor([0, 1], device=DEVICE).repeat(rows))
+    tokens = sample_tokens(huge, temperature=1e-37, top_k=1, top_p=0.5, generator=device_generator(56))
+    assert torch.equal(tokens, torch.tensor([0, 1], device=DEVICE).repeat(rows))
 
 
 def test_compile_sees_one_op():
@@ -242,10 +316,10 @@ def test_build_constants_match_the_reference():
 
 # ---- GPU ----------------------------------------------------------------------------------------
 #
-# Fast tier (`pytest -m gpu`): sampling has no Triton kernel, so nothing compiles; the CUDA kernel is
-# precompiled and the fp32 reference is a few sorts and scans. The tier runs bf16 logits through
-# every rule combination (test_gpu_matches_reference[bf16]), the agreement rate and greedy ids,
-# non-finite rows, the raw entry point into poisoned outputs and CUDA-graph capture: ~5 s.
+# Fast tier (`pytest -m gpu`): the CUDA kernel is precompiled and the fp32 reference is a few sorts
+# and scans. The tier runs bf16 logits through every rule combination (test_gpu_matches_reference[bf16]),
+# the agreement rate and greedy ids, non-finite rows, the raw entry point into poisoned outputs and
+# CUDA-graph capture, and the Triton kernel against the reference (its variants compile once).
 # Full tier (`pytest -m gpu_full`): the same checks with fp32 and fp16 logits.
 
 def _cuda_live():
@@ -287,6 +361,21 @@ def test_gpu_matches_reference(monkeypatch, dtype, temperature, top_k, top_p, vo
         assert got.dtype == torch.int64 and got.shape == want.shape
         assert ((got >= span[0]) & (got < span[1])).all()
         assert (got != want).sum() <= 1  # a mismatch needs a uniform within float rounding of a CDF edge
+
+
+@pytest.mark.parametrize("dtype", TIERED_DTYPES)
+@pytest.mark.parametrize("temperature, top_k, top_p, vocab_range, cfg_scale", GPU_CASES)
+def test_gpu_triton_matches_reference(monkeypatch, dtype, temperature, top_k, top_p, vocab_range, cfg_scale):
+    _triton_live()
+    rows, vocab = 8, 160_003
+    logits = random((rows, vocab), rows + vocab, dtype, scale=3.0)
+    span = vocab_range or (0, vocab)
+    uniforms = torch.rand(rows // 2 if cfg_scale else rows, generator=device_generator(vocab), device=DEVICE)
+    want = reference.sample_tokens(logits, uniforms, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   vocab_range=span, cfg_scale=cfg_scale)
+    got = _forced(monkeypatch, "triton", logits, uniforms, temperature, top_k, top_p, span, cfg_scale)
+    assert got.dtype == torch.int64 and got.shape == want.shape
+    assert (got != want).sum() <= 1  # a mismatch needs a uniform within exp's rounding of a CDF edge
 
 
 @pytest.mark.parametrize("dtype", [TIERED_DTYPES[0], TIERED_DTYPES[1]])

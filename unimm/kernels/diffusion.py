@@ -23,6 +23,7 @@ import dataclasses
 import math
 import numbers
 import weakref
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -297,7 +298,8 @@ def _fused_steps(weights: DenoiserWeights, cond, noise, timesteps, table, cfg_sc
     return x
 
 
-_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # denoiser -> {call key: captured graph}
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # denoiser -> OrderedDict[call key -> graph]
+MAX_CACHED_GRAPHS = 16  # per denoiser, least recently used dropped: row counts vary with the rows in an image
 
 
 def _graphed_loop(denoiser, weights, cond, noise, timesteps, table, cfg_scale, temperature, clip_denoised):
@@ -306,14 +308,17 @@ def _graphed_loop(denoiser, weights, cond, noise, timesteps, table, cfg_scale, t
     # the graph reads the weights where they were at capture: their addresses are part of the key
     key = (tuple(t.data_ptr() for t in weights.tensors()), tuple(cond.shape), cond.dtype, tuple(noise.shape),
            timesteps.shape[0], cfg_scale, temperature, clip_denoised, cond.device)
-    graphs = _GRAPHS.setdefault(denoiser, {})
-    entry = graphs.get(key)
+    graphs = _GRAPHS.setdefault(denoiser, OrderedDict())
+    entry = graphs.pop(key, None)
     if entry is None:
+        while len(graphs) >= MAX_CACHED_GRAPHS:
+            graphs.popitem(last=False)
         static_cond, static_noise = cond.clone(), noise.clone()
         graph, static_out = capture_cuda_graph(
             lambda: _fused_steps(weights, static_cond, static_noise, timesteps, table, cfg_scale, temperature,
                                  clip_denoised), cond.device)
-        entry = graphs[key] = (graph, static_cond, static_noise, static_out)
+        entry = (graph, static_cond, static_noise, static_out)
+    graphs[key] = entry
     graph, static_cond, static_noise, static_out = entry
     static_cond.copy_(cond)
     static_noise.copy_(noise)

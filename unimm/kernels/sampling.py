@@ -22,7 +22,11 @@ Backends (see ``dispatch``):
     thread order: the kernel is deterministic and agrees with the reference token for token
     except where ``exp`` rounds differently on the GPU. Histograms add weights as two 32-bit
     halves with carry (shared-memory 64-bit adds are compare-and-swap loops).
-  * reference: the CPU path, and any CUDA call the kernel cannot serve.
+  * triton: ``_sampling_triton``, the same rules and integer weights (so the same tokens), with
+    the top-k and top-p thresholds found by a 16-way search on the key of ``z`` (its docstring
+    has the cost model): the GPU path of installs without the extension, and the CPU tests'
+    path under the interpreter.
+  * reference: the CPU path, and any call neither kernel can serve.
 
 Range: the tempered logits are ``(g - max g) / temperature``, the row maximum subtracted first,
 so no finite logit and no temperature whose inverse is a finite fp32 number (temperature above
@@ -40,8 +44,15 @@ import torch
 
 from unimm import _ext
 from unimm.kernels import dispatch
-from unimm.kernels._common import check_tensors, is_int, is_real
+from unimm.kernels._common import check_tensors, device_guard, is_int, is_real
 from unimm.kernels.reference import sampling as reference
+
+try:
+    import triton
+
+    from unimm.kernels import _sampling_triton as triton_backend
+except ImportError:  # no triton: the Triton backend is then not live (dispatch says why)
+    triton = triton_backend = None
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -154,9 +165,12 @@ def _check_args(logits, temperature, top_k, top_p, vocab_range, cfg_scale, gener
 def _sample_tokens_op(logits: torch.Tensor, uniforms: torch.Tensor | None, temperature: float, top_k: int,
                       top_p: float, lo: int, hi: int, cfg_scale: float | None) -> torch.Tensor:
     cuda_missing = None if _ext.has("sample_tokens") else "unimm._C has no sample_tokens"
-    backend = dispatch.select("sample_tokens", logits.device, implemented=("cuda",), unsupported={"cuda": cuda_missing})
+    backend = dispatch.select("sample_tokens", logits.device, implemented=("cuda", "triton"),
+                              unsupported={"cuda": cuda_missing})
     if backend == "cuda":
         return _sample_cuda(logits, uniforms, temperature, top_k, top_p, lo, hi, cfg_scale)
+    if backend == "triton":
+        return _sample_triton(logits, uniforms, temperature, top_k, top_p, lo, hi, cfg_scale)
     return reference.sample_tokens(logits, uniforms, temperature=temperature, top_k=top_k, top_p=top_p,
                                    vocab_range=(lo, hi), cfg_scale=cfg_scale)
 
@@ -179,4 +193,42 @@ def _sample_cuda(logits, uniforms, temperature, top_k, top_p, lo, hi, cfg_scale)
         inv_temperature=1.0 if greedy else reference.inverse_temperature(temperature), top_k=top_k, top_p=top_p,
         uniforms=0 if greedy else uniforms.data_ptr(), tokens=tokens.data_ptr(),
         dtype=_ext.DTYPE_CODES[logits.dtype], device=logits.device.index, stream=_ext.stream_handle(logits.device))
+    return tokens
+
+
+def _triton_config(rows_out: int, n: int, interpret: bool) -> dict:
+    """Rows per program and vocab tile. A GPU program takes one row (its 16-way search holds a
+    ``[BLOCK_V, 16]`` compare); the interpreter takes many rows and small tiles, so that a CPU test
+    of thousands of rows is a few numpy calls per pass."""
+    if interpret:  # ~64k tokens a tile: few programs, each op one numpy call of at most ~1M elements
+        block_v = min(128, triton.next_power_of_2(n))
+        return dict(BLOCK_R=min(triton.next_power_of_2(rows_out), 65536 // block_v), BLOCK_V=block_v, num_warps=1)
+    return dict(BLOCK_R=1, BLOCK_V=256, num_warps=8)
+
+
+def _fp32_parts(value: float) -> tuple[float, float, float]:
+    """Three fp32 numbers whose fp64 sum is ``value`` exactly (a float argument reaches a Triton
+    kernel as fp32, and rule 7 multiplies by ``top_p`` in float64)."""
+    hi = reference.to_float32(value)
+    mid = reference.to_float32(value - hi)
+    return hi, mid, reference.to_float32(value - hi - mid)
+
+
+def _sample_triton(logits, uniforms, temperature, top_k, top_p, lo, hi, cfg_scale) -> torch.Tensor:
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    rows_out = logits.shape[0] // 2 if cfg_scale is not None else logits.shape[0]
+    n = hi - lo
+    tokens = torch.empty(rows_out, dtype=torch.int64, device=logits.device)
+    greedy = temperature == 0
+    config = _triton_config(rows_out, n, dispatch.TRITON_INTERPRET)
+    launch = {key: config.pop(key) for key in ("num_warps",)}
+    if not dispatch.TRITON_INTERPRET:
+        launch["enable_fp_fusion"] = False  # u + s * (c - u) rounds twice, as in the reference
+    with device_guard(logits.device):
+        triton_backend._sample_tokens_kernel[(triton.cdiv(rows_out, config["BLOCK_R"]),)](
+            logits, tokens if greedy else uniforms, tokens, rows_out, n, lo, logits.stride(0),
+            0.0 if cfg_scale is None else cfg_scale, 1.0 if greedy else reference.inverse_temperature(temperature),
+            top_k, *_fp32_parts(top_p), CFG=cfg_scale is not None, GREEDY=greedy, TOP_K=not greedy and top_k < n,
+            TOP_P=not greedy and top_p < 1, **config, **launch)
     return tokens

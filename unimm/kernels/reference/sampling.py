@@ -47,12 +47,17 @@ FIXED_POINT_BITS = 40  # p in [0, 1] -> integer q in [0, 2**40]: exact for p >= 
 MAX_BLOCK = 1 << 23  # vocab block size limit: the integer weights of a row then sum below 2**63
 
 
+def to_float32(value: float) -> float:
+    """``value`` rounded to the nearest fp32 number, as a Python float; inf when that overflows."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
 def inverse_temperature(temperature: float) -> float:
     """``float32(1 / temperature)`` (round to nearest) as a Python float; inf when that overflows."""
-    try:
-        return struct.unpack("f", struct.pack("f", 1.0 / temperature))[0]
-    except OverflowError:
-        return math.inf
+    return to_float32(1.0 / temperature)
 
 
 def guided_logits(logits: torch.Tensor, *, vocab_range: tuple[int, int] | None = None,

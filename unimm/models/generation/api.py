@@ -84,7 +84,7 @@ def generate_ids(decoder, input_ids: torch.Tensor, max_new_tokens: int, *, tempe
                  top_k: int | None = None, top_p: float | None = None, stop_tokens=None,
                  generator: torch.Generator | None = None, prompt_lens=None, attention_mask=None, pad_id: int = 0,
                  vocab_range: tuple[int, int] | None = None, max_len: int | None = None,
-                 cuda_graphs: bool = True) -> torch.Tensor:
+                 cuda_graphs: bool = True, return_timings: bool = False):
     """Token ids ``[B, S + n]``: the prompts followed by up to ``max_new_tokens`` new tokens
     (``n`` steps were run: fewer when every row stopped early), as transformers' ``generate``.
 
@@ -107,6 +107,8 @@ def generate_ids(decoder, input_ids: torch.Tensor, max_new_tokens: int, *, tempe
         vocab_range: ``(lo, hi)``: sample ids in ``[lo, hi)`` only (e.g. an image-code block).
         max_len: the cache length; default (and minimum) ``S + max_new_tokens``.
         cuda_graphs: capture the decode step in a CUDA graph when on a GPU.
+        return_timings: also return ``{phase: seconds}`` (``unimm.models.generation.timing``):
+            ``(ids, timings)``.
 
     Row b holds its prompt (``prompt_lens[b]`` tokens), its new tokens right after it, then
     ``pad_id``; the result is on the model's device.
@@ -126,6 +128,7 @@ def generate_ids(decoder, input_ids: torch.Tensor, max_new_tokens: int, *, tempe
               and 0 <= vocab_range[0] < vocab_range[1] <= vocab):
         raise ValueError(f"vocab_range must be (lo, hi) with 0 <= lo < hi <= vocab_size = {vocab}, got {vocab_range!r}")
     check_flag("cuda_graphs", cuda_graphs)
+    check_flag("return_timings", return_timings)
     batch, seq = input_ids.shape
     lens = _prompt_lengths(input_ids, prompt_lens, attention_mask).to(device)
     ids = input_ids.to(device=device, dtype=torch.long)
@@ -138,7 +141,7 @@ def generate_ids(decoder, input_ids: torch.Tensor, max_new_tokens: int, *, tempe
     engine = Engine(decoder, None, prompt_lens=lens, text_range=(int(vocab_range[0]), int(vocab_range[1])),
                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                      stop_tokens=stop, image=None, start_image=False, generator=generator, pad_id=pad_id,
-                     cuda_graphs=cuda_graphs, max_len=max_len)
+                     cuda_graphs=cuda_graphs, max_len=max_len, timings=return_timings)
     engine.run(lambda cache: decoder(ids, cache=cache))
     steps = len(engine.step_ids)
     out = torch.full((batch, seq + steps), pad_id, dtype=torch.long, device=device)
@@ -146,7 +149,7 @@ def generate_ids(decoder, input_ids: torch.Tensor, max_new_tokens: int, *, tempe
     if steps:  # row b's tokens follow its prompt; rows that stopped produced pad ids since
         columns = lens[:, None].long() + torch.arange(steps, device=device)
         out.scatter_(1, columns, torch.stack(engine.step_ids, 1))
-    return out
+    return (out, engine.timer.seconds()) if return_timings else out
 
 
 @torch.no_grad()
@@ -154,7 +157,7 @@ def generate_segments(model, prompts: Sequence[Sequence], *, max_new_tokens: int
                       temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                       image: ImageSpec | None = None, start_image: bool = False, uncond_prompts=None,
                       generator: torch.Generator | None = None, pad_id: int = 0, max_len: int | None = None,
-                      cuda_graphs: bool = True) -> list[list]:
+                      cuda_graphs: bool = True, return_timings: bool = False):
     """Continues each prompt with text and images; returns the continuation of each, as segments.
 
     Prompts are packed as in training (one per row, bidirectional spans and image spans
@@ -195,6 +198,8 @@ def generate_segments(model, prompts: Sequence[Sequence], *, max_new_tokens: int
         max_len: the KV-cache length; default (and minimum) the longest prompt plus what the
             call may generate (``max_new_tokens`` + ``max_images`` full image spans).
         cuda_graphs: capture the decode step in a CUDA graph on a GPU (CPU: always eager).
+        return_timings: also return ``{phase: seconds}`` (``unimm.models.generation.timing``):
+            ``(segments, timings)``.
 
     Returns:
         One list of segments per prompt: ``Text(ids)`` runs, ``DiscreteImage(codes [h, w])``
@@ -215,6 +220,7 @@ def generate_segments(model, prompts: Sequence[Sequence], *, max_new_tokens: int
         image.check_model(model)
     check_flag("start_image", start_image)
     check_flag("cuda_graphs", cuda_graphs)
+    check_flag("return_timings", return_timings)
     if start_image and image is None:
         raise ValueError("start_image=True needs image=ImageSpec(...): what to generate")
     names = [f"prompts[{i}]" for i in range(len(prompts))]
@@ -237,7 +243,7 @@ def generate_segments(model, prompts: Sequence[Sequence], *, max_new_tokens: int
     engine = Engine(model.decoder, model, prompt_lens=lens, text_range=(0, vocab.image_codes[0]),
                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                      stop_tokens=stop, image=image, start_image=start_image, generator=generator, pad_id=pad_id,
-                     cuda_graphs=cuda_graphs, max_len=max_len)
+                     cuda_graphs=cuda_graphs, max_len=max_len, timings=return_timings)
 
     def prefill(cache: KVCache) -> torch.Tensor:
         next_positions = batch.next_image_positions
@@ -252,7 +258,8 @@ def generate_segments(model, prompts: Sequence[Sequence], *, max_new_tokens: int
                              image_positions=batch.image_positions, next_image_positions=next_positions)
         return model.decoder(inputs_embeds=embeds, positions=batch.positions, mask=batch.mask, cache=cache)
 
-    return _segments(engine, engine.run(prefill))
+    segments = _segments(engine, engine.run(prefill))
+    return (segments, engine.timer.seconds()) if return_timings else segments
 
 
 def _segments(engine: Engine, rows: list[Row]) -> list[list]:

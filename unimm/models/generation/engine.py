@@ -18,8 +18,11 @@ segments out) both run :class:`Engine` (through ``unimm.models.generation.api``)
    as ``UnifiedModel.embed`` builds them in training) goes through one decoder step.
 3. The decoder step (all layers over a ``[R, 1]`` input; full-attention layers run
    ``decode_attention`` over the cache, the cache length advanced inside the step) has static
-   shapes and reads nothing back, so on a GPU it is captured once per call in a CUDA graph
-   (warmed up on a side stream) and replayed; on the CPU it runs eagerly.
+   shapes and reads nothing back, so on a GPU it is captured in a CUDA graph (warmed up on a
+   side stream) and replayed; on the CPU it runs eagerly. A captured step, with the KV cache it
+   reads, is kept per decoder and (rows, cache length, dtype, device, weight addresses) in a
+   small LRU (``MAX_CACHED_STEPS``; ``release_decode_steps`` frees them), so later ``generate``
+   calls of the same shapes replay the graph the first one captured.
 
 Classifier-free guidance doubles the rows: ``[cond; uncond]``. Only the cond rows carry state;
 the uncond rows are fed exactly the tokens chosen for their cond row (text included), so both
@@ -33,6 +36,8 @@ image, or a text step with nothing to watch for, makes no device read.
 from __future__ import annotations
 
 import dataclasses
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -41,6 +46,7 @@ from unimm.kernels import sample_tokens
 from unimm.kernels._common import capture_cuda_graph, is_int
 from unimm.models.generation.planning import ImagePlan
 from unimm.models.generation.spec import ImageSpec
+from unimm.models.generation.timing import PhaseTimer
 from unimm.models.kv_cache import KVCache
 
 _TEXT, _IMAGE, _DONE = 0, 1, 2
@@ -93,7 +99,8 @@ class DecodeStep:
     its kernels) and replayed after that."""
 
     def __init__(self, decoder, cache: KVCache, graphed: bool):
-        self.decoder, self.cache = decoder, cache
+        # weakly: a cached step must not keep its decoder (the key of its cache) alive
+        self.decoder, self.cache = weakref.proxy(decoder), cache
         weight = decoder.embed_tokens.weight
         self.embeds = torch.zeros(cache.batch_size, 1, decoder.config.hidden_size, dtype=weight.dtype,
                                   device=weight.device)
@@ -124,6 +131,46 @@ class DecodeStep:
                                                      reset=lambda: self.cache.lens.copy_(lens))
 
 
+MAX_CACHED_STEPS = 4  # captured decode steps kept per decoder; each holds its KV cache's memory
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> OrderedDict[key -> DecodeStep]
+
+
+def graphable(device: torch.device) -> bool:
+    """Whether decode steps on ``device`` are captured in CUDA graphs (a function, so that CPU
+    tests can turn capture on with a stand-in ``capture_cuda_graph``)."""
+    return device.type == "cuda"
+
+
+def decode_step(decoder, rows: int, max_len: int, *, graphed: bool) -> DecodeStep:
+    """A decode step with an empty ``KVCache [rows, max_len]``. Graphed steps are reused: one per
+    (rows, max_len, dtype, device, weight addresses) of each decoder, least recently used dropped
+    beyond ``MAX_CACHED_STEPS``, so a graph is captured once per shape and replayed by every later
+    call (the graph reads the weights and the cache at their addresses, hence the key)."""
+    weight = decoder.embed_tokens.weight
+    if not graphed:
+        return DecodeStep(decoder, KVCache(decoder.config, rows, max_len, device=weight.device, dtype=weight.dtype),
+                          graphed=False)
+    key = (rows, max_len, weight.dtype, weight.device, tuple(p.data_ptr() for p in decoder.parameters()))
+    steps = _STEPS.setdefault(decoder, OrderedDict())
+    step = steps.pop(key, None)
+    if step is None:
+        while len(steps) >= MAX_CACHED_STEPS:
+            steps.popitem(last=False)
+        step = DecodeStep(decoder, KVCache(decoder.config, rows, max_len, device=weight.device, dtype=weight.dtype),
+                          graphed=True)
+    steps[key] = step
+    step.cache.reset()
+    return step
+
+
+def release_decode_steps(decoder=None) -> None:
+    """Frees the captured decode steps (graphs and KV caches) of ``decoder``, or of every decoder."""
+    if decoder is None:
+        _STEPS.clear()
+    else:
+        _STEPS.pop(decoder, None)
+
+
 # ---- the engine -----------------------------------------------------------------------------
 
 class Row:
@@ -150,9 +197,10 @@ class Engine:
     def __init__(self, decoder, model, *, prompt_lens: torch.Tensor, text_range: tuple[int, int],
                  max_new_tokens: int, temperature, top_k, top_p, stop_tokens: frozenset[int],
                  image: ImageSpec | None, start_image: bool, generator, pad_id: int, cuda_graphs: bool,
-                 max_len: int | None):
+                 max_len: int | None, timings: bool = False):
         self.decoder, self.model = decoder, model
         self.device = decoder.embed_tokens.weight.device
+        self.timer = PhaseTimer(self.device, timings)
         self.text_range = text_range
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.stop_tokens = stop_tokens
@@ -171,13 +219,13 @@ class Engine:
         elif not (is_int(max_len) and max_len >= longest + budget):
             raise ValueError(f"max_len={max_len!r} is too small: the longest prompt ({longest} tokens) plus what "
                              f"this call may generate ({budget}) needs {longest + budget}")
-        self.cache = KVCache(decoder.config, prompt_lens.shape[0], max_len, device=self.device,
-                             dtype=decoder.embed_tokens.weight.dtype)
+        self.step = decode_step(decoder, prompt_lens.shape[0], max_len,
+                                graphed=cuda_graphs and graphable(self.device))
+        self.cache = self.step.cache
         # prompt lengths were checked on the host and max_len holds the longest prompt plus the whole
         # budget, so every decode step's lengths are in range: the graphed step needs no range guard
         self.cache._lens_in_range = True
         self.prompt_lens = prompt_lens
-        self.step = DecodeStep(decoder, self.cache, graphed=cuda_graphs and self.device.type == "cuda")
 
         self.rows = [Row(max_new_tokens, images) for _ in range(self.batch)]
         # the current image's order of every row: orders[b, t] is the raster cell of its token t
@@ -256,7 +304,8 @@ class Engine:
     def run(self, prefill: Callable[[KVCache], torch.Tensor]) -> list[Row]:
         """``prefill(cache)`` writes the prompts into the empty cache and returns their hidden
         states ``[R, S, H]``; then tokens are produced until every row is done."""
-        hidden = prefill(self.cache)
+        with self.timer.phase("prefill"):
+            hidden = prefill(self.cache)
         hidden = hidden[torch.arange(hidden.shape[0], device=self.device), self.prompt_lens.long() - 1]
         self.cache.lens.copy_(self.prompt_lens)
         step = 0
@@ -265,8 +314,10 @@ class Engine:
             self.step_ids.append(ids)
             if all(row.mode == _DONE for row in self.rows):
                 break
-            x = self._inputs(ids, features, feature_rows, own, nxt)
-            hidden = self.step(torch.cat([x, x]) if self.guided else x)
+            with self.timer.phase("inputs"):
+                x = self._inputs(ids, features, feature_rows, own, nxt)
+            with self.timer.phase("decode_steps"):
+                hidden = self.step(torch.cat([x, x]) if self.guided else x)
             step += 1
         return self.rows
 
@@ -295,29 +346,33 @@ class Engine:
             everyone = len(members) == batch
             index = None if everyone else torch.tensor(members, device=self.device)
             if key[0] in ("pad", "forced"):
-                chosen.append((members, self._constant(key[1], len(members))))
-                if key[0] == "forced":
-                    for b in members:
-                        self.rows[b].events.append(StructureToken(self.rows[b].image))
-                        self._advance(self.rows[b], b, own, nxt)
+                with self.timer.phase("structure_tokens"):
+                    chosen.append((members, self._constant(key[1], len(members))))
+                    if key[0] == "forced":
+                        for b in members:
+                            self.rows[b].events.append(StructureToken(self.rows[b].image))
+                            self._advance(self.rows[b], b, own, nxt)
                 continue
             if key[0] == "text":
-                chosen.append((members, self._text(hidden[:batch] if everyone else hidden[index], members, step,
-                                                   own, nxt)))
+                with self.timer.phase("sampling"):
+                    chosen.append((members, self._text(hidden[:batch] if everyone else hidden[index], members,
+                                                       step, own, nxt)))
                 continue
             rows = hidden if everyone else hidden[torch.cat([index, index + batch]) if self.guided else index]
             if self.image.kind == "discrete":
                 lo, hi = self.model.vocab.image_codes
-                codes = sample_tokens(self._logits(rows, lo, hi), temperature=self.image.temperature,
-                                      top_k=self.image.top_k, top_p=self.image.top_p,
-                                      cfg_scale=self.image.cfg_scale if self.guided else None,
-                                      generator=self.generator)
+                with self.timer.phase("sampling"):
+                    codes = sample_tokens(self._logits(rows, lo, hi), temperature=self.image.temperature,
+                                          top_k=self.image.top_k, top_p=self.image.top_p,
+                                          cfg_scale=self.image.cfg_scale if self.guided else None,
+                                          generator=self.generator)
                 chosen.append((members, codes + lo))
                 for b in members:
                     row = self.rows[b]
                     row.events.append(ImageCode(step, row.image, plan.token[row.entry]))
             else:
-                features, feature_rows = self._continuous(rows), index
+                with self.timer.phase("diffusion_head"):
+                    features, feature_rows = self._continuous(rows), index
                 self.features.append(features)
                 chosen.append((members, self._constant(self.pad_id, len(members))))
                 for j, b in enumerate(members):
