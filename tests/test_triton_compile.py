@@ -28,7 +28,7 @@ pytest.importorskip("triton")
 AOT = pathlib.Path(__file__).resolve().parent / "triton_aot.py"
 # Each interpreter's compiles split into this many processes (attention is about half the work);
 # at most os.cpu_count() processes run at once.
-FAMILY_CHUNKS = (("attention",), ("vq", "cross_entropy", "diffusion", "decode"))
+FAMILY_CHUNKS = (("attention",), ("vq", "cross_entropy", "diffusion", "decode", "sampling"))
 TIMEOUT_S = 1800  # for all of them together; about 2 x 2 minutes on two cores
 HOPPER_SHARED_LIMIT = 232448  # 227 KB: the most dynamic shared memory one block may use on sm_90a
 
@@ -152,7 +152,8 @@ def test_every_case_compiled(reports):
     assert sorted(set(reports) - set(expected)) == [], "compiled but not collected"
     differing = sorted(key for key, config in expected.items() if reports[key]["config"] != config)
     assert differing == [], "compiled at other configs than collected"
-    assert {r["family"] for r in reports.values()} == {"vq", "cross_entropy", "attention", "diffusion", "decode"}
+    assert {r["family"] for r in reports.values()} == {"vq", "cross_entropy", "attention", "diffusion", "decode",
+                                                        "sampling"}
 
 
 @pytest.mark.parametrize("case, arch", _case_params(CASES))

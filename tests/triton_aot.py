@@ -119,19 +119,19 @@ def cross_entropy_cases():
     from unimm.kernels._common import dot_precision
 
     matmul_args = dict(M="i32", N="i32", K="i32", stride_am="i32", stride_ak="i32", stride_bk="i32", stride_bn="i32",
-                       stride_cm="i32", stride_cn="i32", col_offset="i32", vocab="i32", softcap="fp32",
-                       label_smoothing="fp32", z_loss="fp32")
+                       stride_cm="i32", stride_cn="i32", col_offset="i32", softcap="fp32")
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = TRITON_TYPES[dtype]
         precision = dot_precision(dtype)
         config = ce._lse_config(dtype, interpret=False)
         launch = _launch(config)
-        signature = dict(h_ptr=f"*{t}", w_ptr=f"*{t}", bias_ptr=f"*{t}", column_ptr="*i32", parts_ptr="*fp32",
-                         n_rows="i32", vocab="i32", dim="i32", stride_hn="i32", stride_wv="i32",
+        signature = dict(h_ptr=f"*{t}", w_ptr=f"*{t}", bias_ptr=f"*{t}", class_weight_ptr="*fp32", column_ptr="*i32",
+                         parts_ptr="*fp32", n_rows="i32", vocab="i32", dim="i32", stride_hn="i32", stride_wv="i32",
                          cols_per_split="i32", softcap="fp32")
-        aligned = {"h_ptr", "w_ptr", "bias_ptr", "column_ptr", "parts_ptr", "dim", "stride_hn", "stride_wv",
-                   "cols_per_split"}
-        constexprs = dict(stride_hd=1, stride_wd=1, HAS_BIAS=True, HAS_SOFTCAP=True, PRECISION=precision, **config)
+        aligned = {"h_ptr", "w_ptr", "bias_ptr", "class_weight_ptr", "column_ptr", "parts_ptr", "dim", "stride_hn",
+                   "stride_wv", "cols_per_split"}
+        constexprs = dict(stride_hd=1, stride_wd=1, HAS_BIAS=True, HAS_SOFTCAP=True, HAS_CLASS_WEIGHTS=True,
+                          PRECISION=precision, **config)
         yield Case("cross_entropy", f"lse {t}", ce._lse_kernel, signature, constexprs, aligned, launch,
                    pipelined=True, hopper=True)
 
@@ -143,13 +143,13 @@ def cross_entropy_cases():
                 ("dH += dx @ W", "fp32", ce.EPILOGUE_ACCUMULATE, {"stride_ak", "stride_bn", "stride_cn"})):
             config = ce._matmul_config(dtype, interpret=False, epilogue=epilogue)
             launch = _launch(config)
-            signature = dict(a_ptr=f"*{t}", b_ptr=f"*{t}", c_ptr=f"*{c_type}", bias_ptr=f"*{t}", lse_ptr="*fp32",
-                             column_ptr="*i32", coef_ptr="*fp32",
+            signature = dict(a_ptr=f"*{t}", b_ptr=f"*{t}", c_ptr=f"*{c_type}", bias_ptr=f"*{t}",
+                             class_weight_ptr="*fp32", stats_ptr="*fp32", column_ptr="*i32", coef_ptr="*fp32",
                              **{k: v for k, v in matmul_args.items() if k not in unit})
-            aligned = {"a_ptr", "b_ptr", "c_ptr", "bias_ptr", "lse_ptr", "column_ptr", "coef_ptr", "M", "N", "K",
-                       "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm"} - unit
+            aligned = {"a_ptr", "b_ptr", "c_ptr", "bias_ptr", "class_weight_ptr", "stats_ptr", "column_ptr", "coef_ptr",
+                       "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm"} - unit
             constexprs = dict(**{k: 1 for k in unit}, EPILOGUE=int(epilogue), HAS_BIAS=True, HAS_SOFTCAP=True,
-                              PRECISION=precision, **config)
+                              HAS_CLASS_WEIGHTS=True, PRECISION=precision, **config)
             yield Case("cross_entropy", f"matmul {t} {name}", ce._matmul_kernel, signature, constexprs, aligned,
                        launch, pipelined=True, hopper=True)
 
@@ -212,7 +212,8 @@ def attention_case(dtype: torch.dtype, head_dim: int, kernel: str, arch: int, sa
     else:
         hopper = True
     return Case("attention", f"attention {kernel}{' safe' if safe else ''} {t} d={head_dim}", fn, signature,
-                dict(HAS_SOFTCAP=True, HEAD_DIM=head_dim, PRECISION=dot_precision(dtype), SAFE=safe, **tiles),
+                dict(HAS_SOFTCAP=True, HEAD_DIM=head_dim, BLOCK_D=attn._block_d(head_dim),
+                     PRECISION=dot_precision(dtype), SAFE=safe, **tiles),
                 aligned, launch, pipelined=not (safe and kernel == "bwd dk dv"), hopper=hopper if arch == 90 else None,
                 archs=(arch,))
 
@@ -226,7 +227,8 @@ def attention_key_flags_case(dtype: torch.dtype, head_dim: int) -> Case:
                      **{f"stride_{n}": "i32" for n in ("kb", "ks", "kh", "vb", "vs", "vh")})
     aligned = {n for n, kind in signature.items() if kind.startswith("*") or n.startswith("stride_")}
     return Case("attention", f"attention key flags {t} d={head_dim}", kernels._key_flags_kernel, signature,
-                dict(HEAD_DIM=head_dim, BLOCK=max(8, 2048 // head_dim)), aligned, dict(num_warps=4, num_stages=1),
+                dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK=max(8, 2048 // head_dim)), aligned,
+                dict(num_warps=4, num_stages=1),
                 pipelined=False)
 
 
@@ -241,14 +243,15 @@ def attention_bwd_prep_case(dtype: torch.dtype, head_dim: int) -> Case:
                      **{f"stride_{n}{axis}": "i32" for n in ("q", "do", "o") for axis in "bsh"}, stride_mask="i32")
     aligned = {n for n, kind in signature.items() if kind.startswith("*") or n.startswith("stride_")}
     return Case("attention", f"attention bwd prep {t} d={head_dim}", kernels._attn_bwd_prep_kernel, signature,
-                dict(HEAD_DIM=head_dim, BLOCK_M=max(1, 2048 // head_dim)), aligned, dict(num_warps=4, num_stages=1),
+                dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=max(1, 2048 // head_dim)), aligned,
+                dict(num_warps=4, num_stages=1),
                 pipelined=False)
 
 
 def attention_cases():
     for dtype, head_dim in ((torch.bfloat16, 32), (torch.bfloat16, 64), (torch.bfloat16, 128),
                             (torch.bfloat16, 256), (torch.float16, 64), (torch.float16, 128), (torch.float16, 256),
-                            (torch.float32, 64)):
+                            (torch.float32, 64), (torch.bfloat16, 96)):  # 96: padded to 128 in the kernels
         for kernel in ATTENTION_KERNELS:
             for safe in (False, True):
                 hopper, ampere = (attention_case(dtype, head_dim, kernel, arch, safe) for arch in (90, 80))
@@ -352,8 +355,29 @@ def decode_cases():
                    dict(num_warps=4, num_stages=1), pipelined=False)
 
 
+def sampling_cases():
+    from unimm.kernels import _sampling_triton, sampling
+
+    # bf16 with CFG and every rule (LlamaGen-style top-k 2000 + top-p), plain temperature, greedy
+    for dtype, cfg, greedy, top_k, top_p in ((torch.bfloat16, True, False, True, True),
+                                             (torch.float32, False, False, False, False),
+                                             (torch.float16, False, False, True, False),
+                                             (torch.bfloat16, True, True, False, False)):
+        t = TRITON_TYPES[dtype]
+        config = sampling._triton_config(2, 161_000, interpret=False)
+        launch = dict(num_warps=config.pop("num_warps"), enable_fp_fusion=False)
+        signature = dict(logits_ptr=f"*{t}", uniforms_ptr="*fp32", tokens_ptr="*i64", rows_out="i32", n="i32",
+                         lo="i32", row_stride="i32", cfg_scale="fp32", inv_t="fp32", top_k="i32", top_p_hi="fp32",
+                         top_p_mid="fp32", top_p_lo="fp32")
+        name = "greedy" if greedy else "+".join(["temperature"] + ["top-k"] * top_k + ["top-p"] * top_p)
+        yield Case("sampling", f"sample_tokens {t} {name}{' cfg' if cfg else ''}",
+                   _sampling_triton._sample_tokens_kernel, signature,
+                   dict(CFG=cfg, GREEDY=greedy, TOP_K=top_k, TOP_P=top_p, **config),
+                   {"logits_ptr", "uniforms_ptr", "tokens_ptr", "row_stride"}, launch, pipelined=False)
+
+
 FAMILIES = {"vq": vq_cases, "cross_entropy": cross_entropy_cases, "attention": attention_cases,
-            "diffusion": diffusion_cases, "decode": decode_cases}
+            "diffusion": diffusion_cases, "decode": decode_cases, "sampling": sampling_cases}
 
 
 def cases(families=None):
