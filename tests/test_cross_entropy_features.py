@@ -279,3 +279,75 @@ def test_bench_cost_model():
         n, d, v, 2, fast_memory, cpu)
     slow = dict(bf16_matmul_tflops=500.0, copy_gbps=1000.0)
     assert cost_model(n, d, v, 2, slow, cpu, 4 << 30) <= cost_model(n, d, v, 2, slow, cpu, 64 << 20)
+
+
+# ---- gradient filtering ------------------------------------------------------------------------
+
+def _filter_tile(dtype):
+    from unimm.kernels.cross_entropy import _filter_tile
+    return _filter_tile(dtype)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-30])
+def test_grad_filter_tiny_eps_is_exact(backend, eps):
+    """eps = 0 drops nothing (p >= 0); a tiny eps drops at most negligible terms."""
+    hidden, weight, targets = make(21, 8, 70, seed=11, scale=3.0, ignored=(4,))
+    grads = []
+    for filter_eps in (None, eps):
+        h, w = leaves(hidden, weight)
+        linear_cross_entropy(h, w, targets, z_loss=1e-3, grad_filter_eps=filter_eps).backward()
+        grads.append((h.grad, w.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction, label_smoothing, chunked", [("mean", 0.0, False), ("none", 0.1, True)])
+def test_grad_filter_matches_reference(backend, dtype, reduction, label_smoothing, chunked, monkeypatch):
+    """eps > 0: the tiles whose kept p are all below eps lose their p term, on the kernel as on
+    the reference's materialised softmax; both the forward ("mean") and backward ("none") paths,
+    in one dx chunk or in one chunk per column tile."""
+    if chunked:
+        from unimm.kernels import cross_entropy
+        monkeypatch.setattr(cross_entropy, "WORKSPACE_BYTES", 1)
+    eps = 0.02
+    hidden, weight, targets = make(37, 16, 150, seed=12, dtype=dtype, scale=0.5, ignored=(3, 20))
+    bias = torch.zeros(150, dtype=dtype, device=DEVICE)
+    bias[:16] = 4.0  # p ~ 0.05 there, ~ 1e-3 elsewhere: the first column tile stays, later ones go
+    upstream = torch.rand(37, generator=seeded(13)).to(DEVICE)
+    h, w = leaves(hidden, weight)
+    loss = linear_cross_entropy(h, w, targets, bias=bias, reduction=reduction, label_smoothing=label_smoothing,
+                                z_loss=1e-3, grad_filter_eps=eps)
+    (loss * upstream if reduction == "none" else loss).sum().backward()
+
+    tile = _filter_tile(dtype)
+    grads = {}
+    for name, filter_eps in (("filtered", eps), ("exact", None)):
+        h64, w64 = leaves(hidden, weight, dtype=torch.float64)
+        ref = reference.linear_cross_entropy(h64, w64, targets, bias=bias.double(), reduction=reduction,
+                                             label_smoothing=label_smoothing, z_loss=1e-3, grad_filter_eps=filter_eps,
+                                             grad_filter_tile=tile, compute_dtype=torch.float64)
+        (ref * upstream.double() if reduction == "none" else ref).sum().backward()
+        grads[name] = (h64.grad, w64.grad)
+    tol = TOLERANCE[dtype]
+    assert rel_err(grads["filtered"][1], grads["exact"][1]) > 1e-3  # the filter drops something ...
+    assert (grads["filtered"][1] != grads["exact"][1]).any(-1).float().mean() < 1  # ... but not everything
+    assert rel_err(h.grad, grads["filtered"][0]) <= tol and rel_err(w.grad, grads["filtered"][1]) <= tol
+
+
+def test_grad_filter_keeps_the_target_term(backend):
+    """eps near 1 drops every p term: the gradient of the mean loss is then -[v = t] / N alone."""
+    hidden, weight, targets = make(13, 8, 90, seed=14, ignored=(6,))
+    h, w = leaves(hidden, weight)
+    linear_cross_entropy(h, w, targets, grad_filter_eps=0.999).backward()
+    kept = targets != -100
+    dlogits = -F.one_hot(targets.clamp(min=0), 90).double() * kept[:, None] / kept.sum()
+    assert rel_err(h.grad, dlogits @ weight.double()) <= TOLERANCE[torch.float32]
+    assert rel_err(w.grad, dlogits.T @ hidden.double()) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("eps, error", [("0.1", TypeError), (True, TypeError), (1.0, ValueError),
+                                        (-1e-3, ValueError), (float("nan"), ValueError)])
+def test_grad_filter_bad_input(eps, error):
+    hidden, weight, targets = make(3, 4, 5, seed=15)
+    with pytest.raises(error, match="grad_filter_eps"):
+        linear_cross_entropy(hidden, weight, targets, grad_filter_eps=eps)

@@ -61,7 +61,8 @@ def _l2_splits(block_bytes: int, device: torch.device) -> int:
     return max(1, cdiv(props.multi_processor_count * block_bytes, budget))
 
 
-def gradients(hidden, head, head_bias, column, stats, coefs, softcap, wants, workspace, class_weights=None):
+def gradients(hidden, head, head_bias, column, stats, coefs, softcap, wants, workspace, class_weights=None,
+              filter_eps=None):
     """``(dh, dw, db)`` for the gradients flagged in ``wants`` (hidden, head, bias), None where
     not wanted: dh ``[N, D]`` in hidden's dtype, dw ``[V, D]`` in head's dtype, db ``[V]`` fp32.
     Each row's gradient of its logits is ``dx = p cp - ct [v = t] - cu w_v``, p = exp(x - m - log-sum),
@@ -69,7 +70,8 @@ def gradients(hidden, head, head_bias, column, stats, coefs, softcap, wants, wor
     ``stats`` is ``statistics()``'s (m and log-sum are read), ``coefs`` the fp32 ``[3, N]``
     (cp, ct, cu) per row; a dropped row (column -1) gets dx = 0, a kept row whose target is outside
     the head (column -2) no target term. ``workspace`` bounds the dx
-    chunk (bytes)."""
+    chunk (bytes). ``filter_eps``: the p term is dropped from each ``filter_tile`` tile of dx whose
+    kept rows' p are all below it (None: exact)."""
     n, d = hidden.shape
     vocab = head.shape[0]
     device = hidden.device
@@ -92,7 +94,7 @@ def gradients(hidden, head, head_bias, column, stats, coefs, softcap, wants, wor
             _matmul(hidden, head[cols].T, dx_chunk, EPILOGUE_LOSS_GRAD, config,
                     bias=head_bias[cols] if head_bias is not None else None, softcap=softcap,
                     class_weights=class_weights[cols] if class_weights is not None else None,
-                    loss_terms=(stats, column, coefs, start))
+                    loss_terms=(stats, column, coefs, start), filter_eps=filter_eps)
             if want_dw:  # dropped rows' hidden loads as zeros
                 _matmul(dx_chunk.T, hidden, dw[cols], EPILOGUE_STORE, dw_config, rows=column)
             if want_dh:  # dropped rows' dH stays 0
@@ -102,6 +104,13 @@ def gradients(hidden, head, head_bias, column, stats, coefs, softcap, wants, wor
     if want_dh:
         dh = dh32.to(hidden.dtype)
     return dh, dw, db
+
+
+def filter_tile(dtype: torch.dtype) -> tuple[int, int]:
+    """(rows, columns) of the dx tiles that gradient filtering keeps or drops whole: the dx GEMM's
+    output tile (chunks are whole tiles, so column tiles start at multiples of it)."""
+    config = _matmul_config(dtype, dispatch.TRITON_INTERPRET)
+    return config["BLOCK_M"], config["BLOCK_N"]
 
 
 def _chunk_cols(n: int, vocab: int, elem_bytes: int, granule: int, workspace: int) -> int:
@@ -146,13 +155,13 @@ def _matmul_config(dtype: torch.dtype, interpret: bool, epilogue: int = EPILOGUE
 
 
 def _matmul(a, b, out, epilogue, config, *, bias=None, softcap=None, class_weights=None, loss_terms=None,
-            rows=None):
+            rows=None, filter_eps=None):
     """The three GEMMs of the gradient, fp32 accumulation; strides are honoured, so transposes are
     free. ``rows``: each token row's column (int32), -1 when dropped, any other negative value
     when kept with its target outside this head (another rank's vocabulary shard).
       * EPILOGUE_LOSS_GRAD, ``dx = lossgrad(h @ W.T)``: ``loss_terms`` = (stats ``[2, M]``: row max
         and log-sum, column, coefs ``[3, M]``: cp, ct, cu, first column of this chunk) and the
-        chunk's ``class_weights``; a dropped row's dx is 0.
+        chunk's ``class_weights``; a dropped row's dx is 0; ``filter_eps`` as in ``gradients``.
       * EPILOGUE_STORE, ``dW = dx.T @ h``: K runs over token rows; a dropped row loads as zeros.
       * EPILOGUE_ACCUMULATE, ``dH += dx @ W``: a dropped row's output is left as it is."""
     m, k = a.shape
@@ -168,7 +177,8 @@ def _matmul(a, b, out, epilogue, config, *, bias=None, softcap=None, class_weigh
         column, coefs, m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         col_offset, float(softcap) if softcap is not None else 1.0,
-        EPILOGUE=int(epilogue), HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        float(filter_eps) if filter_eps is not None else 0.0, FILTER=filter_eps is not None, EPILOGUE=int(epilogue),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         HAS_CLASS_WEIGHTS=class_weights is not None,
         PRECISION=dot_precision(a.dtype), **config,
     )
@@ -242,8 +252,9 @@ def _lse_kernel(
 def _matmul_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, class_weight_ptr, stats_ptr, column_ptr, coef_ptr, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    col_offset, softcap,
-    EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_CLASS_WEIGHTS: tl.constexpr,
+    col_offset, softcap, filter_eps,
+    FILTER: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_CLASS_WEIGHTS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles sweep the columns together, so B tiles are reused
@@ -285,14 +296,20 @@ def _matmul_kernel(
         row_max = tl.load(stats_ptr + rm, mask=row_ok, other=0.0)
         log_sum = tl.load(stats_ptr + M + rm, mask=row_ok, other=0.0)
         target = tl.load(column_ptr + rm, mask=row_ok, other=-1)
-        cp = tl.load(coef_ptr + rm, mask=row_ok, other=0.0)
-        ct = tl.load(coef_ptr + M + rm, mask=row_ok, other=0.0)
-        cu = tl.load(coef_ptr + 2 * M + rm, mask=row_ok, other=0.0)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         if HAS_SOFTCAP:
             acc = softcap * tanh(acc / softcap)
-        uniform = cu[:, None]
+        cp = tl.load(coef_ptr + rm, mask=row_ok, other=0.0)
+        if FILTER:
+            # CCE-style: no p term in a tile whose kept p are all below eps (the target term stays).
+            # exp and - are monotone, so the tile's largest p comes from each row's largest logit
+            # (a few registers, where a masked [BLOCK_M, BLOCK_N] p would spill on sm_80).
+            x_max = tl.max(tl.where((rn < N)[None, :], acc, float("-inf")), 1)
+            p_max = tl.where(target != -1, tl.exp((x_max - row_max) - log_sum), 0.0)
+            cp = tl.where(tl.max(p_max, 0) < filter_eps, 0.0, cp)
+        ct = tl.load(coef_ptr + M + rm, mask=row_ok, other=0.0)
+        uniform = tl.load(coef_ptr + 2 * M + rm, mask=row_ok, other=0.0)[:, None]
         if HAS_CLASS_WEIGHTS:
             uniform = uniform * tl.load(class_weight_ptr + rn, mask=rn < N, other=0.0)[None, :]
         grad = tl.exp((acc - row_max[:, None]) - log_sum[:, None]) * cp[:, None] - uniform

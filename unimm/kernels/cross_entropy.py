@@ -2,7 +2,7 @@
 
 Public: ``linear_cross_entropy(hidden, weight, targets, *, bias, ignore_index, reduction,
 label_smoothing, z_loss, softcap, token_weights, vocab_range, class_weights, return_lse,
-return_accuracy, shift, process_group)``; its meaning is ``unimm.kernels.reference.cross_entropy``.
+return_accuracy, shift, process_group, grad_filter_eps)``; its meaning is ``unimm.kernels.reference.cross_entropy``.
 ``W`` below is ``weight[lo:hi]``, V = hi - lo, e the bytes of an element of hidden.
 
 Triton design (kernels and launches: ``_cross_entropy_triton``; the O(N) loss algebra around them:
@@ -39,6 +39,10 @@ Cost model (FLOPs; HBM bytes, e per element, fp32 terms 4 bytes), per call:
     written (C D e); over V / C chunks: (V / C)(2 N D e + 8 N D) + 3 V D e + 3 N V e (plus the
     GEMMs' tile re-reads that L2 grouping (GROUP_M) absorbs). A larger workspace (larger C) cuts
     the (V / C) terms; at the default 1 GiB and N = 16k, C = 32k columns in bf16.
+  * gradient filtering (``grad_filter_eps``): the dx epilogue drops a tile's p term from its
+    logits' row maxima (BLOCK_M exps per tile, no extra bytes). It saves no FLOPs or bytes yet: the
+    dW and dH GEMMs still run over every tile. Skipping a tile whose dx is all zero (filtered, no
+    target in it, no label smoothing) would save its 4 BLOCK_M BLOCK_N D FLOPs and its dx reads.
   * vocabulary-parallel (``process_group``, P ranks): each rank the above on its V / P columns,
     plus all-reduces of 4 N fp32 (forward) and N D fp32 (dH, backward).
 
@@ -98,7 +102,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
                          token_weights: torch.Tensor | None = None, vocab_range: tuple[int, int] | None = None,
                          class_weights: torch.Tensor | None = None, return_lse: bool = False,
-                         return_accuracy: bool = False, shift: bool = False, process_group=None):
+                         return_accuracy: bool = False, shift: bool = False, process_group=None,
+                         grad_filter_eps: float | None = None):
     """Cross-entropy of ``hidden @ weight.T`` (+ bias) against ``targets``, never forming N x V.
 
     Args:
@@ -140,6 +145,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             whole vocabulary, vocab_range in global columns) is the same on every rank. The loss,
             lse and accuracy are the single-process ones on every rank, each rank gets its shard's
             gradients and the whole hidden gradient (``unimm.kernels._cross_entropy_parallel``).
+        grad_filter_eps: None (exact), or cut-cross-entropy's gradient filtering (its ``filter_eps``;
+            its "auto" is ``finfo(dtype).eps / 32``) with eps in [0, 1): in each tile of the
+            logits' gradient (the dx GEMM's output tile: rows of hidden x columns of the head from
+            ``lo``) whose kept rows' softmax p are all below eps, the p term (which carries the
+            loss's, z-loss's and lse's softmax gradients) is dropped; the target's and label
+            smoothing's terms always stay. The loss and lse are unchanged. Not with process_group.
 
     Returns:
         The loss (scalar, or ``targets.shape`` for "none"), then lse if ``return_lse``, then the
@@ -167,6 +178,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             raise ValueError(f"class_weights must be [V] = [{vocab}], got {tuple(class_weights.shape)}")
     if not isinstance(shift, bool) or not isinstance(return_accuracy, bool):
         raise TypeError(f"shift and return_accuracy must be bools, got {shift!r} and {return_accuracy!r}")
+    if grad_filter_eps is not None:
+        grad_filter_eps = _real("grad_filter_eps", grad_filter_eps, "None or a finite number in [0, 1)",
+                                lambda v: 0 <= v < 1)
+        if process_group is not None:
+            raise ValueError("grad_filter_eps is not supported with process_group")
     out_shape = targets.shape
     targets = targets.long()  # any integer dtype; the kernels and gather want int64
     if shift:
@@ -198,6 +214,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                 rows, weight, flat_targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, token_weights=flat_weights,
                 vocab_range=(lo, hi), class_weights=class_weights, return_lse=True, return_accuracy=True,
+                grad_filter_eps=grad_filter_eps, grad_filter_tile=_filter_tile(hidden.dtype),
                 compute_dtype=torch.promote_types(hidden.dtype, torch.float32))
         loss, lse, accuracy = loss
     else:
@@ -210,7 +227,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         grads_now = wants if reduction != "none" and not return_lse else [False, False, False]
         loss, lse, stats, *_ = _forward_op(rows, weight, bias, flat_targets, flat_weights,
                                            class_weights.float() if class_weights is not None else None, lo, hi,
-                                           ignore_index, reduction, label_smoothing, z_loss, softcap, grads_now)
+                                           ignore_index, reduction, label_smoothing, z_loss, softcap, grad_filter_eps,
+                                           grads_now)
         kept = reference.row_terms(flat_targets, flat_weights, lo, hi, ignore_index, reduction)[0]
         accuracy = reference.reduce_hits(kept & (stats[2] >= stats[0]), kept, reduction)
     outputs = [loss]
@@ -222,6 +240,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         outputs = [_drop_last(t, hidden.shape[:-1]) if t.dim() else t for t in outputs]
     outputs = [t.reshape(out_shape) if t.dim() else t for t in outputs]
     return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def _filter_tile(dtype: torch.dtype) -> tuple[int, int]:
+    """The tile that gradient filtering keeps or drops whole: the Triton dx GEMM's."""
+    return triton_backend.filter_tile(dtype) if triton_backend is not None else reference.GRAD_FILTER_TILE
 
 
 def _shift_left(t: torch.Tensor | None, fill, seq_shape) -> torch.Tensor | None:
@@ -358,7 +381,7 @@ def _check_values(targets, token_weights, lo, hi, ignore_index, reduction):
 def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                 token_weights: torch.Tensor | None, class_weights: torch.Tensor | None, lo: int, hi: int,
                 ignore_index: int, reduction: str,
-                label_smoothing: float, z_loss: float, softcap: float | None,
+                label_smoothing: float, z_loss: float, softcap: float | None, grad_filter_eps: float | None,
                 grads_now: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                 torch.Tensor]:
     """(loss, lse, stats, dh, dw, db); stats is ``triton_backend.statistics``' ``[4, N]``. With
@@ -376,13 +399,13 @@ def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         unit = torch.ones((), device=hidden.device)
         coefs = terms_.coefs(stats, terms, unit, None, label_smoothing, z_loss, hi - lo, class_sum)
         grads = triton_backend.gradients(hidden, head, head_bias, column, stats, coefs, softcap, tuple(grads_now),
-                                         workspace_bytes(), head_cw)
+                                         workspace_bytes(), head_cw, grad_filter_eps)
     return (loss, lse, stats, *(g if g is not None else hidden.new_empty(0) for g in grads))
 
 
 @_forward_op.register_fake
 def _(hidden, weight, bias, targets, token_weights, class_weights, lo, hi, ignore_index, reduction, label_smoothing,
-      z_loss, softcap, grads_now):
+      z_loss, softcap, grad_filter_eps, grads_now):
     n, d = hidden.shape
     f32 = dict(dtype=torch.float32)
     loss = hidden.new_empty((n,) if reduction == "none" else (), **f32)
@@ -398,7 +421,7 @@ def _backward_op(grad_loss: torch.Tensor, grad_lse: torch.Tensor | None, hidden:
                  bias: torch.Tensor | None, targets: torch.Tensor, token_weights: torch.Tensor | None,
                  class_weights: torch.Tensor | None, stats: torch.Tensor, lo: int, hi: int, ignore_index: int,
                  reduction: str, label_smoothing: float, z_loss: float, softcap: float | None,
-                 wants: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 grad_filter_eps: float | None, wants: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh, dw, db) when the gradients were not computed with the loss (reduction "none", or a
     returned lse): the chunks run with each row's upstream gradients of its loss and its lse, on
     the forward's statistics."""
@@ -407,13 +430,13 @@ def _backward_op(grad_loss: torch.Tensor, grad_lse: torch.Tensor | None, hidden:
     class_sum = head_cw.sum() if head_cw is not None else None
     coefs = terms_.coefs(stats, terms, grad_loss, grad_lse, label_smoothing, z_loss, hi - lo, class_sum)
     grads = triton_backend.gradients(hidden, weight[lo:hi], bias[lo:hi] if bias is not None else None, column,
-                                     stats, coefs, softcap, tuple(wants), workspace_bytes(), head_cw)
+                                     stats, coefs, softcap, tuple(wants), workspace_bytes(), head_cw, grad_filter_eps)
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 
 @_backward_op.register_fake
 def _(grad_loss, grad_lse, hidden, weight, bias, targets, token_weights, class_weights, stats, lo, hi, ignore_index,
-      reduction, label_smoothing, z_loss, softcap, wants):
+      reduction, label_smoothing, z_loss, softcap, grad_filter_eps, wants):
     shapes = (tuple(hidden.shape), (hi - lo, hidden.shape[1]), (hi - lo,))
     dtypes = (hidden.dtype, torch.float32, torch.float32)
     return tuple(hidden.new_empty(shape if want else (0,), dtype=dtype)
@@ -422,11 +445,11 @@ def _(grad_loss, grad_lse, hidden, weight, bias, targets, token_weights, class_w
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, targets, token_weights, class_weights, lo, hi, ignore_index, reduction, label_smoothing,
-     z_loss, softcap, grads_now) = inputs
+     z_loss, softcap, grad_filter_eps, grads_now) = inputs
     ctx.mark_non_differentiable(*output[2:])
     ctx.grads_now = any(grads_now)
     ctx.vocab = (lo, hi, weight.shape[0])
-    ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap, grad_filter_eps)
     ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
     if ctx.grads_now:
         ctx.save_for_backward(*output[3:])
@@ -452,7 +475,7 @@ def _backward(ctx, grad_loss, grad_lse, *unused):
     dh = dh.to(hidden_dtype) if dh is not None else None
     dw = terms_.full_rows(dw, lo, vocab).to(weight_dtype) if dw is not None else None
     db = terms_.full_rows(db, lo, vocab).to(bias_dtype) if db is not None else None
-    return dh, dw, db, None, None, None, None, None, None, None, None, None, None, None
+    return dh, dw, db, *[None] * 12
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)

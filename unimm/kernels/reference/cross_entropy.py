@@ -19,6 +19,10 @@ For rows ``h`` of ``hidden [N, D]`` and the column block ``(lo, hi)`` of the voc
   ``return_lse`` adds lse [N] (fp32) for every row, dropped rows included; its gradient flows
   through kept rows only. ``return_accuracy`` adds the hits (a kept row whose
   target logit is its maximum) reduced by ``reduce_hits``.
+  ``grad_filter_eps`` (cut-cross-entropy's gradient filtering; None: exact): the rows x columns of
+  x are cut into ``grad_filter_tile`` tiles from (0, 0); in a tile whose kept rows' p are all
+  below eps, lse's gradient p is 0 (x is detached there for lse only), so the softmax part of
+  every gradient (ce's, z's, a returned lse's) skips it; the target's and smoothing's terms stay.
 
 Tensor values are never checked here (``unimm.kernels.linear_cross_entropy`` checks what it can
 without a device sync); what the kernels do with values they cannot check, this does too:
@@ -37,6 +41,8 @@ import math
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
+# (rows, columns) of a gradient-filtering tile when the caller names none (the Triton dx GEMM's on a GPU)
+GRAD_FILTER_TILE = (128, 128)
 
 
 def row_terms(targets: torch.Tensor, token_weights: torch.Tensor | None, lo: int, hi: int, ignore_index: int,
@@ -97,12 +103,27 @@ def class_terms(kept, column, w, total, class_weights, lo, hi, reduction, dtype=
     return head, picked, ce_total
 
 
+def _filter(x: torch.Tensor, kept: torch.Tensor, eps: float, tile: tuple[int, int]) -> torch.Tensor:
+    """x, detached in the (rows x columns) ``tile``s whose kept rows' softmax p are all below
+    ``eps`` (gradient filtering): lse keeps its value, but its gradient p skips those tiles."""
+    with torch.no_grad():
+        p = torch.where(kept[:, None], torch.softmax(x, -1), 0.0)
+        rows, cols = tile
+        pad_r, pad_c = -p.shape[0] % rows, -p.shape[1] % cols
+        tiles = torch.nn.functional.pad(p, (0, pad_c, 0, pad_r)).unflatten(1, (-1, cols)).unflatten(0, (-1, rows))
+        live = tiles.amax((1, 3)) >= eps
+        live = live.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[:p.shape[0], :p.shape[1]]
+    return torch.where(live, x, x.detach())
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
                          token_weights: torch.Tensor | None = None, vocab_range: tuple[int, int] | None = None,
                          class_weights: torch.Tensor | None = None, return_lse: bool = False,
-                         return_accuracy: bool = False, compute_dtype: torch.dtype = torch.float32):
+                         return_accuracy: bool = False, grad_filter_eps: float | None = None,
+                         grad_filter_tile: tuple[int, int] = GRAD_FILTER_TILE,
+                         compute_dtype: torch.dtype = torch.float32):
     lo, hi = vocab_range if vocab_range is not None else (0, weight.shape[0])
     dim = hidden.shape[-1]
     h = hidden.reshape(math.prod(hidden.shape[:-1]), dim).to(compute_dtype)
@@ -122,7 +143,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     # would be NaN in dW), and its logits by zeros after it (Inf or NaN in the weights or bias must
     # not reach it through the softmax's backward either).
     x = torch.where(kept[:, None], logits(torch.where(kept[:, None], h, 0.0)), 0.0)
-    lse = logsumexp(x)
+    lse = logsumexp(x if grad_filter_eps is None else _filter(x, kept, grad_filter_eps, grad_filter_tile))
     target_logit = x.gather(1, column[:, None])[:, 0]
     head_weights, picked, ce_total = class_terms(kept, column, w, total, class_weights, lo, hi, reduction,
                                                  compute_dtype)
