@@ -59,6 +59,23 @@ def test_matches_reference(backend, dtype, shape):
     assert_matches(decode_attention(q, k, v, lens), q, k, v, lens)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim, group", [(72, 2), (80, 16), (96, 1)])  # 16: the tl.dot path
+def test_padded_head_dims(backend, dtype, head_dim, group):
+    """Head dims that are not powers of two, padded to one inside the Triton kernel: NaN just
+    past D (the caches are views of wider rows, so D + 1 holds NaN) and past every length."""
+    batch, kv_heads, max_len = 3, 2, 41
+    _, _, _, lens = make_inputs(batch, group * kv_heads, kv_heads, head_dim, max_len, dtype, seed=head_dim + group)
+    wide = [random(shape, head_dim + i, dtype) for i, shape in enumerate(
+        [(batch, group * kv_heads, head_dim + 8)] + 2 * [(batch, max_len, kv_heads, head_dim + 8)])]
+    for x in wide:
+        x[..., head_dim:] = float("nan")
+    q = wide[0][..., :head_dim]
+    k, v = (poison_past_lengths(cache, lens)[..., :head_dim] for cache in wide[1:])
+    skip_unserved(backend, q, k, v)
+    assert_matches(decode_attention(q, k, v, lens), q, k, v, lens)
+
+
 @pytest.mark.parametrize("softcap, scale", [(5.0, None), (50.0, 0.3), (None, 1.0)])
 def test_softcap_and_scale(backend, softcap, scale):
     q, k, v, lens = make_inputs(3, 8, 2, 64, 70, torch.float16, seed=5)
@@ -161,7 +178,7 @@ def test_compile_sees_one_op():
     (lambda q, k, v, n: (q, k[:1], v[:1], n), ValueError, r"k_cache must be \[3, max_len"),
     (lambda q, k, v, n: (q[:, :, :8], k, v, n), ValueError, r"k_cache must be \[3, max_len, kv_heads, 8\]"),
     (lambda q, k, v, n: (q[:, :3], k, v, n), ValueError, "multiple of the caches' kv_heads"),
-    (lambda q, k, v, n: (q[..., :12], k[..., :12], v[..., :12], n), ValueError, "head_dim must be a power of two"),
+    (lambda q, k, v, n: (q[..., :12], k[..., :12], v[..., :12], n), ValueError, "head_dim must be a multiple of 8"),
     (lambda q, k, v, n: (q, k.to("meta"), v, n), ValueError, "k_cache is on meta"),
     (lambda q, k, v, n: (q, k, v, n.to("meta")), ValueError, "cache_lens is on meta"),
     (lambda q, k, v, n: (q, k, v, n[:2]), ValueError, r"cache_lens must be 1-D \[3\]"),
