@@ -119,7 +119,8 @@ def cross_entropy_cases():
     from unimm.kernels._common import dot_precision
 
     matmul_args = dict(M="i32", N="i32", K="i32", stride_am="i32", stride_ak="i32", stride_bk="i32", stride_bn="i32",
-                       stride_cm="i32", stride_cn="i32", col_offset="i32", softcap="fp32")
+                       stride_cm="i32", stride_cn="i32", col_offset="i32", softcap="fp32",
+                       filter_eps="fp32")
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = TRITON_TYPES[dtype]
         precision = dot_precision(dtype)
@@ -148,7 +149,8 @@ def cross_entropy_cases():
                              **{k: v for k, v in matmul_args.items() if k not in unit})
             aligned = {"a_ptr", "b_ptr", "c_ptr", "bias_ptr", "class_weight_ptr", "stats_ptr", "column_ptr", "coef_ptr",
                        "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm"} - unit
-            constexprs = dict(**{k: 1 for k in unit}, EPILOGUE=int(epilogue), HAS_BIAS=True, HAS_SOFTCAP=True,
+            constexprs = dict(**{k: 1 for k in unit}, FILTER=int(epilogue) == int(ce.EPILOGUE_LOSS_GRAD),
+                              EPILOGUE=int(epilogue), HAS_BIAS=True, HAS_SOFTCAP=True,
                               HAS_CLASS_WEIGHTS=True, PRECISION=precision, **config)
             yield Case("cross_entropy", f"matmul {t} {name}", ce._matmul_kernel, signature, constexprs, aligned,
                        launch, pipelined=True, hopper=True)
@@ -305,20 +307,22 @@ def diffusion_cases():
                    pipelined=True, hopper=hopper)
 
 
-def decode_split_case(dtype: torch.dtype, head_dim: int, group: int) -> Case:
+def decode_split_case(dtype: torch.dtype, head_dim: int, group: int, page_size: int = 0) -> Case:
     from unimm.kernels import decode
     from unimm.kernels._common import dot_precision
 
     t = TRITON_TYPES[dtype]
-    config = decode._triton_config(group, head_dim, interpret=False)
+    config = decode._triton_config(group, head_dim, interpret=False, page_size=page_size)
     launch = _launch(config)
-    signature = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", lens_ptr="*i32", out_ptr=f"*{t}",
-                     part_out_ptr="*fp32", part_lse_ptr="*fp32", max_len="i32", kv_heads="i32", group="i32",
-                     q_tiles="i32", q_heads="i32", keys_per_split="i32", num_splits="i32",
-                     **{f"stride_{n}": "i32" for n in ("qb", "qh", "kb", "kn", "kh", "vb", "vn", "vh", "ob", "oh")},
+    signature = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", lens_ptr="*i32", table_ptr="*i32",
+                     out_ptr=f"*{t}", part_out_ptr="*fp32", part_lse_ptr="*fp32", max_len="i32", kv_heads="i32",
+                     group="i32", q_tiles="i32", q_heads="i32", keys_per_split="i32", num_splits="i32",
+                     num_pages="i32", **{f"stride_{n}": "i32" for n in ("qb", "qh", "kb", "kn", "kh", "vb", "vn", "vh",
+                                                                         "tb", "ob", "oh")},
                      scale="fp32", softcap="fp32")
     aligned = {n for n, kind in signature.items() if kind.startswith("*") or n.startswith("stride_")}
-    constexprs = dict(HAS_SOFTCAP=True, SPLIT=True, HEAD_DIM=head_dim, PRECISION=dot_precision(dtype), **config)
+    constexprs = dict(HAS_SOFTCAP=True, SPLIT=True, HEAD_DIM=head_dim, BLOCK_D=decode._block_d(head_dim),
+                      PRECISION=dot_precision(dtype), PAGE_SIZE=page_size, **config)
     hopper = None  # the broadcast path has no dot
     if config["USE_DOT"]:
         if dtype == torch.float32:
@@ -328,7 +332,8 @@ def decode_split_case(dtype: torch.dtype, head_dim: int, group: int) -> Case:
         else:
             hopper = True
     # the dot path's loads feed tl.dot, which triton pipelines
-    return Case("decode", f"decode split {t} d={head_dim} group={group} "
+    paged = f" page={page_size}" if page_size else ""
+    return Case("decode", f"decode split {t} d={head_dim} group={group}{paged} "
                 f"({'dot' if config['USE_DOT'] else 'broadcast'})", decode._decode_split_kernel, signature,
                 constexprs, aligned, launch, pipelined=config["USE_DOT"], hopper=hopper)
 
@@ -343,14 +348,21 @@ def decode_cases():
                                    (torch.bfloat16, 128, 8), (torch.bfloat16, 256, 2), (torch.float16, 64, 7),
                                    (torch.bfloat16, 128, 16), (torch.bfloat16, 256, 32), (torch.bfloat16, 128, 64),
                                    (torch.bfloat16, 64, 71), (torch.float16, 128, 16), (torch.float32, 128, 4),
-                                   (torch.float32, 64, 16), (torch.float32, 128, 16)):
+                                   (torch.float32, 64, 16), (torch.float32, 128, 16),
+                                   # head dims padded to a power of two in the kernel (80 -> 128, 96 -> 128)
+                                   (torch.bfloat16, 80, 4), (torch.bfloat16, 96, 16)):
         yield decode_split_case(dtype, head_dim, group)
-    for dtype, head_dim in ((torch.bfloat16, 64), (torch.bfloat16, 128), (torch.bfloat16, 256), (torch.float32, 128)):
+    # paged caches (vLLM's default page of 16 tokens), on both paths
+    for dtype, head_dim, group, page_size in ((torch.bfloat16, 128, 4, 16), (torch.bfloat16, 128, 32, 16),
+                                              (torch.float16, 128, 2, 256)):
+        yield decode_split_case(dtype, head_dim, group, page_size)
+    for dtype, head_dim in ((torch.bfloat16, 64), (torch.bfloat16, 128), (torch.bfloat16, 256), (torch.float32, 128),
+                            (torch.bfloat16, 80)):
         t = TRITON_TYPES[dtype]
         signature = dict(part_out_ptr="*fp32", part_lse_ptr="*fp32", lens_ptr="*i32", out_ptr=f"*{t}", q_heads="i32",
                          max_len="i32", keys_per_split="i32", num_splits="i32", stride_ob="i32", stride_oh="i32")
         yield Case("decode", f"decode combine {t} d={head_dim}", decode._decode_combine_kernel, signature,
-                   dict(HEAD_DIM=head_dim, BLOCK_S=decode._COMBINE_BLOCK_SPLITS),
+                   dict(HEAD_DIM=head_dim, BLOCK_D=decode._block_d(head_dim), BLOCK_S=decode._COMBINE_BLOCK_SPLITS),
                    {"part_out_ptr", "part_lse_ptr", "lens_ptr", "out_ptr", "stride_ob", "stride_oh"},
                    dict(num_warps=4, num_stages=1), pipelined=False)
 
