@@ -19,16 +19,17 @@ TANH_SERIES_BELOW = tl.constexpr(0.25)
 
 @triton.jit
 def tanh(x, EXACT_NEAR_ZERO: tl.constexpr = True):
-    # sign(x) tanh(|x|), with tanh(a) = (1 - e) / (1 + e), e = exp(-2a) <= 1: no overflow, exact
-    # limits at +-inf, relative error ~2 ulp above TANH_SERIES_BELOW (e <= 0.61 there); NaN stays
-    # NaN. Below it ``1 - e`` cancels (absolute error ~6e-8): EXACT_NEAR_ZERO takes the series
-    # there, at the cost of a few registers per element; a caller whose result is scaled by a small
-    # soft-cap and rounded to 16 bits (decode's scores) may skip it.
+    # sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) <= 1: no overflow, exact limits at +-inf, and
+    # relative error ~2 ulp above TANH_SERIES_BELOW (e <= 0.61 there); NaN stays NaN. Below it
+    # ``1 - e`` cancels (absolute error ~6e-8): EXACT_NEAR_ZERO takes the series there, at the cost
+    # of a few registers per element; a caller whose result is scaled by a moderate soft-cap and
+    # rounded to 16 bits (decode's scores) may skip it.
     a = tl.abs(x)
     e = tl.exp(-2.0 * a)
-    t = (1.0 - e) / (1.0 + e)
+    big = (1.0 - e) / (1.0 + e)
+    t = tl.where(x < 0, -big, big)
     if EXACT_NEAR_ZERO:
-        a2 = a * a
-        series = a + a * a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0))))
+        x2 = x * x
+        series = x + x * x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0))))
         t = tl.where(a < TANH_SERIES_BELOW, series, t)
-    return tl.where(x < 0, -t, t)
+    return t
