@@ -164,7 +164,7 @@ def attention_case(dtype: torch.dtype, head_dim: int, kernel: str, arch: int, sa
     ``safe``: its second launch, for the programs that meet non-finite rows (the same tiles, and
     flagged rows loaded as zeros)."""
     from unimm.kernels import _attention_triton as kernels
-    from unimm.kernels._common import dot_precision
+    from unimm.kernels._common import dot_precision, padded_head_dim
 
     attn = importlib.import_module("unimm.kernels.attention")  # the package exports the function by this name
 
@@ -214,7 +214,7 @@ def attention_case(dtype: torch.dtype, head_dim: int, kernel: str, arch: int, sa
     else:
         hopper = True
     return Case("attention", f"attention {kernel}{' safe' if safe else ''} {t} d={head_dim}", fn, signature,
-                dict(HAS_SOFTCAP=True, HEAD_DIM=head_dim, BLOCK_D=attn._block_d(head_dim),
+                dict(HAS_SOFTCAP=True, HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim),
                      PRECISION=dot_precision(dtype), SAFE=safe, **tiles),
                 aligned, launch, pipelined=not (safe and kernel == "bwd dk dv"), hopper=hopper if arch == 90 else None,
                 archs=(arch,))
@@ -309,7 +309,7 @@ def diffusion_cases():
 
 def decode_split_case(dtype: torch.dtype, head_dim: int, group: int, page_size: int = 0) -> Case:
     from unimm.kernels import decode
-    from unimm.kernels._common import dot_precision
+    from unimm.kernels._common import dot_precision, padded_head_dim
 
     t = TRITON_TYPES[dtype]
     config = decode._triton_config(group, head_dim, interpret=False, page_size=page_size)
@@ -321,7 +321,7 @@ def decode_split_case(dtype: torch.dtype, head_dim: int, group: int, page_size: 
                                                                          "tb", "ob", "oh")},
                      scale="fp32", softcap="fp32")
     aligned = {n for n, kind in signature.items() if kind.startswith("*") or n.startswith("stride_")}
-    constexprs = dict(HAS_SOFTCAP=True, SPLIT=True, HEAD_DIM=head_dim, BLOCK_D=decode._block_d(head_dim),
+    constexprs = dict(HAS_SOFTCAP=True, SPLIT=True, HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim),
                       PRECISION=dot_precision(dtype), PAGE_SIZE=page_size, **config)
     hopper = None  # the broadcast path has no dot
     if config["USE_DOT"]:
@@ -340,6 +340,7 @@ def decode_split_case(dtype: torch.dtype, head_dim: int, group: int, page_size: 
 
 def decode_cases():
     from unimm.kernels import decode
+    from unimm.kernels._common import padded_head_dim
 
     # GQA groups of Llama 3.2 1B (64, 4), Llama 3 / Mistral (128, 4 and 8), Gemma 7B (128, 1) and
     # Gemma 2 (256, 2), Qwen 2.5 7B (7 query heads per KV head); MQA with 16 to 71 query heads
@@ -362,7 +363,7 @@ def decode_cases():
         signature = dict(part_out_ptr="*fp32", part_lse_ptr="*fp32", lens_ptr="*i32", out_ptr=f"*{t}", q_heads="i32",
                          max_len="i32", keys_per_split="i32", num_splits="i32", stride_ob="i32", stride_oh="i32")
         yield Case("decode", f"decode combine {t} d={head_dim}", decode._decode_combine_kernel, signature,
-                   dict(HEAD_DIM=head_dim, BLOCK_D=decode._block_d(head_dim), BLOCK_S=decode._COMBINE_BLOCK_SPLITS),
+                   dict(HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_S=decode._COMBINE_BLOCK_SPLITS),
                    {"part_out_ptr", "part_lse_ptr", "lens_ptr", "out_ptr", "stride_ob", "stride_oh"},
                    dict(num_warps=4, num_stages=1), pipelined=False)
 

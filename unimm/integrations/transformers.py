@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from unimm.kernels import AttentionMask, attention, linear_cross_entropy
+from unimm.kernels._common import check_head_dim
 from unimm.kernels.masks import packed_documents, span_ids_of_runs
 
 IMPLEMENTATION = "unimm"
@@ -88,8 +89,7 @@ def apply(model):
     decoder = _decoder(model.model)
     config = decoder.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if head_dim < 16 or head_dim > 256 or head_dim % 8:
-        raise ValueError(f"unimm attention needs config.head_dim to be a multiple of 8 in [16, 256], got {head_dim}")
+    check_head_dim(head_dim, "unimm attention's config.head_dim")
     if getattr(config, "attention_dropout", 0.0):
         raise ValueError("unimm attention has no dropout; config.attention_dropout must be 0, "
                          f"got {config.attention_dropout}")

@@ -8,7 +8,7 @@ below.
 import triton
 import triton.language as tl
 
-from unimm.kernels._triton import LOG2E, tanh
+from unimm.kernels._triton import LOG2E, dim_mask, tanh
 
 
 @triton.jit
@@ -49,17 +49,6 @@ def _bad_rows(x):
 
 
 @triton.jit
-def _dim_mask(ok, dims, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The load / store mask ``[R, BLOCK_D]`` (or ``[R, 1]``) of rows ``ok [R]``: a head dim that is
-    not a power of two is padded to BLOCK_D columns inside the kernel (loaded as zeros, which add
-    nothing to any dot, and never stored); a power of two keeps the row mask alone."""
-    mask = ok[:, None]
-    if HEAD_DIM != BLOCK_D:
-        mask = mask & (dims[None, :] < HEAD_DIM)
-    return mask
-
-
-@triton.jit
 def _count_in(count_ptr, lo, hi, valid):
     """How many flags lie in [lo, hi) (lo < hi where ``valid``, else 0), from their running
     count (inclusive) at count_ptr."""
@@ -89,9 +78,9 @@ def _key_tile(k_base, v_base, flags_ptr, n0, num_keys, stride_ks, stride_vs, dim
         load_k &= (bits & 1) == 0
         load_v &= (bits & 2) == 0
     k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + dims[None, :],
-                mask=_dim_mask(load_k, dims, HEAD_DIM, BLOCK_D), other=0.0)
+                mask=dim_mask(load_k, dims, HEAD_DIM, BLOCK_D), other=0.0)
     v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vs + dims[None, :],
-                mask=_dim_mask(load_v, dims, HEAD_DIM, BLOCK_D), other=0.0)
+                mask=dim_mask(load_v, dims, HEAD_DIM, BLOCK_D), other=0.0)
     return cols, k, v
 
 
@@ -150,7 +139,7 @@ def _key_flags_kernel(k_ptr, v_ptr, flags_ptr, num_keys, kv_heads, stride_kb, st
     col_ok = cols < num_keys
     dims = tl.arange(0, BLOCK_D)
     offs = cols[:, None].to(tl.int64)
-    load = _dim_mask(col_ok, dims, HEAD_DIM, BLOCK_D)
+    load = dim_mask(col_ok, dims, HEAD_DIM, BLOCK_D)
     k = tl.load(k_ptr + b * stride_kb + kv_h * stride_kh + offs * stride_ks + dims[None, :], mask=load, other=0.0)
     v = tl.load(v_ptr + b * stride_vb + kv_h * stride_vh + offs * stride_vs + dims[None, :], mask=load, other=0.0)
     k_bad = _bad_rows(k)
@@ -179,7 +168,7 @@ def _attn_fwd_kernel(
     hi = tl.where(mine, hi, 0)
     dims = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qs + dims[None, :],
-                mask=_dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D), other=0.0)
+                mask=dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D), other=0.0)
     k_base = k_ptr + b * stride_kb + kv_h * stride_kh
     v_base = v_ptr + b * stride_vb + kv_h * stride_vh
 
@@ -212,7 +201,7 @@ def _attn_fwd_kernel(
         out = tl.where((_count_in(counts_ptr + counts_base, start, end, nonempty) > 0)[:, None], float("nan"),
                        out)
     tl.store(o_ptr + b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_os + dims[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=_dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D))
+             out.to(o_ptr.dtype.element_ty), mask=dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D))
     lse2 = tl.where(nonempty, m_i + tl.log2(l_i), float("inf"))
     tl.store(lse_ptr + bh.to(tl.int64) * seq_len + rows, lse2, mask=row_ok)
 
@@ -233,11 +222,11 @@ def _attn_bwd_prep_kernel(
     dims = tl.arange(0, BLOCK_D)
     row_off = rows[:, None].to(tl.int64)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + row_off * stride_qs + dims[None, :],
-                mask=_dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D), other=0.0)
+                mask=dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D), other=0.0)
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + row_off * stride_dos + dims[None, :],
-                 mask=_dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D), other=0.0).to(tl.float32)
+                 mask=dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D), other=0.0).to(tl.float32)
     o = tl.load(o_ptr + b * stride_ob + h * stride_oh + row_off * stride_os + dims[None, :],
-                mask=_dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D), other=0.0).to(tl.float32)
+                mask=dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D), other=0.0).to(tl.float32)
     own = _bad_rows(q) | _bad_rows(do)
     # poison level: 1, the row's dQ and the dK of the keys it sees are NaN; 2, their dV too
     # (the row's probabilities are affected: a non-finite q, dO or key, not just a value)
@@ -272,9 +261,9 @@ def _attn_bwd_dq_kernel(
     dims = tl.arange(0, BLOCK_D)
     row_off = rows[:, None].to(tl.int64)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + row_off * stride_qs + dims[None, :],
-                mask=_dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D), other=0.0)
+                mask=dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D), other=0.0)
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + row_off * stride_dos + dims[None, :],
-                 mask=_dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D), other=0.0)
+                 mask=dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D), other=0.0)
     stats = bh.to(tl.int64) * seq_len + rows
     lse2 = tl.load(lse_ptr + stats, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_ptr + stats, mask=row_ok, other=0.0)
@@ -300,7 +289,7 @@ def _attn_bwd_dq_kernel(
     poisoned = (tl.load(row_flags_ptr + stats, mask=row_ok, other=0) >> 1) > 0
     dq = tl.where(poisoned[:, None], float("nan"), tl.where(nonempty[:, None], dq * scale, 0.0))
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + row_off * stride_dqs + dims[None, :],
-             dq.to(dq_ptr.dtype.element_ty), mask=_dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D))
+             dq.to(dq_ptr.dtype.element_ty), mask=dim_mask(row_ok, dims, HEAD_DIM, BLOCK_D))
 
 
 @triton.jit
@@ -334,9 +323,9 @@ def _attn_bwd_dkdv_kernel(
     # this program's keys, flagged ones as zeros (their dK and dV: NaN where seen, else 0)
     bits = tl.load(flags_ptr + bh.to(tl.int64) * 3 * num_keys + cols, mask=col_ok, other=3)
     k = tl.load(k_ptr + b * stride_kb + kv_h * stride_kh + col_off * stride_ks + dims[None, :],
-                mask=_dim_mask(col_ok & ((bits & 1) == 0), dims, HEAD_DIM, BLOCK_D), other=0.0)
+                mask=dim_mask(col_ok & ((bits & 1) == 0), dims, HEAD_DIM, BLOCK_D), other=0.0)
     v = tl.load(v_ptr + b * stride_vb + kv_h * stride_vh + col_off * stride_vs + dims[None, :],
-                mask=_dim_mask(col_ok & ((bits & 2) == 0), dims, HEAD_DIM, BLOCK_D), other=0.0)
+                mask=dim_mask(col_ok & ((bits & 2) == 0), dims, HEAD_DIM, BLOCK_D), other=0.0)
     tile_lo = pid_n * BLOCK_N
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -357,7 +346,7 @@ def _attn_bwd_dkdv_kernel(
             if SAFE:  # rows whose q or dO is not finite load as zeros
                 row_load &= (tl.load(row_flags_ptr + stats + rows, mask=row_ok, other=1) & 1) == 0
             row_off = rows[:, None].to(tl.int64)
-            load = _dim_mask(row_load, dims, HEAD_DIM, BLOCK_D)
+            load = dim_mask(row_load, dims, HEAD_DIM, BLOCK_D)
             q = tl.load(q_base + row_off * stride_qs + dims[None, :], mask=load, other=0.0)
             do = tl.load(do_base + row_off * stride_dos + dims[None, :], mask=load, other=0.0)
             lse2 = tl.load(lse_ptr + stats + rows, mask=row_ok, other=float("inf"))
@@ -379,7 +368,7 @@ def _attn_bwd_dkdv_kernel(
     dv_nan = tl.load(seen + num_keys + 1, mask=col_ok, other=0) > 0
     tl.store(dk_ptr + b * stride_dkb + kv_h * stride_dkh + col_off * stride_dks + dims[None, :],
              tl.where(dk_nan[:, None], float("nan"), dk * scale).to(dk_ptr.dtype.element_ty),
-             mask=_dim_mask(col_ok, dims, HEAD_DIM, BLOCK_D))
+             mask=dim_mask(col_ok, dims, HEAD_DIM, BLOCK_D))
     tl.store(dv_ptr + b * stride_dvb + kv_h * stride_dvh + col_off * stride_dvs + dims[None, :],
              tl.where(dv_nan[:, None], float("nan"), dv).to(dv_ptr.dtype.element_ty),
-             mask=_dim_mask(col_ok, dims, HEAD_DIM, BLOCK_D))
+             mask=dim_mask(col_ok, dims, HEAD_DIM, BLOCK_D))

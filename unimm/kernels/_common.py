@@ -63,6 +63,19 @@ def unserved_dtype(dtype: torch.dtype, served: Collection[torch.dtype]) -> str |
     return None if dtype in served else f"dtype {dtype} is served by the reference only"
 
 
+def check_head_dim(head_dim: int, name: str = "head_dim") -> None:
+    """The head dims the attention kernels (prefill and decode) serve: a multiple of 8 in [16, 256]."""
+    if head_dim < 16 or head_dim > 256 or head_dim % 8:
+        raise ValueError(f"{name} must be a multiple of 8 in [16, 256], got {head_dim}")
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The power of two the attention kernels pad ``head_dim`` to (their ``BLOCK_D``): its columns
+    past ``head_dim`` load as zeros and are never stored. Cost: the padded width's FLOPs on tensor
+    cores (e.g. D = 80 or 96 run as 128: 1.6x / 1.33x the dot FLOPs), HBM bytes of the real width."""
+    return 1 << (head_dim - 1).bit_length()
+
+
 def device_guard(device: torch.device):
     """The context a launch on ``device`` runs in: that CUDA device current, or nothing on the CPU."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

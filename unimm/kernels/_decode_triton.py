@@ -6,8 +6,7 @@ Imported only where triton is.
 import triton
 import triton.language as tl
 
-from unimm.kernels._attention_triton import _dim_mask
-from unimm.kernels._triton import LOG2E, tanh
+from unimm.kernels._triton import LOG2E, dim_mask, tanh
 
 
 @triton.jit
@@ -44,7 +43,7 @@ def _decode_split_kernel(
     heads = kv_head * group + members
     dims = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-                mask=_dim_mask(member_ok, dims, HEAD_DIM, BLOCK_D), other=0.0)
+                mask=dim_mask(member_ok, dims, HEAD_DIM, BLOCK_D), other=0.0)
     if not USE_DOT:
         q = q.to(tl.float32)
     k_base = k_ptr + kv_head * stride_kh
@@ -62,7 +61,7 @@ def _decode_split_kernel(
         if PAGE_SIZE == 0:
             k_rows = cols.to(tl.int64) * stride_kn
             v_rows = cols.to(tl.int64) * stride_vn
-            load = _dim_mask(col_ok, dims, HEAD_DIM, BLOCK_D)  # nor past D
+            load = dim_mask(col_ok, dims, HEAD_DIM, BLOCK_D)  # nor past D
         else:
             page = tl.load(table_ptr + b * stride_tb + n0 // PAGE_SIZE).to(tl.int64)  # n0 < end: a used entry
             # [BLOCK_N]: the step's visible keys, if its page id is bad (a where, not an `&` of a
@@ -71,7 +70,7 @@ def _decode_split_kernel(
             slot = n0 % PAGE_SIZE + tl.arange(0, BLOCK_N)
             k_rows = page * stride_kb + slot * stride_kn
             v_rows = page * stride_vb + slot * stride_vn
-            load = _dim_mask(col_ok & ~bad_page, dims, HEAD_DIM, BLOCK_D)
+            load = dim_mask(col_ok & ~bad_page, dims, HEAD_DIM, BLOCK_D)
         k = tl.load(k_base + k_rows[:, None] + dims[None, :], mask=load, other=0.0)
         v = tl.load(v_base + v_rows[:, None] + dims[None, :], mask=load, other=0.0)
         if USE_DOT:
@@ -102,11 +101,11 @@ def _decode_split_kernel(
         part = (b * q_heads + heads) * num_splits + split
         write = member_ok & seen  # seen: the split reached some key of the row
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], out,
-                 mask=_dim_mask(write, dims, HEAD_DIM, BLOCK_D))
+                 mask=dim_mask(write, dims, HEAD_DIM, BLOCK_D))
         tl.store(part_lse_ptr + part, m_i + tl.log2(tl.where(seen, l_i, 1.0)), mask=write)
     else:  # a row of length 0 stores 0
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=_dim_mask(member_ok, dims, HEAD_DIM, BLOCK_D))
+                 out.to(out_ptr.dtype.element_ty), mask=dim_mask(member_ok, dims, HEAD_DIM, BLOCK_D))
 
 @triton.jit
 def _decode_combine_kernel(
@@ -133,7 +132,7 @@ def _decode_combine_kernel(
         ok = splits < active
         weight = tl.exp2(tl.load(lse_base + splits, mask=ok, other=float("-inf")) - m)
         part = tl.load(part_out_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :],
-                       mask=_dim_mask(ok, dims, HEAD_DIM, BLOCK_D), other=0.0)
+                       mask=dim_mask(ok, dims, HEAD_DIM, BLOCK_D), other=0.0)
         total += tl.sum(weight, 0)
         acc += tl.sum(weight[:, None] * part, 0)
     out = acc / tl.where(total > 0, total, 1.0)  # length 0: no split, output 0

@@ -33,3 +33,14 @@ def tanh(x, EXACT_NEAR_ZERO: tl.constexpr = True):
         series = x + x * x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0))))
         t = tl.where(a < TANH_SERIES_BELOW, series, t)
     return t
+
+
+@triton.jit
+def dim_mask(ok, dims, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The load / store mask ``[R, BLOCK_D]`` (or ``[R, 1]``) of rows ``ok [R]``: a head dim that is
+    not a power of two is padded to BLOCK_D columns inside the kernel (loaded as zeros, which add
+    nothing to any dot, and never stored); a power of two keeps the row mask alone."""
+    mask = ok[:, None]
+    if HEAD_DIM != BLOCK_D:
+        mask = mask & (dims[None, :] < HEAD_DIM)
+    return mask

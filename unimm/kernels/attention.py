@@ -39,7 +39,16 @@ import torch
 
 from unimm.kernels import _attention_vendor as vendor
 from unimm.kernels import dispatch
-from unimm.kernels._common import cdiv, check_tensors, device_guard, dot_precision, is_real, unserved_dtype
+from unimm.kernels._common import (
+    cdiv,
+    check_head_dim,
+    check_tensors,
+    device_guard,
+    dot_precision,
+    is_real,
+    padded_head_dim,
+    unserved_dtype,
+)
 from unimm.kernels.masks import AttentionMask
 from unimm.kernels.reference import attention as reference
 
@@ -132,8 +141,7 @@ def _check_args(q, k, v, mask, scale, softcap) -> None:
     kv_heads = k.shape[2]
     if kv_heads == 0 or q_heads % kv_heads:
         raise ValueError(f"q's heads ({q_heads}) must be a multiple of k/v's heads ({kv_heads})")
-    if head_dim < 16 or head_dim > 256 or head_dim % 8:
-        raise ValueError(f"head_dim must be a multiple of 8 in [16, 256], got {head_dim}")
+    check_head_dim(head_dim)
     if mask is not None:
         if not isinstance(mask, AttentionMask):
             raise TypeError(f"mask must be an AttentionMask or None, got {type(mask).__name__}")
@@ -163,11 +171,11 @@ def _config(head_dim: int, dtype: torch.dtype, interpret: bool, arch: int | None
     on sm_80, where every dot is mma.sync, those tiles need all 255 registers and spill under
     triton 3.6, so older chips take 32 x 32 (at most about 205 registers); no single tile clean on
     both chips kept Hopper's wgmma without doubling the dK/dV kernel's reads of Q and dO.
-    A head dim padded to its power of two (``_block_d``) takes that power's tiles, except the
+    A head dim padded to its power of two (``padded_head_dim``) takes that power's tiles, except the
     forward's pipeline: 2 stages, as its [keys, D] load masks spill the 3-stage one on sm_80.
     """
-    padded = _block_d(head_dim) != head_dim
-    head_dim = _block_d(head_dim)
+    padded = padded_head_dim(head_dim) != head_dim
+    head_dim = padded_head_dim(head_dim)
     if interpret:
         tiles = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
         return dict(fwd=tiles, dq=tiles, dkdv=tiles)
@@ -180,13 +188,6 @@ def _config(head_dim: int, dtype: torch.dtype, interpret: bool, arch: int | None
                     dkdv=tiles(32, 64, 8, 2) if hopper else tiles(32, 32, 8, 2))
     # D = 256 (Gemma): dK and dV accumulators of 64 keys would spill, so 32 keys (no wgmma there)
     return dict(fwd=tiles(64, 64, 8, 2), dq=tiles(64, 32, 8, 2), dkdv=tiles(16, 32, 8, 2))
-
-
-def _block_d(head_dim: int) -> int:
-    """The power of two the kernels pad ``head_dim`` to (``BLOCK_D``): its columns past
-    ``head_dim`` load as zeros and are never stored. Cost: the padded width's FLOPs on tensor
-    cores (e.g. D = 80 or 96 run as 128: 1.6x / 1.33x the dot FLOPs), HBM bytes of the real width."""
-    return 1 << (head_dim - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,7 +223,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: t
                 q, k, v, out, lse2, kv_start, kv_end, flags, counts, seq_len, k.shape[1], q_heads,
                 q_heads // k.shape[2], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
                 kv_start.stride(0), scale, softcap if softcap is not None else 1.0,
-                HAS_SOFTCAP=softcap is not None, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+                HAS_SOFTCAP=softcap is not None, HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim),
                 PRECISION=dot_precision(q.dtype), SAFE=safe, **tiles,
             )
     return out, lse2
@@ -240,10 +241,10 @@ def _key_flags(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     k or v row does (plane 0) and of those whose k row does (plane 1)."""
     batch, num_keys, kv_heads, head_dim = k.shape
     flags = torch.empty(batch, kv_heads, 3, num_keys, dtype=torch.int32, device=k.device)
-    block = 16 if dispatch.TRITON_INTERPRET else max(8, 2048 // _block_d(head_dim))
+    block = 16 if dispatch.TRITON_INTERPRET else max(8, 2048 // padded_head_dim(head_dim))
     kernels._key_flags_kernel[(cdiv(num_keys, block), batch * kv_heads)](
         k, v, flags, num_keys, kv_heads, *k.stride()[:3], *v.stride()[:3], HEAD_DIM=head_dim,
-        BLOCK_D=_block_d(head_dim), BLOCK=block,
+        BLOCK_D=padded_head_dim(head_dim), BLOCK=block,
         num_warps=1 if dispatch.TRITON_INTERPRET else 4)
     return flags, flags[:, :, 1:].cumsum(-1, dtype=torch.int32)
 
@@ -263,16 +264,16 @@ def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     row_flags = torch.empty(batch, q_heads, seq_len, dtype=torch.int8, device=q.device)
     spans = torch.zeros(batch, kv_heads, 2, num_keys + 1, dtype=torch.int32, device=q.device)
     config = _config(head_dim, q.dtype, dispatch.TRITON_INTERPRET)
-    common = dict(HAS_SOFTCAP=softcap is not None, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+    common = dict(HAS_SOFTCAP=softcap is not None, HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim),
                   PRECISION=dot_precision(q.dtype))
     cap = softcap if softcap is not None else 1.0
     with device_guard(q.device):
         flags, counts = _key_flags(k, v)
-        prep_rows = 16 if dispatch.TRITON_INTERPRET else max(1, 2048 // _block_d(head_dim))
+        prep_rows = 16 if dispatch.TRITON_INTERPRET else max(1, 2048 // padded_head_dim(head_dim))
         kernels._attn_bwd_prep_kernel[(cdiv(seq_len, prep_rows), batch * q_heads)](
             q, grad_out, out, delta, row_flags, spans, kv_start, kv_end, counts, seq_len, num_keys, q_heads,
             q_heads // kv_heads, *q.stride()[:3], *grad_out.stride()[:3], *out.stride()[:3], kv_start.stride(0),
-            HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=prep_rows,
+            HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=prep_rows,
             num_warps=1 if dispatch.TRITON_INTERPRET else 4,
         )
         for safe in (False, True):  # each program runs in one of the two (see "non-finite inputs")

@@ -20,7 +20,7 @@ a decode step that calls it can be captured in a CUDA graph.
     up to 8 query heads per CTA on m16n8k16 tensor-core mmas, K and V loaded straight into
     registers with 16-byte loads (see the file's header).
   * triton: any of float16 / bfloat16 / float32 and D any multiple of 8 in [16, 256] (padded in
-    the kernel to the next power of two, as ``attention``'s ``_block_d``: the padding columns load
+    the kernel to the next power of two, as ``_common.padded_head_dim``: the padding columns load
     as zeros and are never stored, so HBM bytes stay those of the real D); the group's scores with
     ``tl.dot`` when it has >= 16 query heads, else a broadcast multiply-sum. Paged, each key's
     row address goes through its page id (BLOCK_N int32 loads a step, L1/L2-resident, against
@@ -42,8 +42,15 @@ import torch
 
 from unimm import _ext
 from unimm.kernels import dispatch
-from unimm.kernels._common import cdiv, check_tensors, device_guard, dot_precision, multiprocessor_count
-from unimm.kernels.attention import _block_d
+from unimm.kernels._common import (
+    cdiv,
+    check_head_dim,
+    check_tensors,
+    device_guard,
+    dot_precision,
+    multiprocessor_count,
+    padded_head_dim,
+)
 from unimm.kernels.reference import decode as reference
 
 try:
@@ -132,8 +139,7 @@ def _check_args(q, k_cache, v_cache, cache_lens, scale, softcap, block_table) ->
     kv_heads = k_cache.shape[2]
     if kv_heads == 0 or q_heads % kv_heads:
         raise ValueError(f"q's heads ({q_heads}) must be a multiple of the caches' kv_heads ({kv_heads})")
-    if head_dim < 16 or head_dim > 256 or head_dim % 8:
-        raise ValueError(f"head_dim must be a multiple of 8 in [16, 256], got {head_dim}")
+    check_head_dim(head_dim)
     for name, value in (("k_cache", k_cache), ("v_cache", v_cache)):
         if value.stride(3) != 1:
             raise ValueError(f"{name} must be contiguous along head_dim (stride 1), got strides {value.stride()}")
@@ -310,7 +316,7 @@ def _triton_config(group: int, head_dim: int, interpret: bool, page_size: int = 
     so a step's keys lie in one page, and the broadcast path takes at most 16 keys: its page
     address math spilled 8 bytes at 32 keys (D = 128, group 2) on sm_80 under triton 3.6.
     """
-    head_dim = _block_d(head_dim)  # a padded head dim takes its power of two's tiles
+    head_dim = padded_head_dim(head_dim)  # a padded head dim takes its power of two's tiles
     use_dot = group >= 16
     block_g = min(64, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
     if interpret:  # small tiles: cheap on the CPU interpreter, and tests cross every boundary
@@ -358,7 +364,7 @@ def _launch_triton_split(q, k_cache, v_cache, cache_lens, out, part_out, part_ls
             q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0) if paged else 0,
             out.stride(0), out.stride(1), scale, softcap if softcap is not None else 1.0,
             PAGE_SIZE=k_cache.shape[1] if paged else 0,
-            HAS_SOFTCAP=softcap is not None, SPLIT=splits > 1, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+            HAS_SOFTCAP=softcap is not None, SPLIT=splits > 1, HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim),
             PRECISION=dot_precision(q.dtype), **config,
         )
 
@@ -368,6 +374,7 @@ def _launch_triton_combine(part_out, part_lse, cache_lens, out, max_len, keys_pe
     with device_guard(out.device):
         _decode_combine_kernel[(batch * q_heads,)](
             part_out, part_lse, cache_lens, out, q_heads, max_len, keys_per_split, splits,
-            out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_S=_COMBINE_BLOCK_SPLITS,
+            out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim),
+            BLOCK_S=_COMBINE_BLOCK_SPLITS,
             num_warps=1 if dispatch.TRITON_INTERPRET else 4,
         )
