@@ -714,3 +714,31 @@ def test_gpu_continuous_generation_syncs_once_per_call_not_per_token(monkeypatch
             torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchronizing" in str(w.message) for w in caught))
     assert counts[0] == counts[1], counts
+
+
+def test_lru_per_owner_keeps_the_most_recent_entries_of_each_owner():
+    """The bounded graph caches of the engine and the diffusion loop: an entry is built once, a hit
+    refreshes it, the least recently used goes past the limit, and an owner's entries die with it."""
+    import gc
+    import weakref
+
+    from unimm.kernels._common import lru_per_owner
+
+    class Owner:
+        pass
+
+    store, built = weakref.WeakKeyDictionary(), []
+
+    def get(owner, key):
+        return lru_per_owner(store, owner, key, 2, lambda: built.append(key) or f"entry {key}")
+
+    a, b = Owner(), Owner()
+    assert get(a, 1) == "entry 1" and get(a, 2) == "entry 2" and get(a, 1) == "entry 1"
+    assert get(a, 3) == "entry 3"  # drops 2, the least recently used
+    assert get(a, 1) == "entry 1" and get(a, 2) == "entry 2"
+    assert built == [1, 2, 3, 2]
+    get(b, 1)
+    assert built == [1, 2, 3, 2, 1]  # owners do not share entries
+    del a
+    gc.collect()
+    assert list(store.keys()) == [b]

@@ -9,6 +9,8 @@ import contextlib
 import functools
 import math
 import numbers
+import weakref
+from collections import OrderedDict
 from collections.abc import Collection, Mapping
 
 import torch
@@ -99,6 +101,19 @@ def capture_cuda_graph(step, device: torch.device, *, warmups: int = 1, reset=No
     with torch.cuda.graph(graph):
         out = step()
     return graph, out
+
+
+def lru_per_owner(store: weakref.WeakKeyDictionary, owner, key, limit: int, make):
+    """``store[owner][key]``, built by ``make()`` when missing: each owner (a module whose weights a
+    captured CUDA graph reads) keeps its ``limit`` most recently used entries, and they go with it."""
+    entries = store.setdefault(owner, OrderedDict())
+    entry = entries.pop(key, None)
+    if entry is None:
+        while len(entries) >= limit:
+            entries.popitem(last=False)
+        entry = make()
+    entries[key] = entry
+    return entry
 
 
 def cdiv(a: int, b: int) -> int:

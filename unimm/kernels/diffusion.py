@@ -23,14 +23,20 @@ import dataclasses
 import math
 import numbers
 import weakref
-from collections import OrderedDict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from unimm.kernels import dispatch
-from unimm.kernels._common import capture_cuda_graph, cdiv, check_finite_real, device_guard, dot_precision
+from unimm.kernels._common import (
+    capture_cuda_graph,
+    cdiv,
+    check_finite_real,
+    device_guard,
+    dot_precision,
+    lru_per_owner,
+)
 
 try:
     import triton
@@ -308,18 +314,15 @@ def _graphed_loop(denoiser, weights, cond, noise, timesteps, table, cfg_scale, t
     # the graph reads the weights where they were at capture: their addresses are part of the key
     key = (tuple(t.data_ptr() for t in weights.tensors()), tuple(cond.shape), cond.dtype, tuple(noise.shape),
            timesteps.shape[0], cfg_scale, temperature, clip_denoised, cond.device)
-    graphs = _GRAPHS.setdefault(denoiser, OrderedDict())
-    entry = graphs.pop(key, None)
-    if entry is None:
-        while len(graphs) >= MAX_CACHED_GRAPHS:
-            graphs.popitem(last=False)
+
+    def capture():
         static_cond, static_noise = cond.clone(), noise.clone()
         graph, static_out = capture_cuda_graph(
             lambda: _fused_steps(weights, static_cond, static_noise, timesteps, table, cfg_scale, temperature,
                                  clip_denoised), cond.device)
-        entry = (graph, static_cond, static_noise, static_out)
-    graphs[key] = entry
-    graph, static_cond, static_noise, static_out = entry
+        return graph, static_cond, static_noise, static_out
+
+    graph, static_cond, static_noise, static_out = lru_per_owner(_GRAPHS, denoiser, key, MAX_CACHED_GRAPHS, capture)
     static_cond.copy_(cond)
     static_noise.copy_(noise)
     graph.replay()

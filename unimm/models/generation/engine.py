@@ -37,13 +37,12 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 
 from unimm.kernels import sample_tokens
-from unimm.kernels._common import capture_cuda_graph, is_int
+from unimm.kernels._common import capture_cuda_graph, is_int, lru_per_owner
 from unimm.models.generation.planning import ImagePlan
 from unimm.models.generation.spec import ImageSpec
 from unimm.models.generation.timing import PhaseTimer
@@ -151,14 +150,8 @@ def decode_step(decoder, rows: int, max_len: int, *, graphed: bool) -> DecodeSte
         return DecodeStep(decoder, KVCache(decoder.config, rows, max_len, device=weight.device, dtype=weight.dtype),
                           graphed=False)
     key = (rows, max_len, weight.dtype, weight.device, tuple(p.data_ptr() for p in decoder.parameters()))
-    steps = _STEPS.setdefault(decoder, OrderedDict())
-    step = steps.pop(key, None)
-    if step is None:
-        while len(steps) >= MAX_CACHED_STEPS:
-            steps.popitem(last=False)
-        step = DecodeStep(decoder, KVCache(decoder.config, rows, max_len, device=weight.device, dtype=weight.dtype),
-                          graphed=True)
-    steps[key] = step
+    step = lru_per_owner(_STEPS, decoder, key, MAX_CACHED_STEPS, lambda: DecodeStep(
+        decoder, KVCache(decoder.config, rows, max_len, device=weight.device, dtype=weight.dtype), graphed=True))
     step.cache.reset()
     return step
 
