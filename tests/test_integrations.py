@@ -327,9 +327,13 @@ def test_four_dimensional_masks(reference_backend):
         for given in (dense[:, None], _additive(dense)):
             torch.testing.assert_close(patched(ids, attention_mask=given).logits, expected, rtol=1e-5, atol=1e-5)
         holes = dense.clone()
-        holes[0, 8, 2] = False
+        holes[0, 8, 2] = holes[0, 8, 5] = False  # three runs: more than two key intervals
         with pytest.raises(ValueError, match="contiguous"):
             patched(ids, attention_mask=holes[:, None])
+        sinks = AttentionMask.sinks_and_window(2, 12, sinks=2, window=3).to_dense(12)  # two runs per row
+        with _layer_masks(reference, _additive(sinks)):
+            expected = reference(ids).logits
+        torch.testing.assert_close(patched(ids, attention_mask=sinks[:, None]).logits, expected, rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="biases"):
             patched(ids, attention_mask=_additive(dense) + 0.5 * dense[:, None])
 

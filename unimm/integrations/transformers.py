@@ -27,10 +27,12 @@ version number. After ``apply(model)``:
       - a 2-D padding mask ``[B, past + S]`` of 0/1 whose ones form one run per row (right or
         left padding): row i sees the kept keys up to itself;
       - a 4-D mask ``[B, 1, S, K]`` (bool, or additive float: 0 visible, <= -1e3 masked) whose
-        visible keys form one run per row, such as the masks transformers 4.x prepares in
-        ``generate()`` for static and hybrid caches: used as given, column j = key position j;
-      - an ``unimm.kernels.AttentionMask`` ``[B, S]`` (prefix-LM, packed documents with
-        bidirectional image spans, ...): used as given; not with a filled KV cache.
+        visible keys form one or two runs per row, such as the masks transformers 4.x prepares in
+        ``generate()`` for static and hybrid caches, or attention sinks plus a sliding window:
+        used as given, column j = key position j;
+      - an ``unimm.kernels.AttentionMask`` ``[B, S]`` of one or two intervals per row
+        (prefix-LM, packed documents with bidirectional image spans, a shared prompt with packed
+        completions, ...): used as given; not with a filled KV cache.
     Gemma-3's ``token_type_ids`` (1: image token) make each contiguous run of image tokens a
     bidirectional span inside causal text (``AttentionMask.from_spans``, combined with the
     padding mask): each image sees all of itself, not later images, as transformers does.
@@ -40,8 +42,8 @@ version number. After ``apply(model)``:
     tensors (4.x), sliding-window layers that keep only recent keys included. On transformers
     4.x the dense mask the base model would build for the layers (and never read) is skipped.
 
-Limits: attention dropout must be 0; ``output_attentions`` gives no weights (None); masks that
-are not one key interval per row are refused; Gemma-3's ``use_bidirectional_attention``
+Limits: attention dropout must be 0; ``output_attentions`` gives no weights (None); masks whose
+rows need more than two key intervals are refused; Gemma-3's ``use_bidirectional_attention``
 (EmbeddingGemma) is refused. Windows follow each attention module's ``sliding_window`` (as
 flash-attention and transformers 5.x do; 4.x's eager / SDPA masks window every Qwen2/3 layer
 when ``use_sliding_window`` is set). transformers 5.x prepares no mask for an attention implementation

@@ -1,5 +1,7 @@
 """Attention under one-interval-per-row masks (causal, prefix-LM, packed docs with bidirectional
-image spans, sliding windows), forward and backward, in Triton.
+image spans, sliding windows), forward and backward, in Triton; two-interval masks (sinks plus a
+window, a shared prompt, image blocks) run the same kernels once per interval, merged
+(``unimm.kernels._attention_intervals``).
 
 Public: ``attention(q, k, v, mask=None, *, scale=None, softcap=None)`` with ``q [B, S, Hq, D]``,
 ``k, v [B, Skv, Hkv, D]`` (GQA / MQA when Hkv divides Hq) and an ``AttentionMask``; its meaning
@@ -37,6 +39,7 @@ import math
 
 import torch
 
+from unimm.kernels import _attention_intervals as two_intervals
 from unimm.kernels import _attention_vendor as vendor
 from unimm.kernels import dispatch
 from unimm.kernels._common import (
@@ -62,7 +65,8 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | None = None, *,
               scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
-    """Softmax attention where query row i of batch b sees keys ``[kv_start[b, i], kv_end[b, i])``.
+    """Softmax attention where query row i of batch b sees keys ``[kv_start[b, i], kv_end[b, i])``
+    (and ``[kv_start2[b, i], kv_end2[b, i])`` under a two-interval mask).
 
     Args:
         q: ``[B, S, Hq, D]``; k, v: ``[B, Skv, Hkv, D]`` with ``Hq % Hkv == 0``; one dtype
@@ -105,6 +109,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Attention
             return reference.attention(q, k, v, mask, scale=scale, softcap=softcap,
                                        compute_dtype=torch.promote_types(q.dtype, torch.float32))
     config = _config(head_dim, q.dtype, dispatch.TRITON_INTERPRET)
+    if mask.kv_start2 is not None:  # two intervals per row: the kernels below once per interval, merged
+        parts = [(part.kv_start, part.kv_end, *part.tile_bounds(config["dkdv"]["BLOCK_M"], config["dkdv"]["BLOCK_N"],
+                                                                num_keys)) for part in mask.parts()]
+        return two_intervals.attention(q, k, v, parts, scale, float(softcap) if softcap is not None else None,
+                                       _attention_op, _attention_backward_op)
     first, last = mask.tile_bounds(config["dkdv"]["BLOCK_M"], config["dkdv"]["BLOCK_N"], num_keys)
     out, _ = _attention_op(q, k, v, mask.kv_start, mask.kv_end, first, last, scale,
                            float(softcap) if softcap is not None else None)

@@ -215,8 +215,7 @@ class Batch:
             if isinstance(value, torch.Tensor | Features):
                 value = value.to(device, non_blocking=non_blocking)
             elif isinstance(value, AttentionMask):
-                value = AttentionMask(value.kv_start.to(device, non_blocking=non_blocking),
-                                      value.kv_end.to(device, non_blocking=non_blocking), value.num_keys)
+                value = value.to(device, non_blocking=non_blocking)
             elif isinstance(value, dict):
                 value = {name: features.to(device, non_blocking=non_blocking) for name, features in value.items()}
             moved[f.name] = value

@@ -1,7 +1,8 @@
 """The meaning of ``attention``: softmax attention under an ``AttentionMask``, with a dense mask.
 
 ``out[b, i, h] = sum_j p[b, h, i, j] v[b, j, h // (Hq / Hkv)]`` with
-``p = softmax_j(s)`` over the visible keys ``j in [kv_start[b, i], kv_end[b, i])`` (bounds
+``p = softmax_j(s)`` over the visible keys ``j in [kv_start[b, i], kv_end[b, i])``, and for a
+two-interval mask also ``j in [kv_start2[b, i], kv_end2[b, i])`` (``mask.to_dense``; bounds
 clamped to ``[0, Skv]``), ``s = q . k * scale`` (``scale`` defaults to ``D^-1/2``), soft-capped to
 ``c tanh(s / c)`` when ``softcap`` is given. A row that sees no key outputs 0 and passes no
 gradient.
