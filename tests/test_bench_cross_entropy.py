@@ -1,7 +1,7 @@
 """unimm.bench.cross_entropy runs end to end on the CPU (in the device check's `unimm bench --smoke`) and
 writes what later runs compare."""
 
-ANCHORS = ("cut-cross-entropy", "liger", "quack", "torch.compile", "torch materialised")
+ANCHORS = ("cut-cross-entropy", "cut-cross-entropy (exact)", "liger", "quack", "torch.compile", "torch materialised")
 
 
 def test_bench_cross_entropy_smoke(bench_smoke):
@@ -10,7 +10,7 @@ def test_bench_cross_entropy_smoke(bench_smoke):
             "results"} <= payload.keys()
     assert payload["dtype"] == "fp32"
 
-    expected = {(shape, impl) for shape in payload["shapes"] for impl in ("unimm",) + ANCHORS}
+    expected = {(shape, impl) for shape in payload["shapes"] for impl in ("unimm", "unimm[filter]") + ANCHORS}
     expected |= {(shape, "unimm[vocab_range]") for shape, spec in payload["shapes"].items() if spec["vocab_range"]}
     assert {(result["shape"], result["impl"]) for result in payload["results"]} == expected
     assert any(spec["softcap"] for spec in payload["shapes"].values())
@@ -18,7 +18,8 @@ def test_bench_cross_entropy_smoke(bench_smoke):
     for result in payload["results"]:
         if not result["available"]:
             assert result["reason"]
-            assert result["impl"] in ("cut-cross-entropy", "liger", "quack")  # GPU-only, or not installed here
+            # GPU-only, or not installed here
+            assert result["impl"] in ("cut-cross-entropy", "cut-cross-entropy (exact)", "liger", "quack")
             continue
         assert result["median_ms"] > 0 and result["tflops"] > 0
         assert "extra_peak_bytes" not in result  # no memory numbers on the CPU
@@ -27,6 +28,8 @@ def test_bench_cross_entropy_smoke(bench_smoke):
             assert result["within_tolerance"], result
         if result["impl"] == "unimm":
             assert set(result["speedup"]) == {"torch.compile", "torch materialised"}
+        if result["impl"] == "unimm[filter]":
+            assert set(result["speedup"]) == {"unimm"}
         if result["impl"] == "unimm[vocab_range]":
             assert set(result["speedup"]) == {"unimm"}
             assert result["vocab_range"] == payload["shapes"][result["shape"]]["vocab_range"]

@@ -267,14 +267,16 @@ def test_class_weights_bad_input():
 
 
 def test_bench_cost_model():
-    """The benchmark's model: 8 N D V FLOPs at the matmul rate where compute bounds every phase,
-    more where the bandwidth is tiny; a bigger workspace (fewer chunks) never predicts slower."""
+    """The benchmark's model: where compute bounds every phase, 6 N D V FLOPs at the matmul rate on
+    the row path (the workspace holds the fp32 dW and row chunks) and 8 N D V on the column path; more
+    where the bandwidth is tiny; a bigger workspace never predicts slower."""
     from unimm.bench.cross_entropy import cost_model
 
     n, d, v = 8192, 4096, 161280
     fast_memory = dict(bf16_matmul_tflops=500.0, copy_gbps=1e9)
     cpu = torch.device("cpu")
-    assert cost_model(n, d, v, 2, fast_memory, cpu) == pytest.approx(8 * n * d * v / 500e12 * 1e3)
+    assert cost_model(n, d, v, 2, fast_memory, cpu, 64 << 20) == pytest.approx(8 * n * d * v / 500e12 * 1e3)
+    assert cost_model(n, d, v, 2, fast_memory, cpu, 8 << 30) == pytest.approx(6 * n * d * v / 500e12 * 1e3)
     assert cost_model(n, d, v, 2, dict(bf16_matmul_tflops=500.0, copy_gbps=10.0), cpu) > 2 * cost_model(
         n, d, v, 2, fast_memory, cpu)
     slow = dict(bf16_matmul_tflops=500.0, copy_gbps=1000.0)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from unimm.kernels import cross_entropy, linear_cross_entropy
+from unimm.kernels import _cross_entropy_args, linear_cross_entropy
 from unimm.kernels.reference import cross_entropy as reference
 from unimm.testing import DEVICE, HOSTILE_DTYPES, HOSTILE_TOLERANCE, clean_env, seeded
 
@@ -391,7 +391,7 @@ def test_device_semantics_of_unchecked_values(backend, monkeypatch):
     """On a GPU values are never read back: a negative weight under "mean" and a target outside
     vocab_range give NaN where they land, and dropped rows still get exactly zero gradient (run
     here by switching the CPU's checks off)."""
-    monkeypatch.setattr(cross_entropy, "HOST_CHECKED_DEVICES", ())
+    monkeypatch.setattr(_cross_entropy_args, "HOST_CHECKED_DEVICES", ())
     hidden, weight, bias, targets, token_weights = inputs(lo=RANGE[0], hi=RANGE[1])
     dropped = (targets == -100) | (token_weights == 0)
     negative = token_weights.clone()

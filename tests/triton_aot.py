@@ -115,6 +115,7 @@ def vq_cases():
 
 
 def cross_entropy_cases():
+    from unimm.kernels import _cross_entropy_rows as rows
     from unimm.kernels import _cross_entropy_triton as ce
     from unimm.kernels._common import dot_precision
 
@@ -124,25 +125,29 @@ def cross_entropy_cases():
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = TRITON_TYPES[dtype]
         precision = dot_precision(dtype)
-        config = ce._lse_config(dtype, interpret=False)
-        launch = _launch(config)
         signature = dict(h_ptr=f"*{t}", w_ptr=f"*{t}", bias_ptr=f"*{t}", class_weight_ptr="*fp32", column_ptr="*i32",
                          parts_ptr="*fp32", n_rows="i32", vocab="i32", dim="i32", stride_hn="i32", stride_wv="i32",
                          cols_per_split="i32", softcap="fp32")
         aligned = {"h_ptr", "w_ptr", "bias_ptr", "class_weight_ptr", "column_ptr", "parts_ptr", "dim", "stride_hn",
                    "stride_wv", "cols_per_split"}
-        constexprs = dict(stride_hd=1, stride_wd=1, HAS_BIAS=True, HAS_SOFTCAP=True, HAS_CLASS_WEIGHTS=True,
-                          PRECISION=precision, **config)
-        yield Case("cross_entropy", f"lse {t}", ce._lse_kernel, signature, constexprs, aligned, launch,
-                   pipelined=True, hopper=True)
+        for arch in ARCHS:  # the tiles differ per chip
+            config = ce._lse_config(dtype, interpret=False, arch=arch)
+            launch = _launch(config)
+            constexprs = dict(stride_hd=1, stride_wd=1, HAS_BIAS=True, HAS_SOFTCAP=True, HAS_CLASS_WEIGHTS=True,
+                              PRECISION=precision, **config)
+            yield Case("cross_entropy", f"lse {t} sm_{arch}", ce._lse_kernel, signature, constexprs, aligned, launch,
+                       pipelined=True, hopper=True if arch >= 90 else None, archs=(arch,))
 
-        # (name, output type, epilogue, unit strides): triton turns integer arguments equal to 1
-        # into constants at launch, so they are constants here too
-        for name, c_type, epilogue, unit in (
-                ("dx = lossgrad(h @ W.T)", t, ce.EPILOGUE_LOSS_GRAD, {"stride_ak", "stride_bk", "stride_cn"}),
-                ("dW = dx.T @ h", t, ce.EPILOGUE_STORE, {"stride_am", "stride_bn", "stride_cn"}),
-                ("dH += dx @ W", "fp32", ce.EPILOGUE_ACCUMULATE, {"stride_ak", "stride_bn", "stride_cn"})):
-            config = ce._matmul_config(dtype, interpret=False, epilogue=epilogue)
+        # (name, output type, epilogue, rows of K dropped, unit strides): triton turns integer
+        # arguments equal to 1 into constants at launch, so they are constants here too
+        for name, c_type, epilogue, drop_k, unit in (
+                ("dx = lossgrad(h @ W.T)", t, ce.EPILOGUE_LOSS_GRAD, False, {"stride_ak", "stride_bk", "stride_cn"}),
+                ("x = h @ W.T (row path)", t, ce.EPILOGUE_LOGITS, False, {"stride_ak", "stride_bk", "stride_cn"}),
+                ("dW = dx.T @ h", t, ce.EPILOGUE_STORE, True, {"stride_am", "stride_bn", "stride_cn"}),
+                ("dW += dx.T @ h (row path)", "fp32", ce.EPILOGUE_ACCUMULATE, True,
+                 {"stride_am", "stride_bn", "stride_cn"}),
+                ("dH += dx @ W", "fp32", ce.EPILOGUE_ACCUMULATE, False, {"stride_ak", "stride_bn", "stride_cn"})):
+            config = ce._matmul_config(dtype, interpret=False, drop_k=drop_k)
             launch = _launch(config)
             signature = dict(a_ptr=f"*{t}", b_ptr=f"*{t}", c_ptr=f"*{c_type}", bias_ptr=f"*{t}",
                              class_weight_ptr="*fp32", stats_ptr="*fp32", column_ptr="*i32", coef_ptr="*fp32",
@@ -150,10 +155,41 @@ def cross_entropy_cases():
             aligned = {"a_ptr", "b_ptr", "c_ptr", "bias_ptr", "class_weight_ptr", "stats_ptr", "column_ptr", "coef_ptr",
                        "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm"} - unit
             constexprs = dict(**{k: 1 for k in unit}, FILTER=int(epilogue) == int(ce.EPILOGUE_LOSS_GRAD),
-                              EPILOGUE=int(epilogue), HAS_BIAS=True, HAS_SOFTCAP=True,
+                              EPILOGUE=int(epilogue), DROP_K=drop_k, HAS_BIAS=True, HAS_SOFTCAP=True,
                               HAS_CLASS_WEIGHTS=True, PRECISION=precision, **config)
             yield Case("cross_entropy", f"matmul {t} {name}", ce._matmul_kernel, signature, constexprs, aligned,
                        launch, pipelined=True, hopper=True)
+
+        config = ce._matmul_config(dtype, interpret=False)
+        signature = dict(x_ptr=f"*{t}", parts_ptr="*fp32", stats_ptr="*fp32", column_ptr="*i32", coef_ptr="*fp32",
+                         class_weight_ptr="*fp32", live_ptr="*i8", M="i32", N="i32", stride_xm="i32", softcap="fp32",
+                         filter_eps="fp32")
+        aligned = {"x_ptr", "parts_ptr", "stats_ptr", "column_ptr", "coef_ptr", "class_weight_ptr", "live_ptr", "M",
+                   "N", "stride_xm"}
+        constexprs = dict(FILTER=True, HAS_SOFTCAP=True, HAS_CLASS_WEIGHTS=True, BLOCK_M=config["BLOCK_M"],
+                          BLOCK_N=config["BLOCK_N"], SUB_N=32)
+        yield Case("cross_entropy", f"row grad {t}", rows._row_grad_kernel, signature, constexprs, aligned,
+                   _launch(dict(num_warps=config["num_warps"], num_stages=1)), pipelined=False, hopper=None)
+
+        # the filtered row path's GEMMs over listed dx tiles: (name, output type, accumulate, drop,
+        # tile (M extent, K extent), unit strides)
+        tile = (config["BLOCK_M"], config["BLOCK_N"])
+        for name, c_type, accumulate, drop, listed_tile, unit in (
+                ("dH = dx @ W", t, False, "m", tile, {"stride_ak", "stride_bn", "stride_cn"}),
+                ("dW = dx.T @ h", t, False, "k", tile[::-1], {"stride_am", "stride_bn", "stride_cn"}),
+                ("dW += dx.T @ h", "fp32", True, "k", tile[::-1], {"stride_am", "stride_bn", "stride_cn"})):
+            listed = rows.listed_config(dtype, interpret=False, tile=listed_tile)
+            launch = _launch(listed)
+            signature = dict(a_ptr=f"*{t}", b_ptr=f"*{t}", c_ptr=f"*{c_type}", list_ptr="*i32", count_ptr="*i32",
+                             column_ptr="*i32", M="i32", N="i32", K="i32", stride_list="i32",
+                             **{k: "i32" for k in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm",
+                                                   "stride_cn") if k not in unit})
+            aligned = {"a_ptr", "b_ptr", "c_ptr", "list_ptr", "count_ptr", "column_ptr", "M", "N", "K", "stride_am",
+                       "stride_ak", "stride_bk", "stride_bn", "stride_cm"} - unit
+            constexprs = dict(**{k: 1 for k in unit}, ACCUMULATE=accumulate, DROP_K=drop == "k", DROP_M=drop == "m",
+                              PRECISION=precision, **listed)
+            yield Case("cross_entropy", f"listed {t} {name}", rows._listed_matmul_kernel, signature, constexprs,
+                       aligned, launch, pipelined=True, hopper=True)
 
 
 ATTENTION_KERNELS = ("fwd", "bwd dq", "bwd dk dv")
@@ -196,20 +232,15 @@ def attention_case(dtype: torch.dtype, head_dim: int, kernel: str, arch: int, sa
     tiles = dict(attn._config(head_dim, dtype, interpret=False, arch=arch)[key])
     launch = _launch(tiles)
     aligned = {n for n, kind in signature.items() if kind.startswith("*") or n.startswith("stride_")}
-    # wgmma takes tiles of 64+ rows. The forward's and dQ's dots have BLOCK_M query rows; of
-    # dK/dV's four, two (the scores q @ k.T and dO @ v.T) have BLOCK_M query rows, two (dV and
-    # dK) BLOCK_N keys.
+    # wgmma takes tiles of 64+ rows. The forward's and dQ's dots have BLOCK_M query rows; all
+    # four of dK/dV's (S.T = k @ q.T, dP.T = v @ dO.T, P.T @ dO, dS.T @ q) have BLOCK_N keys.
     if dtype == torch.float32:
         hopper = f"fp32 is a CPU-test dtype: its tiles of {tiles['BLOCK_M']} rows are too few for wgmma"
     elif kernel == "bwd dk dv" and tiles["BLOCK_N"] < 64:
-        hopper = (f"dK/dV at D = {head_dim}: {tiles['BLOCK_M']} query rows x {tiles['BLOCK_N']} keys per tile (larger "
-                  "tiles spill: two [keys, D] fp32 accumulators), so no dot has the 64 rows wgmma needs")
-    elif kernel == "bwd dk dv" and tiles["BLOCK_M"] < 64:
-        hopper = (f"dK/dV at D = {head_dim}: {tiles['BLOCK_M']} query rows x {tiles['BLOCK_N']} keys per tile (64 x 64 "
-                  "spills: two [keys, D] fp32 accumulators), so the dV and dK dots (64 keys) are on wgmma but the "
-                  f"scores dots (q @ k.T, dO @ v.T: {tiles['BLOCK_M']} rows) stay on mma.sync; keys in every dot's M "
-                  "would need the kernel to compute the transposed scores (k @ q.T)")
-    elif tiles["BLOCK_M"] < 64:
+        hopper = (f"dK/dV at D = {head_dim}: {tiles['BLOCK_M']} query rows x {tiles['BLOCK_N']} keys per tile (64 keys "
+                  "spill under triton 3.9: two [keys, D] fp32 accumulators take 128 registers a thread), so no dot "
+                  "has the 64 rows wgmma needs")
+    elif kernel != "bwd dk dv" and tiles["BLOCK_M"] < 64:
         hopper = f"{kernel} at D = {head_dim}: {tiles['BLOCK_M']}-row tiles, and wgmma needs 64"
     else:
         hopper = True
@@ -322,7 +353,7 @@ def decode_split_case(dtype: torch.dtype, head_dim: int, group: int, page_size: 
                      scale="fp32", softcap="fp32")
     aligned = {n for n, kind in signature.items() if kind.startswith("*") or n.startswith("stride_")}
     constexprs = dict(HAS_SOFTCAP=True, SPLIT=True, HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim),
-                      PRECISION=dot_precision(dtype), PAGE_SIZE=page_size, **config)
+                      PRECISION=dot_precision(dtype), PAGE_SIZE=page_size, STAGES=launch["num_stages"], **config)
     hopper = None  # the broadcast path has no dot
     if config["USE_DOT"]:
         if dtype == torch.float32:
@@ -331,11 +362,12 @@ def decode_split_case(dtype: torch.dtype, head_dim: int, group: int, page_size: 
             hopper = f"{group} query heads per KV head: {config['BLOCK_G']}-row tiles, and wgmma needs 64"
         else:
             hopper = True
-    # the dot path's loads feed tl.dot, which triton pipelines
+    # both paths' K / V loads are pipelined (cp.async): the key loop names its num_stages, so
+    # triton pipelines the broadcast path's loads too, not only those feeding tl.dot
     paged = f" page={page_size}" if page_size else ""
     return Case("decode", f"decode split {t} d={head_dim} group={group}{paged} "
                 f"({'dot' if config['USE_DOT'] else 'broadcast'})", decode._decode_split_kernel, signature,
-                constexprs, aligned, launch, pipelined=config["USE_DOT"], hopper=hopper)
+                constexprs, aligned, launch, pipelined=True, hopper=hopper)
 
 
 def decode_cases():
@@ -355,7 +387,8 @@ def decode_cases():
         yield decode_split_case(dtype, head_dim, group)
     # paged caches (vLLM's default page of 16 tokens), on both paths
     for dtype, head_dim, group, page_size in ((torch.bfloat16, 128, 4, 16), (torch.bfloat16, 128, 32, 16),
-                                              (torch.float16, 128, 2, 256)):
+                                              (torch.float16, 128, 2, 256), (torch.bfloat16, 256, 1, 16),
+                                              (torch.bfloat16, 64, 8, 64)):
         yield decode_split_case(dtype, head_dim, group, page_size)
     for dtype, head_dim in ((torch.bfloat16, 64), (torch.bfloat16, 128), (torch.bfloat16, 256), (torch.float32, 128),
                             (torch.bfloat16, 80)):

@@ -61,6 +61,12 @@ def coefs(stats, terms, grad_loss, grad_lse, label_smoothing, z_loss, vocab, cla
     return torch.stack((cp, ct, a * (label_smoothing / vocab)))
 
 
+def rows_of(terms, rows: slice):
+    """``row_terms``' terms of the token rows ``rows`` (the per-row ones sliced, the others as they are)."""
+    kept, column, weights, total, head_cw, picked, ce_total = terms
+    return kept[rows], column[rows], weights[rows], total, head_cw, picked[rows], ce_total
+
+
 def full_rows(block: torch.Tensor, lo: int, vocab: int) -> torch.Tensor:
     """The gradient of a whole ``[V, ...]`` parameter from that of its rows ``[lo, lo + len)``."""
     if block.shape[0] == vocab:

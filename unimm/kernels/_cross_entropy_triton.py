@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from unimm.kernels import _cross_entropy_cost as cost
 from unimm.kernels import dispatch
 from unimm.kernels._common import cdiv, device_guard, dot_precision, split_columns
 from unimm.kernels._triton import tanh
@@ -26,7 +27,11 @@ def statistics(hidden, head, head_bias, column, softcap, class_weights=None):
     device = hidden.device
     if n == 0:
         return torch.empty(4, 0, dtype=torch.float32, device=device)
-    config = _lse_config(hidden.dtype, dispatch.TRITON_INTERPRET)
+    arch = 90
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = major * 10 + minor
+    config = _lse_config(hidden.dtype, dispatch.TRITON_INTERPRET, arch)
     row_blocks = cdiv(n, config["BLOCK_N"])
     splits, cols_per_split = split_columns(row_blocks, vocab, config["BLOCK_V"], device)
     l2_splits = _l2_splits(config["BLOCK_N"] * d * hidden.element_size(), device)
@@ -44,21 +49,26 @@ def statistics(hidden, head, head_bias, column, softcap, class_weights=None):
             HAS_BIAS=head_bias is not None, HAS_SOFTCAP=softcap is not None,
             HAS_CLASS_WEIGHTS=class_weights is not None, PRECISION=dot_precision(hidden.dtype), **config,
         )
+    return merge_parts(parts)
+
+
+def merge_parts(parts):
+    """The ``[4, N]`` statistics from per-column-range parts ``[4, ranges, N]`` (max, sum of exp
+    relative to that max, logit sum, target logit): max of the maxima, the sums rescaled to it."""
     part_max, part_sum, part_logit_sum, part_target = parts
-    row_max = part_max.max(0).values if splits > 1 else part_max[0]
+    row_max = part_max.max(0).values if parts.shape[1] > 1 else part_max[0]
     log_sum = (part_sum * (part_max - row_max).exp()).sum(0).log()
     return torch.stack((row_max, log_sum, part_target.sum(0), part_logit_sum.sum(0)))
 
 
 def _l2_splits(block_bytes: int, device: torch.device) -> int:
     """Column splits that keep the hidden blocks (``block_bytes`` each) of the CTAs resident at once
-    (about one per SM) within half of L2: the launch order runs a row block's splits side by side,
-    so SMs / splits blocks are live, each re-read once per column tile from L2 instead of HBM."""
+    within half of L2 (``_cross_entropy_cost.l2_splits``): the launch order runs a row block's
+    splits side by side, so each block is re-read once per column tile from L2 instead of HBM."""
     if device.type != "cuda":
         return 1
     props = torch.cuda.get_device_properties(device)
-    budget = max(1, getattr(props, "L2_cache_size", 0) // 2)
-    return max(1, cdiv(props.multi_processor_count * block_bytes, budget))
+    return cost.l2_splits(props.multi_processor_count, block_bytes, getattr(props, "L2_cache_size", 0))
 
 
 def gradients(hidden, head, head_bias, column, stats, coefs, softcap, wants, workspace, class_weights=None,
@@ -81,8 +91,8 @@ def gradients(hidden, head, head_bias, column, stats, coefs, softcap, wants, wor
         return dh, dw, db
     with device_guard(device):
         config = _matmul_config(hidden.dtype, dispatch.TRITON_INTERPRET)
-        dw_config = _matmul_config(hidden.dtype, dispatch.TRITON_INTERPRET, EPILOGUE_STORE)
-        chunk = _chunk_cols(n, vocab, hidden.element_size(), config["BLOCK_N"], workspace)
+        dw_config = _matmul_config(hidden.dtype, dispatch.TRITON_INTERPRET, drop_k=True)
+        chunk = cost.chunk_cols(n, vocab, hidden.element_size(), config["BLOCK_N"], workspace)
         dx = torch.empty(n, chunk, dtype=hidden.dtype, device=device)
         dh32 = torch.zeros(n, d, dtype=torch.float32, device=device) if want_dh else None
         dw = torch.empty(vocab, d, dtype=head.dtype, device=device) if want_dw else None
@@ -96,9 +106,9 @@ def gradients(hidden, head, head_bias, column, stats, coefs, softcap, wants, wor
                     class_weights=class_weights[cols] if class_weights is not None else None,
                     loss_terms=(stats, column, coefs, start), filter_eps=filter_eps)
             if want_dw:  # dropped rows' hidden loads as zeros
-                _matmul(dx_chunk.T, hidden, dw[cols], EPILOGUE_STORE, dw_config, rows=column)
+                _matmul(dx_chunk.T, hidden, dw[cols], EPILOGUE_STORE, dw_config, rows=column, drop="k")
             if want_dh:  # dropped rows' dH stays 0
-                _matmul(dx_chunk, head[cols], dh32, EPILOGUE_ACCUMULATE, config, rows=column)
+                _matmul(dx_chunk, head[cols], dh32, EPILOGUE_ACCUMULATE, config, rows=column, drop="m")
             if want_db:
                 db[cols] = dx_chunk.sum(0, dtype=torch.float32)
     if want_dh:
@@ -113,40 +123,38 @@ def filter_tile(dtype: torch.dtype) -> tuple[int, int]:
     return config["BLOCK_M"], config["BLOCK_N"]
 
 
-def _chunk_cols(n: int, vocab: int, elem_bytes: int, granule: int, workspace: int) -> int:
-    """Columns per gradient chunk: as many as the dx workspace (bytes) holds, whole matmul tiles."""
-    cols = max(granule, workspace // max(1, n * elem_bytes) // granule * granule)
-    return max(1, min(cols, vocab))
-
-
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
 
 # What _matmul_kernel does with its tile product; constexpr so that the kernel can name them too
 # (launches pass the plain int).
-EPILOGUE_STORE, EPILOGUE_ACCUMULATE, EPILOGUE_LOSS_GRAD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+EPILOGUE_STORE, EPILOGUE_ACCUMULATE, EPILOGUE_LOSS_GRAD, EPILOGUE_LOGITS = (
+    tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3))
 
 
-def _lse_config(dtype: torch.dtype, interpret: bool) -> dict:
-    """Tiles for ``_lse_kernel``; tests/triton_aot.py checks them against sm_90a and sm_80."""
+def _lse_config(dtype: torch.dtype, interpret: bool, arch: int = 90) -> dict:
+    """Tiles for ``_lse_kernel`` on a chip of compute capability ``arch`` (major * 10 + minor);
+    tests/triton_aot.py checks them against sm_90a and sm_80."""
     if interpret:
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, num_warps=1, num_stages=1)
     if dtype == torch.float32:  # 3xTF32 holds each operand twice
         return dict(BLOCK_N=128, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=3)
-    return dict(BLOCK_N=128, BLOCK_V=64, BLOCK_D=64, num_warps=8, num_stages=3)
+    # 128 x 128 tiles read 64 FLOPs per byte of h and W (64 x 128: 43). Hopper's wgmma keeps the
+    # accumulator and softmax epilogue within 255 registers; sm_80's mma.sync spills them.
+    return dict(BLOCK_N=128, BLOCK_V=128 if arch >= 90 else 64, BLOCK_D=64, num_warps=8, num_stages=3)
 
 
-def _matmul_config(dtype: torch.dtype, interpret: bool, epilogue: int = EPILOGUE_LOSS_GRAD) -> dict:
-    """Tiles for ``_matmul_kernel`` running ``epilogue``'s GEMM; tests/triton_aot.py checks them
-    against sm_90a and sm_80."""
+def _matmul_config(dtype: torch.dtype, interpret: bool, drop_k: bool = False) -> dict:
+    """Tiles for ``_matmul_kernel``, ``drop_k`` for its GEMMs over token rows (dW); tests/triton_aot.py
+    checks them against sm_90a and sm_80."""
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
     if dtype == torch.float32:
         config = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     else:
         config = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
-    if epilogue == EPILOGUE_STORE:
+    if drop_k:
         # dW's B tiles are masked by a loaded flag (the row's column): triton's pipeliner spreads
         # its stages over that chain of two loads, so 2 s - 1 stages give the A and B tiles the
         # buffers s give the other GEMMs (4 / 3 on sm_90a / sm_80 for 16-bit, 2 for fp32).
@@ -155,30 +163,34 @@ def _matmul_config(dtype: torch.dtype, interpret: bool, epilogue: int = EPILOGUE
 
 
 def _matmul(a, b, out, epilogue, config, *, bias=None, softcap=None, class_weights=None, loss_terms=None,
-            rows=None, filter_eps=None):
-    """The three GEMMs of the gradient, fp32 accumulation; strides are honoured, so transposes are
+            rows=None, drop=None, filter_eps=None):
+    """The GEMMs of the gradients, fp32 accumulation; strides are honoured, so transposes are
     free. ``rows``: each token row's column (int32), -1 when dropped, any other negative value
-    when kept with its target outside this head (another rank's vocabulary shard).
+    when kept with its target outside this head (another rank's vocabulary shard); ``drop``: which
+    dimension runs over token rows, "k" (a dropped row's B row loads as zeros: its hidden may be
+    Inf or NaN) or "m" (a dropped row's output is left as it is).
       * EPILOGUE_LOSS_GRAD, ``dx = lossgrad(h @ W.T)``: ``loss_terms`` = (stats ``[2, M]``: row max
         and log-sum, column, coefs ``[3, M]``: cp, ct, cu, first column of this chunk) and the
         chunk's ``class_weights``; a dropped row's dx is 0; ``filter_eps`` as in ``gradients``.
-      * EPILOGUE_STORE, ``dW = dx.T @ h``: K runs over token rows; a dropped row loads as zeros.
-      * EPILOGUE_ACCUMULATE, ``dH += dx @ W``: a dropped row's output is left as it is."""
+      * EPILOGUE_LOGITS, ``x - tile max = h @ W.T`` (+ bias, soft-cap) for the row path
+        (``_cross_entropy_rows``): ``loss_terms`` = (parts ``[4, column tiles, M]``, column, -, 0)
+        get each row's tile max, sum of exp, (``class_weights``-weighted) logit sum and target logit.
+      * EPILOGUE_STORE, ``dW = dx.T @ h``; EPILOGUE_ACCUMULATE, ``out += a @ b``."""
     m, k = a.shape
     n = b.shape[1]
     if loss_terms is None:
-        if rows is None:
-            raise ValueError("_matmul: EPILOGUE_STORE and EPILOGUE_ACCUMULATE need rows")
+        if rows is None or drop not in ("k", "m"):
+            raise ValueError("_matmul: EPILOGUE_STORE and EPILOGUE_ACCUMULATE need rows and drop")
         loss_terms = (out, rows, out, 0)
     stats, column, coefs, col_offset = loss_terms
     grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]),)
     _matmul_kernel[grid](
         a, b, out, bias if bias is not None else out, class_weights if class_weights is not None else out, stats,
-        column, coefs, m, n, k,
+        column, coefs if coefs is not None else stats, m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         col_offset, float(softcap) if softcap is not None else 1.0,
         float(filter_eps) if filter_eps is not None else 0.0, FILTER=filter_eps is not None, EPILOGUE=int(epilogue),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        DROP_K=drop == "k", HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         HAS_CLASS_WEIGHTS=class_weights is not None,
         PRECISION=dot_precision(a.dtype), **config,
     )
@@ -253,8 +265,8 @@ def _matmul_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, class_weight_ptr, stats_ptr, column_ptr, coef_ptr, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     col_offset, softcap, filter_eps,
-    FILTER: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_CLASS_WEIGHTS: tl.constexpr,
+    FILTER: tl.constexpr, EPILOGUE: tl.constexpr, DROP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_CLASS_WEIGHTS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles sweep the columns together, so B tiles are reused
@@ -277,7 +289,7 @@ def _matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs, mask=(rm < M)[:, None] & (k0 + rk < K)[None, :], other=0.0)
         k_ok = k0 + rk < K
-        if EPILOGUE == EPILOGUE_STORE:
+        if DROP_K:
             # dW = dx.T @ h: K runs over token rows. A dropped row's dx is 0, but its hidden may
             # be Inf or NaN (0 * Inf = NaN): it loads as zeros.
             k_ok &= tl.load(column_ptr + k0 + rk, mask=k_ok, other=-1) != -1
@@ -321,7 +333,36 @@ def _matmul_kernel(
             grad = grad * (1.0 - (acc / softcap) * (acc / softcap))
         # selected, not multiplied: a dropped row may have Inf or NaN logits, statistics or coefficients
         acc = tl.where(target[:, None] != -1, grad, 0.0)
+    if EPILOGUE == EPILOGUE_LOGITS:
+        # The row path's logits, stored as x - (the row's max over this tile) in c's dtype: where
+        # p = exp(x - m - log-sum) matters, x is near that max, so 16 bits keep it to ~|x - max| 2^-9
+        # (raw |x| ~ 30 would round 20x coarser). The tile's max, sum of exp relative to it,
+        # logit sum and target logit go to parts [4, tiles_n, M] (stats_ptr) for the row's merge.
+        row_ok = rm < M
+        col_ok = rn < N
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_SOFTCAP:
+            acc = softcap * tanh(acc / softcap)
+        tile_max = tl.max(tl.where(col_ok[None, :], acc, float("-inf")), 1)
+        acc = tl.where(col_ok[None, :], acc, 0.0)
+        if HAS_CLASS_WEIGHTS:
+            logit_sum = tl.sum(acc * tl.load(class_weight_ptr + rn, mask=col_ok, other=0.0)[None, :], 1)
+        else:
+            logit_sum = tl.sum(acc, 1)
+        target = tl.load(column_ptr + rm, mask=row_ok, other=-1)
+        target_logit = tl.sum(tl.where(rn[None, :] == target[:, None], acc, 0.0), 1)
+        acc -= tile_max[:, None]
+        exp_sum = tl.sum(tl.where(col_ok[None, :], tl.exp(acc), 0.0), 1)
+        part = stats_ptr + pid_n.to(tl.int64) * M + rm
+        plane = tiles_n.to(tl.int64) * M
+        tl.store(part, tile_max, mask=row_ok)
+        tl.store(part + plane, exp_sum, mask=row_ok)
+        tl.store(part + 2 * plane, logit_sum, mask=row_ok)
+        tl.store(part + 3 * plane, target_logit, mask=row_ok)
     if EPILOGUE == EPILOGUE_ACCUMULATE:  # accumulate into an fp32 output; a dropped row adds nothing
-        kept = tl.load(column_ptr + rm, mask=rm < M, other=-1) != -1
-        acc = tl.where(kept[:, None], acc, 0.0) + tl.load(c_ptrs, mask=c_mask, other=0.0)
+        if not DROP_K:
+            kept = tl.load(column_ptr + rm, mask=rm < M, other=-1) != -1
+            acc = tl.where(kept[:, None], acc, 0.0)
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)

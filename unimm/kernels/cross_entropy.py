@@ -22,9 +22,16 @@ Triton design (kernels and launches: ``_cross_entropy_triton``; the O(N) loss al
      the input dtype; then ``dW[chunk] = dx.T @ h`` is one GEMM over all N rows (dW accumulated
      inside the GEMM, written once), ``dH += dx @ W[chunk]`` goes into an fp32 ``[N, D]``
      accumulator and ``dbias[chunk] = colsum(dx)``.
-For a scalar loss ("mean", "sum") whose lse is not returned, step 2 runs in the forward pass with a
-unit upstream gradient and backward only scales the saved gradients; otherwise ("none", or a
-returned lse that may get a gradient) it runs in backward on the forward's statistics.
+For a scalar loss ("mean", "sum") whose lse is not returned, the gradients are computed in the
+forward pass with a unit upstream gradient and backward only scales the saved gradients; otherwise
+("none", or a returned lse that may get a gradient) step 2 runs in backward on the forward's
+statistics. In the forward case a second path can replace steps 1 and 2 (``_cross_entropy_rows``):
+  3. Rows, R token rows at a time: the logits ``[R, V]`` are formed once (the GEMM epilogue stores
+     x - the row's max over the tile, in the input dtype, and each tile's statistics), merged into
+     each row's statistics, turned into dx in place, and ``dH = dx @ W``, ``dW (+)= dx.T @ h`` run
+     on cuBLAS (several chunks accumulate dW in fp32 in the Triton GEMM): 6 N D V FLOPs, not 8.
+``_cross_entropy_cost.plan`` picks the path from the FLOP and byte model below, among those the
+workspace allows.
 
 Cost model (FLOPs; HBM bytes, e per element, fp32 terms 4 bytes), per call:
   * statistics (forward, both paths): 2 N D V FLOPs. Each CTA re-reads its hidden block
@@ -39,10 +46,20 @@ Cost model (FLOPs; HBM bytes, e per element, fp32 terms 4 bytes), per call:
     written (C D e); over V / C chunks: (V / C)(2 N D e + 8 N D) + 3 V D e + 3 N V e (plus the
     GEMMs' tile re-reads that L2 grouping (GROUP_M) absorbs). A larger workspace (larger C) cuts
     the (V / C) terms; at the default 1 GiB and N = 16k, C = 32k columns in bf16.
+  * rows (gradients with the loss): 6 N D V FLOPs. Bytes: the logits written, turned into dx in
+    place (read and written) and read by the dH and dW GEMMs, 5 N V e, plus 2 x 16 N V / BLOCK_N of
+    tile statistics; per chunk W read by the logits and dH GEMMs, and with several chunks the fp32
+    dW accumulator read and written (8 V D per chunk). Against the column path it trades 2 N D V
+    FLOPs for 2 N V e bytes: it wins when D is above a few hundred (ridge / e; every LLM head), and
+    the plan takes it when the workspace holds a row tile of logits (and, for a 16-bit head
+    accumulated over several chunks, the 4 V D bytes of fp32 dW: 1 GiB at N = 16k, V = 161k, D = 4096
+    falls short, 8 GiB holds 2.6k-row chunks; N <= 3k rows fit 1 GiB whole).
   * gradient filtering (``grad_filter_eps``): the dx epilogue drops a tile's p term from its
-    logits' row maxima (BLOCK_M exps per tile, no extra bytes). It saves no FLOPs or bytes yet: the
-    dW and dH GEMMs still run over every tile. Skipping a tile whose dx is all zero (filtered, no
-    target in it, no label smoothing) would save its 4 BLOCK_M BLOCK_N D FLOPs and its dx reads.
+    logits' row maxima (BLOCK_M exps per tile, no extra bytes). On the row path the dx pass also
+    flags the tiles whose dx is all zero (filtered, no target in them, no label smoothing), and the
+    dH and dW GEMMs (Triton, over per-tile lists built by a sort, no host sync) skip them: with a
+    fraction f of tiles live, 2 N D V + 4 f N D V FLOPs and 2 f N V e of dx reads (CCE's default
+    filter leaves f ~ 0.1 on random logits). On the column path the GEMMs still run every tile.
   * vocabulary-parallel (``process_group``, P ranks): each rank the above on its V / P columns,
     plus all-reduces of 4 N fp32 (forward) and N D fp32 (dH, backward).
 
@@ -52,10 +69,13 @@ zero coefficient), the dW GEMM loads their hidden rows as zeros (0 * Inf would b
 dH rows are never accumulated. Their lse is still computed and returned. Vocabulary columns outside
 ``vocab_range`` are never read.
 
-Memory beyond inputs and gradients: the dx workspace ``N x chunk_cols`` in the input dtype,
-at most ``UNIMM_CE_WORKSPACE_MB`` MiB (default 1024, read at each call) unless a single 128-column
-chunk needs more; the fp32 dH accumulator ``[N, D]``; per-split statistics ``4 x splits x N`` fp32
-and O(N) per-row terms. No N x V tensor; ``vocab_range`` shrinks every term to V = hi - lo columns.
+Memory beyond inputs and gradients: the workspace, at most ``UNIMM_CE_WORKSPACE_MB`` MiB (default
+1024, read at each call): on the column path the dx chunk ``N x chunk_cols`` in the input dtype
+(unless a single 128-column chunk needs more), and beside it the fp32 dH accumulator ``[N, D]``;
+on the row path the logits chunk ``R x V`` in the input dtype, its tile statistics and, with
+several chunks and a 16-bit head, the fp32 dW ``[V, D]``. Then per-split statistics
+``4 x splits x N`` fp32 and O(N) per-row terms. No N x V tensor; ``vocab_range`` shrinks every
+term to V = hi - lo columns.
 
 No host synchronisation: tensor values are checked only where that costs no device sync, on CPU
 tensors (targets in range, no negative weight under "mean"); on a GPU such values have defined
@@ -71,16 +91,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from unimm.kernels import _cross_entropy_args as args
+from unimm.kernels import _cross_entropy_cost as cost
 from unimm.kernels import _cross_entropy_parallel as parallel
 from unimm.kernels import _cross_entropy_terms as terms_
 from unimm.kernels import dispatch
-from unimm.kernels._common import check_tensors, is_int, is_real, unserved_dtype
+from unimm.kernels._common import check_tensors, unserved_dtype
 from unimm.kernels.reference import cross_entropy as reference
 
 try:
+    from unimm.kernels import _cross_entropy_rows as rows_backend
     from unimm.kernels import _cross_entropy_triton as triton_backend
 except ImportError:  # no triton: the Triton backend is then not live (dispatch says why)
-    triton_backend = None
+    triton_backend = rows_backend = None
 
 REDUCTIONS = reference.REDUCTIONS
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -88,9 +111,9 @@ WORKSPACE_ENV = "UNIMM_CE_WORKSPACE_MB"
 DEFAULT_WORKSPACE_MB = 1024
 # The dx workspace in bytes; None: ``UNIMM_CE_WORKSPACE_MB`` at each call (tests set a number).
 WORKSPACE_BYTES: int | None = None
-# Devices whose tensor values the argument checks read (free there: no device to wait for).
-HOST_CHECKED_DEVICES = ("cpu",)
-_INT64 = (-2**63, 2**63 - 1)
+# The gradient path: None, the cheaper by the cost model (``_cross_entropy_cost.plan``); "rows" or
+# "columns" force one where it is possible (tests cover both).
+GRADIENT_PATH: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +191,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("process_group needs an initialised torch.distributed")
         offset, vocab = parallel.shard_offset(weight, process_group)
-    ignore_index, reduction, label_smoothing, z_loss, softcap, (lo, hi) = _check_args(
+    ignore_index, reduction, label_smoothing, z_loss, softcap, (lo, hi) = args.check_args(
         hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, token_weights,
         vocab_range, vocab)
     vocab = weight.shape[0] if vocab is None else vocab
@@ -179,7 +202,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if not isinstance(shift, bool) or not isinstance(return_accuracy, bool):
         raise TypeError(f"shift and return_accuracy must be bools, got {shift!r} and {return_accuracy!r}")
     if grad_filter_eps is not None:
-        grad_filter_eps = _real("grad_filter_eps", grad_filter_eps, "None or a finite number in [0, 1)",
+        grad_filter_eps = args.real("grad_filter_eps", grad_filter_eps, "None or a finite number in [0, 1)",
                                 lambda v: 0 <= v < 1)
         if process_group is not None:
             raise ValueError("grad_filter_eps is not supported with process_group")
@@ -195,7 +218,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     rows = hidden.reshape(n_rows, dim)
     flat_targets = targets.reshape(-1)
     flat_weights = token_weights.reshape(-1) if token_weights is not None else None
-    _check_values(flat_targets, flat_weights, lo, hi, ignore_index, reduction)
+    args.check_values(flat_targets, flat_weights, lo, hi, ignore_index, reduction)
     workspace_bytes()  # a bad UNIMM_CE_WORKSPACE_MB is reported on every backend, before any work
     backend = dispatch.select("linear_cross_entropy", hidden.device, implemented=("triton",),
                               unsupported={"triton": unserved_dtype(hidden.dtype, _KERNEL_DTYPES)})
@@ -279,100 +302,6 @@ def workspace_bytes() -> int:
     return megabytes << 20
 
 
-def _real(name: str, value, expected: str, ok) -> float:
-    """``value`` as a float when it is a real number (not a bool) and ``ok(value)`` holds, else an
-    error naming ``name`` and ``expected``."""
-    if not is_real(value):
-        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and ok(value)):
-        raise ValueError(f"{name} must be {expected}, got {value}")
-    return value
-
-
-def _integer(name: str, value) -> int:
-    if not is_int(value):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    return int(value)
-
-
-def _check_args(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                token_weights, vocab_range, global_vocab):
-    """Checks every argument without reading tensor data; returns the scalar options as plain
-    Python values: (ignore_index, reduction, label_smoothing, z_loss, softcap, (lo, hi)).
-    ``vocab_range`` is checked against ``global_vocab`` (all shards' rows; None: weight's)."""
-    check_tensors({"hidden": hidden})
-    optional = {name: t for name, t in (("bias", bias), ("token_weights", token_weights)) if t is not None}
-    check_tensors({"weight": weight, "targets": targets, **optional}, like=("hidden", hidden))
-    check_tensors({"hidden": hidden, "weight": weight}, floating=True)
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
-    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"hidden must be [..., D] and weight [V, D] with the same D, got hidden {tuple(hidden.shape)} "
-                         f"and weight {tuple(weight.shape)}")
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
-        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
-    n_rows = math.prod(hidden.shape[:-1])
-    if targets.shape != hidden.shape[:-1] and tuple(targets.shape) != (n_rows,):
-        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's rows), "
-                         f"got {tuple(targets.shape)}")
-    vocab = weight.shape[0]
-    if vocab == 0:
-        raise ValueError(f"weight must have at least one row (V >= 1), got {tuple(weight.shape)}")
-    if bias is not None:
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}")
-        if tuple(bias.shape) != (vocab,):
-            raise ValueError(f"bias must be [V] = [{vocab}], got {tuple(bias.shape)}")
-    if token_weights is not None:
-        if not token_weights.is_floating_point():
-            raise TypeError(f"token_weights must be a floating tensor, got {token_weights.dtype}")
-        if token_weights.shape != targets.shape and tuple(token_weights.shape) != (targets.numel(),):
-            raise ValueError(f"token_weights must have one weight per target ({tuple(targets.shape)}), "
-                             f"got {tuple(token_weights.shape)}")
-    ignore_index = _integer("ignore_index", ignore_index)
-    if not _INT64[0] <= ignore_index <= _INT64[1]:
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    label_smoothing = _real("label_smoothing", label_smoothing, "a finite number in [0, 1]", lambda v: 0 <= v <= 1)
-    z_loss = _real("z_loss", z_loss, "a finite number >= 0", lambda v: v >= 0)
-    if softcap is not None:
-        softcap = _real("softcap", softcap, "a finite number > 0 (or None)", lambda v: v > 0)
-    global_vocab = vocab if global_vocab is None else global_vocab
-    if vocab_range is None:
-        lo, hi = 0, global_vocab
-    else:
-        if isinstance(vocab_range, (str, bytes, torch.Tensor)) or not hasattr(vocab_range, "__iter__"):
-            raise TypeError(f"vocab_range must be a pair (lo, hi) of integers, got {type(vocab_range).__name__} "
-                            f"{vocab_range!r}")
-        pair = tuple(vocab_range)
-        if len(pair) != 2:
-            raise ValueError(f"vocab_range must be a pair (lo, hi) of integers, got {len(pair)} values {vocab_range!r}")
-        lo, hi = (_integer("vocab_range", end) for end in pair)
-        if not 0 <= lo < hi <= global_vocab:
-            raise ValueError(f"vocab_range must be (lo, hi) with 0 <= lo < hi <= V = {global_vocab}, got {vocab_range}")
-    return ignore_index, reduction, label_smoothing, z_loss, softcap, (lo, hi)
-
-
-def _check_values(targets, token_weights, lo, hi, ignore_index, reduction):
-    """The checks that read tensor values: only on ``HOST_CHECKED_DEVICES`` (the CPU), where
-    reading costs no device sync. Elsewhere the values get their defined results (the reference
-    module docstring)."""
-    if targets.device.type not in HOST_CHECKED_DEVICES or not targets.numel():
-        return
-    kept = targets != ignore_index
-    outside = kept & ((targets < lo) | (targets >= hi))
-    if outside.any():
-        raise ValueError(f"targets must lie in vocab_range [{lo}, {hi}) or equal ignore_index ({ignore_index}), "
-                         f"found {targets[outside][0].item()}")
-    if token_weights is not None and reduction == "mean":
-        negative = kept & (token_weights < 0)
-        if negative.any():
-            raise ValueError(f"token_weights must be >= 0 for reduction='mean' (it divides by their sum), found "
-                             f"{token_weights[negative][0].item()}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Ops (opaque to torch.compile) and autograd
 # ---------------------------------------------------------------------------------------------
@@ -392,15 +321,44 @@ def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     column, head_cw = terms[1], terms[4]
     class_sum = head_cw.sum() if head_cw is not None else None
     head, head_bias = weight[lo:hi], bias[lo:hi] if bias is not None else None
-    stats = triton_backend.statistics(hidden, head, head_bias, column, softcap, head_cw)
-    loss, lse = terms_.loss(stats, terms, label_smoothing, z_loss, hi - lo, class_sum, reduction)
     grads = (None, None, None)
-    if any(grads_now):
-        unit = torch.ones((), device=hidden.device)
+    path = _plan(hidden, hi - lo, grads_now)
+    unit = torch.ones((), device=hidden.device)  # the upstream gradient of gradients computed now
+    if path.path == "rows":
+        def row_coefs(chunk_stats, rows):
+            return terms_.coefs(chunk_stats, terms_.rows_of(terms, rows), unit, None, label_smoothing, z_loss,
+                                hi - lo, class_sum)
+
+        stats, *grads = rows_backend.gradients_with_statistics(
+            hidden, head, head_bias, column, row_coefs, softcap, tuple(grads_now), path.size, head_cw,
+            grad_filter_eps)
+    else:
+        stats = triton_backend.statistics(hidden, head, head_bias, column, softcap, head_cw)
+    loss, lse = terms_.loss(stats, terms, label_smoothing, z_loss, hi - lo, class_sum, reduction)
+    if path.path == "columns" and any(grads_now):
         coefs = terms_.coefs(stats, terms, unit, None, label_smoothing, z_loss, hi - lo, class_sum)
         grads = triton_backend.gradients(hidden, head, head_bias, column, stats, coefs, softcap, tuple(grads_now),
                                          workspace_bytes(), head_cw, grad_filter_eps)
     return (loss, lse, stats, *(g if g is not None else hidden.new_empty(0) for g in grads))
+
+
+def _plan(hidden: torch.Tensor, vocab: int, grads_now: list[bool]) -> cost.Plan:
+    """``_cross_entropy_cost.plan`` for this call (``GRADIENT_PATH`` forces a path where it is possible)."""
+    n, d = hidden.shape
+    sms, l2_bytes = 132, 50 << 20
+    if hidden.device.type == "cuda":
+        props = torch.cuda.get_device_properties(hidden.device)
+        sms, l2_bytes = props.multi_processor_count, getattr(props, "L2_cache_size", l2_bytes)
+    args = (n, d, vocab, hidden.element_size(), workspace_bytes())
+    kwargs = dict(grads_now=any(grads_now), want_dw=grads_now[1], tile=triton_backend.filter_tile(hidden.dtype),
+                  sms=sms, l2_bytes=l2_bytes)
+    if GRADIENT_PATH == "columns":
+        kwargs["grads_now"] = False
+    best = cost.plan(*args, **kwargs)
+    if GRADIENT_PATH == "rows" and any(grads_now) and best.path != "rows":
+        rows = cost.row_chunk(n, d, vocab, hidden.element_size(), workspace_bytes(), kwargs["tile"], grads_now[1])
+        best = cost.Plan("rows", rows, ()) if rows else best
+    return best
 
 
 @_forward_op.register_fake
