@@ -191,3 +191,30 @@ def test_filtered_row_path_skips_tiles(triton_only, monkeypatch, chunked):
     assert len(fractions) == (6 if chunked else 2)  # dH and dW per chunk
     assert rel_err(h.grad, h64.grad) <= TOLERANCE[torch.float32]
     assert rel_err(w.grad, w64.grad) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path_name, workspace_mb", [("rows", 1024), ("rows", 192), ("columns", 1024)],
+                         ids=["rows-one-chunk", "rows-chunks", "columns"])
+@pytest.mark.parametrize("filter_eps", [None, 1e-4], ids=["exact", "filtered"])
+def test_gpu_bf16_paths(monkeypatch, path_name, workspace_mb, filter_eps):
+    """bf16 at a real size on each path (the row path keeps x - tile max in bf16): loss and
+    gradients against the fp64 reference (filtered on the dx GEMM's tiles where filtering)."""
+    from unimm.kernels.cross_entropy import _filter_tile
+
+    monkeypatch.setattr(cross_entropy, "GRADIENT_PATH", path_name)
+    monkeypatch.setattr(cross_entropy, "WORKSPACE_BYTES", workspace_mb << 20)
+    n, d, v = 2048, 1024, 32000
+    gen = seeded(21)
+    hidden = torch.randn(n, d, generator=gen).to(DEVICE, torch.bfloat16)
+    weight = (torch.randn(v, d, generator=gen) * 3 / d**0.5).to(DEVICE, torch.bfloat16)
+    targets = torch.randint(0, v, (n,), generator=gen).to(DEVICE)
+    targets[::9] = -100
+    ours = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+    linear_cross_entropy(*ours, targets, label_smoothing=0.1, z_loss=1e-4, grad_filter_eps=filter_eps).backward()
+    refs = [t.double().requires_grad_(True) for t in (hidden, weight)]
+    reference.linear_cross_entropy(*refs, targets, label_smoothing=0.1, z_loss=1e-4, grad_filter_eps=filter_eps,
+                                   grad_filter_tile=_filter_tile(torch.bfloat16),
+                                   compute_dtype=torch.float64).backward()
+    for mine, theirs in zip(ours, refs):
+        assert rel_err(mine.grad, theirs.grad) <= TOLERANCE[torch.bfloat16]
