@@ -204,7 +204,7 @@ def test_gpu_bf16_paths(monkeypatch, path_name, workspace_mb, filter_eps):
 
     monkeypatch.setattr(cross_entropy, "GRADIENT_PATH", path_name)
     monkeypatch.setattr(cross_entropy, "WORKSPACE_BYTES", workspace_mb << 20)
-    n, d, v = 2048, 1024, 32000
+    n, d, v = 4096, 1024, 32000  # 192 MiB: the fp32 dW and 1024-row chunks
     gen = seeded(21)
     hidden = torch.randn(n, d, generator=gen).to(DEVICE, torch.bfloat16)
     weight = (torch.randn(v, d, generator=gen) * 3 / d**0.5).to(DEVICE, torch.bfloat16)
