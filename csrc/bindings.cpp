@@ -65,16 +65,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("decode_attention", &unimm::decode_attention, py::arg("q"), py::arg("q_batch_stride"),
         py::arg("q_head_stride"), py::arg("k_cache"), py::arg("k_batch_stride"), py::arg("k_row_stride"),
         py::arg("k_head_stride"), py::arg("v_cache"), py::arg("v_batch_stride"), py::arg("v_row_stride"),
-        py::arg("v_head_stride"), py::arg("cache_lens"), py::arg("out"), py::arg("out_batch_stride"),
+        py::arg("v_head_stride"), py::arg("cache_lens"), py::arg("block_table"), py::arg("table_stride"),
+        py::arg("page_size"), py::arg("num_pages"), py::arg("out"), py::arg("out_batch_stride"),
         py::arg("out_head_stride"), py::arg("part_out"), py::arg("part_lse"), py::arg("batch"), py::arg("q_heads"),
         py::arg("kv_heads"), py::arg("head_dim"), py::arg("max_len"), py::arg("keys_per_split"), py::arg("splits"),
         py::arg("scale"), py::arg("softcap"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("decode_attention_occupancy", &unimm::decode_attention_occupancy, py::arg("head_dim"), py::arg("dtype"),
+        py::arg("paged"), py::arg("device"));
 
   m.attr("SAMPLING_FIXED_POINT_BITS") = unimm::kSamplingFixedPointBits;
   m.attr("SAMPLING_MAX_BLOCK") = unimm::kSamplingMaxBlock;
+  m.attr("SAMPLING_ROW_STATE_BYTES") = unimm::kSamplingRowStateBytes;
   m.def("sample_tokens", &unimm::sample_tokens, py::arg("logits"), py::arg("row_stride"), py::arg("rows_out"),
         py::arg("lo"), py::arg("n"), py::arg("cfg"), py::arg("cfg_scale"), py::arg("greedy"),
         py::arg("inv_temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("uniforms"), py::arg("tokens"),
-        py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+        py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("splits") = 1, py::arg("workspace") = 0,
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -125,7 +125,7 @@ def test_triton_writes_every_output():
         pytest.skip("triton backend not live here")
     q, k, v, lens = make_inputs(3, 8, 2, 32, 300, torch.float32, seed=10)
     config = decode._triton_config(4, 32, not HAS_GPU)
-    splits, keys_per_split = decode.split_plan(3 * 2, 300, config["BLOCK_N"], DEVICE)
+    splits, keys_per_split = decode.split_plan(3 * 2, 300, config["BLOCK_N"], sms=4, per_sm=4)
     assert splits > 1
     out = torch.full_like(q, float("nan"))
     part_out = torch.full((3, 8, splits, 32), float("nan"), device=DEVICE)
@@ -143,17 +143,57 @@ def test_triton_writes_every_output():
     assert_matches(single, q, k, v, lens, scale=0.2)
 
 
+# (SMs, registers per SM, shared memory per SM, threads per SM) of an H100 / H200 and an A100
+H100 = decode.DeviceLimits(132, 65536, 233472, 2048)
+A100 = decode.DeviceLimits(108, 65536, 167936, 2048)
+
+
 def test_split_plan():
     """Shapes alone fix the plan (CUDA graphs replay it for any lengths); every split is a whole
-    number of steps and non-empty, and small problems are split to fill the device."""
+    number of steps and non-empty; a small grid is split to fill every resident slot, and batch
+    1 with a short cache still gives every SM a program."""
     for programs, max_len, step in [(1, 1, 64), (6, 100, 16), (8, 4096, 64), (512, 16384, 64), (1, 10**6, 32),
-                                    (10**6, 5, 64)]:
-        splits, keys_per_split = decode.split_plan(programs, max_len, step, DEVICE)
-        assert 1 <= splits <= decode._MAX_SPLITS and keys_per_split % step == 0
-        assert (splits - 1) * keys_per_split < max_len <= splits * keys_per_split
-    assert decode.split_plan(1, 4096, 64, DEVICE)[0] > 1
+                                    (10**6, 5, 64), (8, 1024, 64), (4, 4096, 64), (1, 64, 16)]:
+        for sms, per_sm in ((4, 4), (132, 2), (132, 5), (108, 1)):
+            splits, keys_per_split = decode.split_plan(programs, max_len, step, sms, per_sm)
+            assert 1 <= splits <= decode._MAX_SPLITS and keys_per_split % step == 0
+            assert (splits - 1) * keys_per_split < max_len <= splits * keys_per_split
+            steps = -(-max_len // step)
+            # every SM gets a program whenever the cache has the steps for it
+            assert programs * splits >= min(sms, programs * steps, programs * decode._MAX_SPLITS // 2)
+            # no more splits than fill the resident slots once, or than give every SM a program
+            # (whole steps: up to twice as many)
+            assert splits <= max(-(-per_sm * sms // programs), 2 * -(-sms // programs))
+    # Llama-3-8B at batch 1 (8 KV heads, one query tile each) with 4k keys on an H100 whose
+    # kernel holds 2 CTAs per SM: 32 splits of 2 steps (the minimum) fill 256 of the 264 slots
+    assert decode.split_plan(8, 4096, 64, 132, 2) == (32, 128)
+    assert decode.split_plan(8, 1024, 64, 132, 2) == (16, 64)  # 1k keys: one 64-key step per split
+    assert decode.split_plan(512, 16384, 64, 132, 2) == (1, 16384)  # a full grid is not split
     if _ext.has("decode_attention"):
         assert decode._MAX_SPLITS <= _ext.lib().DECODE_MAX_SPLITS
+
+
+@pytest.mark.parametrize("registers, shared, warps, limits, expected", [
+    (220, 16640, 4, H100, 2),  # csrc/decode.cu at D = 128 (prefetch): 224 x 32 registers a warp, 9 warps
+    (128, 8448, 4, H100, 4),   # D = 64: 16 warps
+    (250, 33024, 4, H100, 2),  # D = 256
+    (128, 4096, 8, H100, 2),   # Triton's broadcast path: 8 warps of 128 registers
+    (177, 90112, 8, H100, 1),  # fp32 dot path: 11 warps of 184 x 32 registers; 2 by shared memory
+    (64, 90112, 4, A100, 1),   # shared memory bound on the A100: 164 KB holds one 88 KB CTA
+    (16, 0, 1, H100, 16),      # tiny programs: the CTA limit
+    (255, 0, 32, H100, 1),     # over the register file: never 0
+])
+def test_resident_programs(registers, shared, warps, limits, expected):
+    assert decode.resident_programs(registers, shared, warps, limits) == expected
+
+
+def test_occupancy_fallback_on_cpu():
+    """CPU tensors (the interpreter) plan with the documented fallback, not a compiled kernel's occupancy."""
+    shapes = [(2, 4, 16), (2, 40, 2, 16), (2, 40, 2, 16)]
+    q, k, v = (torch.randn(shape, generator=seeded(30 + i)) for i, shape in enumerate(shapes))
+    lens = torch.tensor([40, 3], dtype=torch.int32)
+    config = decode._triton_config(2, 16, interpret=True)
+    assert decode._triton_programs_per_sm(q, k, v, lens, None, config, None) == decode._FALLBACK_PROGRAMS_PER_SM
 
 
 def test_compile_sees_one_op():
@@ -310,6 +350,28 @@ def test_gpu_cuda_graph_capture(backend):
 
 
 @pytest.mark.gpu
+def test_gpu_occupancy_is_read_from_the_compiled_kernels():
+    """The plan's programs per SM come from the compiled kernels (once per kernel, config and
+    device), and batch 1 with a 1k-key cache still gives every SM a program."""
+    q, k, v, lens = make_inputs(1, 32, 8, 128, 1024, torch.bfloat16, seed=31)
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    plans = []
+    if "triton" in available_backends():
+        config = decode._triton_config(4, 128, interpret=False)
+        per_sm = decode._triton_programs_per_sm(q, k, v, lens, None, config, None)
+        assert 1 <= per_sm <= decode._MAX_CTAS_PER_SM and len(decode._triton_occupancy) >= 1
+        plans.append((8, config["BLOCK_N"], per_sm))
+    if _ext.has("decode_attention_occupancy") and _ext.serves_device(DEVICE) is None:
+        per_sm = decode._cuda_programs_per_sm(128, torch.bfloat16, False, DEVICE.index or 0)
+        assert per_sm >= 1 and decode._cuda_programs_per_sm(128, torch.bfloat16, True, DEVICE.index or 0) >= 1
+        plans.append((8, _ext.lib().DECODE_SPLIT_KEYS, per_sm))
+    for programs, step, per_sm in plans:
+        splits, _ = decode.split_plan(programs, 1024, step, sms, per_sm)
+        assert programs * splits >= min(sms, programs * (1024 // step))
+    assert_matches(decode_attention(q, k, v, lens), q, k, v, lens)
+
+
+@pytest.mark.gpu
 def test_gpu_unaligned_cache_falls_back():
     """A cache view whose rows are not 16-byte aligned is served by Triton, not rejected."""
     q, k, v, lens = make_inputs(*LLAMA3_8B, torch.bfloat16, seed=21)
@@ -324,7 +386,7 @@ def test_gpu_unaligned_cache_falls_back():
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_gpu_cuda_writes_every_output(head_dim):
     """The raw CUDA entry point into NaN-poisoned outputs and workspaces, one split and several."""
-    if not _ext.has("decode_attention") or _ext.serves_device(DEVICE) is not None:
+    if not _ext.has("decode_attention_occupancy") or _ext.serves_device(DEVICE) is not None:
         pytest.skip("CUDA backend not live")
     C = _ext.lib()
     q, k, v, lens = make_inputs(3, 12, 1, head_dim, 700, torch.bfloat16, seed=23, lens=[0, 700, 333])
@@ -334,7 +396,7 @@ def test_gpu_cuda_writes_every_output(head_dim):
         part_out = torch.full((3, 12, splits, head_dim), float("nan"), device=DEVICE)
         part_lse = torch.full((3, 12, splits), float("nan"), device=DEVICE)
         C.decode_attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), *k.stride()[:3], v.data_ptr(),
-                           *v.stride()[:3], lens.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1),
+                           *v.stride()[:3], lens.data_ptr(), 0, 0, 0, 0, out.data_ptr(), out.stride(0), out.stride(1),
                            part_out.data_ptr(), part_lse.data_ptr(), 3, 12, 1, head_dim, 700, keys_per_split, splits,
                            head_dim**-0.5, 0.0, _ext.DTYPE_CODES[q.dtype], DEVICE.index or 0,
                            torch.cuda.current_stream().cuda_stream)
@@ -344,11 +406,17 @@ def test_gpu_cuda_writes_every_output(head_dim):
 
 def test_cuda_entry_point_rejects_bad_launch():
     """The C++ entry point checks its sizes before it touches the GPU (so this runs without one)."""
-    if not _ext.has("decode_attention"):
-        pytest.skip("unimm._C not built")
+    if not _ext.has("decode_attention_occupancy"):
+        pytest.skip("unimm._C not built (or built before paged decode)")
+    def launch(head_dim=64, page_size=0, table=0):
+        _ext.lib().decode_attention(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, table, 0, page_size, 4, 0, 0, 0, 0, 0, 1, 1, 1,
+                                    head_dim, 64, 64, 1, 0.1, 0.0, 2, 0, 0)
+
     with pytest.raises(ValueError, match="head_dim must be 64, 128 or 256"):
-        _ext.lib().decode_attention(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 96, 64, 64, 1,
-                                    0.1, 0.0, 2, 0, 0)
+        launch(head_dim=96)
+    for page_size, table in ((24, 256), (8, 256), (16, 0)):  # not a power of two >= 16; no table
+        with pytest.raises(ValueError, match="paged caches need a block table, page_size a power of two >= 16"):
+            launch(page_size=page_size, table=table)
 
 
 def test_reference_chunking(monkeypatch):

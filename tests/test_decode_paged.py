@@ -52,8 +52,8 @@ def test_paged_equals_contiguous(backend, dtype, case):
     num_pages = batch * max_pages + 5  # some pages belong to no row
     k_pool, table = scatter_to_pages(k, lens, page_size, num_pages, seed=1)
     v_pool, _ = scatter_to_pages(v, lens, page_size, num_pages, seed=1)
-    if backend == "cuda":
-        with pytest.raises(BackendUnavailable, match="contiguous caches only"):
+    if backend == "cuda" and decode._cuda_unsupported(q, k_pool, v_pool, table) is not None:
+        with pytest.raises(BackendUnavailable, match="head_dim in|float16 and bfloat16"):
             decode_attention(q, k_pool, v_pool, lens, block_table=table)
         return
     got = decode_attention(q, k_pool, v_pool, lens, block_table=table, softcap=20.0)
@@ -66,16 +66,16 @@ def test_paged_equals_contiguous(backend, dtype, case):
 
 def test_strided_table_and_pool(backend):
     """A pool that is one layer of a stacked buffer and a table that is a column slice."""
-    if backend == "cuda":
-        pytest.skip("paged caches are Triton's")
-    q, k, v, lens = contiguous_inputs(2, 4, 2, 16, 48, torch.float32, seed=3, lens=[40, 17])
+    dtype, head_dim = (torch.float16, 64) if backend == "cuda" else (torch.float32, 16)  # the CUDA kernel's
+    q, k, v, lens = contiguous_inputs(2, 4, 2, head_dim, 48, dtype, seed=3, lens=[40, 17])
     k_pool, table = scatter_to_pages(k, lens, 16, 9, seed=4)
     v_pool, _ = scatter_to_pages(v, lens, 16, 9, seed=4)
     stacked = torch.stack([v_pool, k_pool])
     wide = torch.stack([table, torch.full_like(table, -9)], -1)[..., 0]  # column stride 2
     assert not wide.is_contiguous()
     got = decode_attention(q, stacked[1], stacked[0], lens, block_table=wide)
-    assert rel_err(got, reference.decode_attention(q, k, v, lens)) <= DECODE_TOLERANCE[torch.float32]
+    want = reference.decode_attention(q.float(), k.float(), v.float(), lens)
+    assert rel_err(got, want) <= DECODE_TOLERANCE[dtype]
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter warns of the NaN it computes
@@ -139,15 +139,15 @@ def test_bad_input(make, error, match):
         decode_attention(q, k_pool, v_pool, lens, block_table=table)
 
 
-def test_padded_head_dims_are_not_the_cuda_kernels():
-    """UNIMM_BACKEND=cuda refuses head dims other than 64, 128 and 256 and paged caches, saying why."""
-    if not _ext.has("decode_attention"):
-        pytest.skip("unimm._C not built")
-    q, k, v, _ = contiguous_inputs(2, 4, 2, 80, 32, torch.float16, seed=12, lens=[1, 2])
-    assert "head_dim in (64, 128, 256)" in decode._cuda_unsupported(q, k, v)
-    q, k, v, _ = contiguous_inputs(2, 4, 2, 64, 32, torch.float16, seed=12, lens=[1, 2])
+def test_cuda_kernel_serves_paged_caches():
+    """The CUDA kernel takes paged caches at its head dims (64, 128, 256) and refuses the others, saying why."""
+    if not _ext.has("decode_attention_occupancy"):
+        pytest.skip("unimm._C not built (or built before paged decode)")
     table = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
-    assert "contiguous caches only" in decode._cuda_unsupported(q, k, v, table)
+    q, k, v, _ = contiguous_inputs(2, 4, 2, 80, 32, torch.float16, seed=12, lens=[1, 2])
+    assert "head_dim in (64, 128, 256)" in decode._cuda_unsupported(q, k, v, table)
+    q, k, v, _ = contiguous_inputs(2, 4, 2, 64, 32, torch.float16, seed=12, lens=[1, 2])
+    assert decode._cuda_unsupported(q, k, v, table) is None
 
 
 @pytest.mark.gpu
@@ -162,3 +162,54 @@ def test_gpu_paged_bf16():
     got = decode_attention(q, k_pool, v_pool, lens, block_table=table)
     assert rel_err(got, reference.decode_attention(q.float(), k.float(), v.float(), lens)) <= \
         DECODE_TOLERANCE[torch.bfloat16]
+
+
+# (batch, q_heads, kv_heads, head_dim, page_size, max_pages): pages of 16 to 256 keys, GQA groups 1 to 32
+CUDA_PAGED = [(8, 32, 8, 128, 16, 128), (3, 28, 4, 128, 64, 31), (5, 8, 4, 256, 256, 6), (4, 32, 1, 64, 32, 40),
+              (2, 4, 4, 64, 128, 3)]
+
+
+def cuda_live() -> bool:
+    return _ext.has("decode_attention_occupancy") and HAS_GPU and _ext.serves_device(DEVICE) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CUDA_PAGED, ids=lambda c: "B{}-Hq{}-Hkv{}-D{}-P{}x{}".format(*c))
+def test_gpu_cuda_paged_equals_contiguous(monkeypatch, dtype, case):
+    """The CUDA kernel over paged caches (NaN in every slot no row's length reaches) against its
+    contiguous call on the same tokens and the fp32 reference, lengths 0, full and ragged."""
+    if not cuda_live():
+        pytest.skip("CUDA backend not live")
+    monkeypatch.setenv("UNIMM_BACKEND", "cuda")
+    batch, q_heads, kv_heads, head_dim, page_size, max_pages = case
+    max_len = page_size * max_pages
+    lens = ([0, max_len] + torch.randint(1, max_len + 1, (batch,), generator=seeded(max_len)).tolist())[:batch]
+    q, k, v, lens = contiguous_inputs(batch, q_heads, kv_heads, head_dim, max_len, dtype, seed=max_len, lens=lens)
+    num_pages = batch * max_pages + 3
+    k_pool, table = scatter_to_pages(k, lens, page_size, num_pages, seed=page_size)
+    v_pool, _ = scatter_to_pages(v, lens, page_size, num_pages, seed=page_size)
+    got = decode_attention(q, k_pool, v_pool, lens, block_table=table, softcap=30.0)
+    contiguous = decode_attention(q, k, v, lens, softcap=30.0)
+    want = reference.decode_attention(q.float(), k.float(), v.float(), lens, softcap=30.0)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert rel_err(got, want) <= DECODE_TOLERANCE[dtype]
+    assert rel_err(got, contiguous) <= DECODE_TOLERANCE[dtype]
+    assert (got[lens.long() == 0] == 0).all()
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_bad_page_ids_give_nan_rows():
+    """On CUDA the table is not read back: a row whose length reaches a bad page id outputs NaN
+    (the kernel never reads through it), the other rows are right."""
+    if not cuda_live():
+        pytest.skip("CUDA backend not live")
+    q, k, v, lens = contiguous_inputs(3, 8, 2, 64, 512, torch.bfloat16, seed=16, lens=[300, 512, 40])
+    k_pool, table = scatter_to_pages(k, lens, 16, 100, seed=17)
+    v_pool, _ = scatter_to_pages(v, lens, 16, 100, seed=17)
+    table[0, 5], table[1, 31], table[2, 3] = 100, -2, 10**6  # row 2's length stops before page 3
+    got = decode._decode_cuda(q, k_pool, v_pool, lens, 64**-0.5, None, table)
+    assert got[:2].isnan().all()
+    want = reference.decode_attention(q.float(), k.float(), v.float(), lens)
+    assert rel_err(got[2], want[2]) <= DECODE_TOLERANCE[torch.bfloat16]
+

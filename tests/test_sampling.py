@@ -1,6 +1,8 @@
 """sample_tokens: the reference's rules by construction, its distribution, bad input; on a GPU the
 CUDA kernel against the reference token for token, and inside a CUDA graph."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -314,13 +316,27 @@ def test_build_constants_match_the_reference():
     assert _ext.lib().SAMPLING_MAX_BLOCK == reference.MAX_BLOCK
 
 
+def test_cuda_split_plan(monkeypatch):
+    """Several CTAs per row only when rows are few: one wave of one CTA per SM, each CTA at least
+    one 8192-token tile, at least 4 CTAs per row or one."""
+    kernels = importlib.import_module("unimm.kernels.sampling")
+    monkeypatch.setattr(kernels, "multiprocessor_count", lambda device: 132)
+
+    def plan(rows, n):
+        return kernels.cuda_splits(rows, n, DEVICE)
+    assert plan(1, 161_280) == 20 and plan(2, 262_144) == 32 and plan(1, 2**23) == 132
+    assert plan(33, 161_280) == 4 and plan(34, 161_280) == 1 and plan(64, 161_280) == 1
+    assert plan(1, 3 * 8192) == 1 and plan(1, 3 * 8192 + 1) == 4 and plan(4096, 100) == 1
+
+
 # ---- GPU ----------------------------------------------------------------------------------------
 #
 # Fast tier (`pytest -m gpu`): the CUDA kernel is precompiled and the fp32 reference is a few sorts
 # and scans. The tier runs bf16 logits through every rule combination (test_gpu_matches_reference[bf16]),
 # the agreement rate and greedy ids, non-finite rows, the raw entry point into poisoned outputs and
-# CUDA-graph capture, and the Triton kernel against the reference (its variants compile once).
-# Full tier (`pytest -m gpu_full`): the same checks with fp32 and fp16 logits.
+# CUDA-graph capture, and the Triton kernel against the reference (its variants compile once); the
+# several-CTAs-per-row path at batch 1, 2 and 64 with 161k and 262k vocabularies (precompiled: no
+# compile). Full tier (`pytest -m gpu_full`): the same checks with fp32 and fp16 logits.
 
 def _cuda_live():
     if not _ext.has("sample_tokens") or _ext.serves_device(DEVICE) is not None:
@@ -478,3 +494,60 @@ def test_gpu_cuda_graph_capture(monkeypatch):
         torch.cuda.synchronize()
         assert torch.equal(static_tokens, _op(logits, uniforms, *args))
         assert ((drawn >= 0) & (drawn < 100_000)).all()
+
+
+def _raw(logits, uniforms, temperature, top_k, top_p, span, cfg_scale, splits):
+    """The CUDA entry point with an explicit CTA count per row, into a poisoned token buffer."""
+    C = _ext.lib()
+    rows_out = logits.shape[0] // 2 if cfg_scale else logits.shape[0]
+    lo, hi = span
+    tokens = torch.full((rows_out,), -7, dtype=torch.int64, device=DEVICE)
+    workspace = torch.full((rows_out * (C.SAMPLING_ROW_STATE_BYTES + 8 * splits),), 0xA5, dtype=torch.uint8,
+                           device=DEVICE)
+    greedy = temperature == 0
+    C.sample_tokens(logits=logits.data_ptr(), row_stride=logits.stride(0), rows_out=rows_out, lo=lo, n=hi - lo,
+                    cfg=cfg_scale is not None, cfg_scale=cfg_scale or 0.0, greedy=greedy,
+                    inv_temperature=1.0 if greedy else reference.inverse_temperature(temperature),
+                    top_k=min(top_k or hi - lo, hi - lo), top_p=1.0 if top_p is None else top_p,
+                    uniforms=uniforms.data_ptr(), tokens=tokens.data_ptr(), dtype=_ext.DTYPE_CODES[logits.dtype],
+                    device=DEVICE.index or 0, stream=torch.cuda.current_stream().cuda_stream, splits=splits,
+                    workspace=workspace.data_ptr() if splits > 1 else 0)
+    return tokens
+
+
+SPLIT_CASES = [  # temperature, top_k, top_p, vocab_range, cfg_scale
+    (1.0, 2000, None, None, 4.0), (0.7, None, 0.9, None, 3.0), (1.0, None, None, None, None),
+    (1.3, 1000, 0.5, (128_256, 160_000), None), (0.0, None, None, None, 4.0), (0.9, 20, 0.8, (77, 32_845), 2.0),
+    (1e-37, 50, 0.9, None, 2.0), (1e30, 10, 0.95, None, 4.0),  # extreme temperatures
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [161_280, 262_144])
+@pytest.mark.parametrize("rows_out", [1, 2, 64])
+def test_gpu_split_rows_match_reference(monkeypatch, rows_out, vocab):
+    """Few rows spread over several CTAs each: the reference's tokens (a mismatch needs a uniform
+    within exp's rounding of a CDF edge) and exactly the one-CTA kernel's (at batch 64, where the
+    plan keeps one CTA per row, the raw entry point forces two)."""
+    _cuda_live()
+    splits = importlib.import_module("unimm.kernels.sampling").cuda_splits(rows_out, vocab, DEVICE)
+    assert rows_out == 64 or splits > 1
+    for index, (temperature, top_k, top_p, vocab_range, cfg_scale) in enumerate(SPLIT_CASES):
+        logits = random((2 * rows_out if cfg_scale else rows_out, vocab), vocab + index, torch.bfloat16, scale=3.0)
+        span = vocab_range or (0, vocab)
+        uniforms = torch.rand(rows_out, generator=device_generator(index), device=DEVICE)
+        want = reference.sample_tokens(logits, uniforms, temperature=temperature, top_k=top_k, top_p=top_p,
+                                       vocab_range=span, cfg_scale=cfg_scale)
+        monkeypatch.setenv("UNIMM_BACKEND", "cuda")
+        got = _op(logits, uniforms, temperature, top_k, top_p, span, cfg_scale)
+        monkeypatch.delenv("UNIMM_BACKEND")
+        assert (got != want).sum() <= 1, (index, got, want)
+        options = (temperature, top_k, top_p, span, cfg_scale)
+        assert torch.equal(_raw(logits, uniforms, *options, splits=max(splits, 2)), _raw(logits, uniforms, *options, 1))
+    logits = random((2, 50_000), 48, torch.bfloat16)
+    logits[0] = float("nan")  # no candidate: -1
+    logits[1, 31_000] = float("inf")  # takes all the mass
+    uniforms = torch.rand(2, generator=device_generator(49), device=DEVICE)
+    for temperature, top_k, top_p in [(1.0, None, None), (0.8, 100, 0.9), (0.0, None, None)]:
+        got = _raw(logits, uniforms, temperature, top_k, top_p, (0, 50_000), None, splits=7)
+        assert got.tolist() == [-1, 31_000]

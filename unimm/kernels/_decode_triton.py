@@ -22,13 +22,18 @@ def _decode_split_kernel(
     stride_tb, stride_ob, stride_oh, scale, softcap,
     HAS_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, STAGES: tl.constexpr,
 ):
     """PAGE_SIZE 0: row b's cache is ``k_ptr + b * stride_kb``. Else paged: the batch strides are
     the page strides, and key j of row b lives in slot ``j % PAGE_SIZE`` of page
     ``table[b, j // PAGE_SIZE]``; a page id outside ``[0, num_pages)`` is never read through, and
     makes the row's scores (so its output) NaN. BLOCK_N divides PAGE_SIZE (the launcher sees to
-    it), so each step's keys lie in one page: one scalar page id a step, not one per key."""
+    it), so each step's keys lie in one page: one scalar page id a step, not one per key.
+
+    The key loop is software-pipelined STAGES deep: the K / V tiles of the next steps are in
+    flight (cp.async into shared memory) while the current one is computed. The loop
+    says so itself (``tl.range(num_stages=...)``): triton pipelines on its own only loads that
+    feed ``tl.dot``, so without it the broadcast path (groups under 16) would not be."""
     program = tl.program_id(0)  # ((b * kv_heads) + kv_head) * q_tiles + q_tile
     split = tl.program_id(1)
     q_tile = program % q_tiles
@@ -55,7 +60,7 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for n0 in range(begin, end, BLOCK_N):
+    for n0 in tl.range(begin, end, BLOCK_N, num_stages=STAGES):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < end  # never past the row's length: the cache may hold anything there
         if PAGE_SIZE == 0:

@@ -7,9 +7,10 @@ the kernel, so the kernel holds no RNG state: equal generator states give equal 
 decode step that samples can be captured in a CUDA graph (with a CUDA generator or the default).
 
 Backends (see ``dispatch``):
-  * cuda: ``csrc/sampling.cu``, one CTA of 1024 threads per output row. It never writes the
-    guided logits: every pass re-reads the vocab block of the cond (and uncond) row with 16-byte
-    loads and recomputes ``z = (g - max g) * inv_t``, ``g = u + s (c - u)``. Passes: (1) the row
+  * cuda: ``csrc/sampling.cu``, one CTA of 1024 threads per output row (several when rows are
+    few, below). It never writes the guided logits: every pass re-reads the vocab block of the
+    cond (and uncond) row with 16-byte loads and recomputes ``z = (g - max g) * inv_t``,
+    ``g = u + s (c - u)``. Passes: (1) the row
     max of g (and, for temperature 0, the argmax: done); (2) top-k by radix select on the
     order-preserving uint32 key of z: a first pass bins tokens by value into 256 bins over
     [min, max] (value bins spread a row's tokens where key bits would pile them into a few
@@ -22,6 +23,21 @@ Backends (see ``dispatch``):
     thread order: the kernel is deterministic and agrees with the reference token for token
     except where ``exp`` rounds differently on the GPU. Histograms add weights as two 32-bit
     halves with carry (shared-memory 64-bit adds are compare-and-swap loops).
+    Work split: when rows are few (``cuda_splits``: ``SMs // rows`` CTAs per row when that is 4 or
+    more, each at least 8192 tokens, so batch 1-2 with CFG at 161k-262k vocab runs 20-32 CTAs per
+    row instead of one; 33 rows or more on 132 SMs keep one),
+    the row's chunks are split over a grid ``[splits, rows]`` and each pass becomes a launch: the
+    max, each selection stage, each split's survivor weight, the draw. CTAs add their partial
+    max / min keys, counts and integer weights to the row's state in a workspace with global
+    atomics (all exact integers, so the totals do not depend on arrival order); the last CTA of a
+    row to arrive finishes the stage exactly as the one-CTA kernel does. The draw scans the splits'
+    weights and only the split holding the target draws, so the tokens equal the one-CTA kernel's.
+    Launches: greedy 1; sampling 3, plus 5 per active top-k / top-p (a stage a row has resolved
+    returns at once), and a memset of the state: a fixed sequence, graph-capturable.
+    Bytes: every pass re-reads the block, ``n * elem`` per row (twice with guidance: 644 KB at
+    161k bf16 with CFG), but only the first pass comes from HBM: the block of a few rows sits in
+    L2 (50 MB), so a pass is one L2 round trip per thread plus its atomics and a launch boundary,
+    not a bandwidth bound; the workspace adds ``rows * (4096 + 8 * splits)`` bytes.
   * triton: ``_sampling_triton``, the same rules and integer weights (so the same tokens), with
     the top-k and top-p thresholds found by a 16-way search on the key of ``z`` (its docstring
     has the cost model): the GPU path of installs without the extension, and the CPU tests'
@@ -44,7 +60,7 @@ import torch
 
 from unimm import _ext
 from unimm.kernels import dispatch
-from unimm.kernels._common import check_tensors, device_guard, is_int, is_real
+from unimm.kernels._common import cdiv, check_tensors, device_guard, is_int, is_real, multiprocessor_count
 from unimm.kernels.reference import sampling as reference
 
 try:
@@ -55,6 +71,9 @@ except ImportError:  # no triton: the Triton backend is then not live (dispatch 
     triton = triton_backend = None
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CUDA_TILE = 8192  # tokens one pass of a 1024-thread CTA reads with one 8-token chunk per thread
+_CUDA_MAX_SPLITS = 1024  # csrc/sampling.cu: the draw scans the splits' weights with one thread each
+_CUDA_MIN_SPLITS = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,18 +200,35 @@ def _(logits, uniforms, temperature, top_k, top_p, lo, hi, cfg_scale):
     return logits.new_empty(rows_out, dtype=torch.int64)
 
 
+def cuda_splits(rows_out: int, n: int, device: torch.device) -> int:
+    """CTAs per row of the CUDA kernel for ``rows_out`` rows of an ``n``-token block: as many as
+    one wave of one CTA per SM gives each row (``SMs // rows_out``), each at least one 8192-token
+    tile (one 8-token chunk per thread per pass), at most 1024; 1 (the one-CTA kernel) below 4,
+    where a pass's launch and cross-CTA finish would cost about what splitting its loads saves.
+    Shapes and the SM count only: no host synchronisation."""
+    splits = min(cdiv(n, _CUDA_TILE), multiprocessor_count(device) // max(1, rows_out), _CUDA_MAX_SPLITS)
+    return splits if splits >= _CUDA_MIN_SPLITS else 1
+
+
 def _sample_cuda(logits, uniforms, temperature, top_k, top_p, lo, hi, cfg_scale) -> torch.Tensor:
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     rows_out = logits.shape[0] // 2 if cfg_scale is not None else logits.shape[0]
     tokens = torch.empty(rows_out, dtype=torch.int64, device=logits.device)
     greedy = temperature == 0
-    _ext.lib().sample_tokens(
+    C = _ext.lib()
+    splits = cuda_splits(rows_out, hi - lo, logits.device)
+    workspace = None
+    if splits > 1:  # per row: the state between launches, then one survivor weight per split
+        workspace = torch.empty(rows_out * (C.SAMPLING_ROW_STATE_BYTES + 8 * splits), dtype=torch.uint8,
+                                device=logits.device)
+    C.sample_tokens(
         logits=logits.data_ptr(), row_stride=logits.stride(0), rows_out=rows_out, lo=lo, n=hi - lo,
         cfg=cfg_scale is not None, cfg_scale=0.0 if cfg_scale is None else cfg_scale, greedy=greedy,
         inv_temperature=1.0 if greedy else reference.inverse_temperature(temperature), top_k=top_k, top_p=top_p,
         uniforms=0 if greedy else uniforms.data_ptr(), tokens=tokens.data_ptr(),
-        dtype=_ext.DTYPE_CODES[logits.dtype], device=logits.device.index, stream=_ext.stream_handle(logits.device))
+        dtype=_ext.DTYPE_CODES[logits.dtype], device=logits.device.index, stream=_ext.stream_handle(logits.device),
+        splits=splits, workspace=0 if workspace is None else workspace.data_ptr())
     return tokens
 
 
