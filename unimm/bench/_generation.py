@@ -1,6 +1,8 @@
 """The generation family's parts ``discrete`` and ``continuous`` (``unimm.bench.generate``): whole
-text-to-image generation calls on a Llama-3.2-1B-shaped backbone with random weights, over image
-codes against transformers' ``generate`` and over continuous tokens with a diffusion head.
+image generation calls on backbones with random weights (Llama-3.2-1B-shaped, and LlamaGen's GPT-XL
+for class-conditional images), over image codes against transformers' ``generate`` and over
+continuous tokens with a diffusion head. Every result reports seconds per image and generated
+tokens per second (images x tokens per image span / call time).
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from unimm.bench._harness import add_unimm_speedups, show
 from unimm.bench._llama import llama_config, llama_for_causal_lm
 from unimm.models import Decoder, DiffusionHead, DiscreteImage, ImageSpec, Text, UnifiedModel, VocabLayout, pack
 from unimm.models.sequence import DEFAULT_SPECIAL_TOKENS, EMU3_FORMAT, UNIFLUID_FORMAT
+from unimm.models.vocab import ImageFormat
 
 # backbone shapes; the vocabulary comes with the part's shape
 GEN_MODELS = {
     "llama-3.2-1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, head_dim=64, intermediate=8192),
+    # LlamaGen's GPT-XL (775M): width 1280, 36 layers, 20 heads, SwiGLU of 3584
+    "llamagen-gpt-xl": dict(hidden=1280, layers=36, heads=20, kv_heads=20, head_dim=64, intermediate=3584),
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128),
 }
 GEN_TIMING = dict(warmup=1, repeat=3)  # one call is a whole generation: seconds
@@ -26,26 +31,47 @@ BOS = 1  # the prompts' first token; the unconditional prompt is BOS alone (capt
 
 DISCRETE_TARGET = ("discrete: unimm (CUDA graphs) above transformers generate with CFG and above unimm without "
                    "CUDA graphs in images/s")
-# Emu3-style text-to-image: a 161,280-entry vocabulary whose last 32,768 are codes, 24 x 24 codes per
-# image with Emu3's structure tokens (609 tokens per span), CFG 4, top-k 2000
-DISCRETE_SHAPES = {"llama-3.2-1b-v161k-16x24x24": dict(model="llama-3.2-1b", vocab=161280, image_codes=32768,
-                                                        images=16, grid=(24, 24), prompt_len=32, cfg_scale=4.0,
-                                                        top_k=2000),
+# The token layout of an image span: Emu3's structure tokens (size, image token, end of each row and
+# of the frame), or LlamaGen's bare codes (the class token is the prompt).
+IMAGE_FORMATS = {"emu3": EMU3_FORMAT, "llamagen": ImageFormat(begin=None, end=None)}
+LLAMAGEN_CLASSES, LLAMAGEN_CODES = 1000, 16384  # ImageNet classes; VQ-16 codebook
+LLAMAGEN_VOCAB = LLAMAGEN_CLASSES + len(DEFAULT_SPECIAL_TOKENS) + LLAMAGEN_CODES
+
+
+def emu3_shape(images: int, side: int) -> dict:
+    """Emu3-style text-to-image: a 161,280-entry vocabulary whose last 32,768 are codes, side x side
+    codes with Emu3's structure tokens, 32-token prompts, CFG 4, top-k 2000."""
+    return dict(model="llama-3.2-1b", vocab=161280, image_codes=32768, images=images, grid=(side, side),
+                prompt_len=32, cfg_scale=4.0, top_k=2000, format="emu3")
+
+
+def llamagen_shape(images: int) -> dict:
+    """LlamaGen-style class-conditional ImageNet 256: GPT-XL, BOS + a class token as the prompt, 16 x 16
+    codes of a 16,384-entry codebook (256 tokens, no structure tokens), CFG 4, top-k 2000."""
+    return dict(model="llamagen-gpt-xl", vocab=LLAMAGEN_VOCAB, image_codes=LLAMAGEN_CODES, images=images,
+                grid=(16, 16), prompt_len=2, cfg_scale=4.0, top_k=2000, format="llamagen")
+
+
+DISCRETE_SHAPES = {"llama-3.2-1b-v161k-16x24x24": emu3_shape(16, 24),  # 609 tokens per span
                    # a quarter of the tokens: what --quick runs, transformers' generate taking tens of seconds
-                   "llama-3.2-1b-v161k-8x16x16": dict(model="llama-3.2-1b", vocab=161280, image_codes=32768,
-                                                       images=8, grid=(16, 16), prompt_len=32, cfg_scale=4.0,
-                                                       top_k=2000)}
+                   "llama-3.2-1b-v161k-8x16x16": emu3_shape(8, 16),
+                   "llama-3.2-1b-v161k-1x32x32": emu3_shape(1, 32),  # one Emu3-shaped 1.1k-token image
+                   **{f"llamagen-xl-b{images}-16x16": llamagen_shape(images) for images in (1, 8, 64)}}
 DISCRETE_SMOKE_SHAPES = {"tiny-2x3x3": dict(model="tiny", vocab=301, image_codes=100, images=2, grid=(3, 3),
-                                            prompt_len=5, cfg_scale=4.0, top_k=20)}
+                                            prompt_len=5, cfg_scale=4.0, top_k=20, format="emu3"),
+                         "tiny-llamagen-3x4x4": dict(model="tiny", vocab=150, image_codes=64, images=3, grid=(4, 4),
+                                                     prompt_len=2, cfg_scale=4.0, top_k=20, format="llamagen")}
 DISCRETE_ANCHORS = ("transformers", "unimm[eager]")
 
 CONTINUOUS_TARGET = "continuous: report only, s/image beside LlamaGen on vLLM's published 0.6 s/image"
 LLAMAGEN_VLLM = "LlamaGen GPT-XL (775M) on vLLM, A100, published: 0.6 s/image"
 # UniFluid-style: 16 x 16 continuous tokens per image (BOI then the tokens, random order, next-position
 # embeddings), a MAR-B-sized diffusion head (width 1024, depth 6) on 16-channel tokens, 100 steps, CFG
-CONTINUOUS_SHAPES = {"llama-3.2-1b-16x16x16-mar-b": dict(model="llama-3.2-1b", text_vocab=128256, images=16,
-                                                          grid=(16, 16), token_dim=16, head=(1024, 6),
-                                                          diffusion_steps=100, prompt_len=32, cfg_scale=3.0)}
+CONTINUOUS_SHAPES = {f"llama-3.2-1b-{images}x16x16-mar-b": dict(model="llama-3.2-1b", text_vocab=128256,
+                                                                  images=images, grid=(16, 16), token_dim=16,
+                                                                  head=(1024, 6), diffusion_steps=100, prompt_len=32,
+                                                                  cfg_scale=3.0)
+                     for images in (16, 1)}
 CONTINUOUS_SMOKE_SHAPES = {"tiny-2x2x3": dict(model="tiny", text_vocab=150, images=2, grid=(2, 3), token_dim=4,
                                               head=(32, 2), diffusion_steps=5, prompt_len=5, cfg_scale=3.0)}
 # an untrained head's clean-token estimates are unbounded (DiffusionHead.sample): keep what is fed back finite
@@ -92,11 +118,12 @@ def time_generation(run, fn, timing: dict) -> dict:
 def hf_generate_discrete(decoder: Decoder, vocab: VocabLayout, spec: dict, prompts: torch.Tensor, run):
     """transformers' ``generate`` on the same weights: sampling with top-k, CFG through
     ``guidance_scale`` + ``negative_prompt_ids`` (its UnbatchedClassifierFreeGuidanceLogitsProcessor: a
-    second forward per step over the unconditional prompts, with their own cache) and Emu3's layout
-    (structure tokens forced, codes elsewhere) as a logits processor, as Emu3's own generation does."""
+    second forward per step over the unconditional prompts, with their own cache) and the span's
+    layout (structure tokens forced, codes elsewhere) as a logits processor, as Emu3's own generation
+    does (LlamaGen's span is codes only)."""
     import transformers
 
-    class Emu3Layout(transformers.LogitsProcessor):
+    class SpanLayout(transformers.LogitsProcessor):
         """Emu3's PrefixConstrainedLogitsProcessor, vectorised over the batch: the token at each
         step of the image span is its structure token, or any image code."""
 
@@ -117,10 +144,10 @@ def hf_generate_discrete(decoder: Decoder, vocab: VocabLayout, spec: dict, promp
              for name, tensor in decoder.state_dict().items()}
     model.load_state_dict(state)
     model.eval()
-    layout = emu3_layout(vocab, spec["grid"])
+    layout = span_layout(vocab, spec)
     cond = prompts.to(run.device)
     uncond = torch.full((cond.shape[0], 1), BOS, dtype=torch.long, device=run.device)
-    processor = Emu3Layout(layout, cond.shape[1], vocab.image_codes[0])
+    processor = SpanLayout(layout, cond.shape[1], vocab.image_codes[0])
 
     def call():
         with torch.no_grad():
@@ -132,10 +159,12 @@ def hf_generate_discrete(decoder: Decoder, vocab: VocabLayout, spec: dict, promp
     return call, layout
 
 
-def emu3_layout(vocab: VocabLayout, grid: tuple[int, int]) -> list[int]:
-    """The tokens of one image span as ``pack`` lays them out: structure ids, -1 at codes."""
-    batch = pack([[DiscreteImage(torch.zeros(grid, dtype=torch.long), loss=False, format=EMU3_FORMAT)]],
-                 4 * grid[0] * grid[1] + 16, vocab=vocab)
+def span_layout(vocab: VocabLayout, spec: dict) -> list[int]:
+    """The tokens of one image span of the shape's format as ``pack`` lays them out: structure ids,
+    -1 at codes."""
+    grid = spec["grid"]
+    image = DiscreteImage(torch.zeros(grid, dtype=torch.long), loss=False, format=IMAGE_FORMATS[spec["format"]])
+    batch = pack([[image]], 4 * grid[0] * grid[1] + 16, vocab=vocab)
     ids = batch.input_ids[0, :batch.placements[0][2]]
     return torch.where(ids >= vocab.image_codes[0], -1, ids).tolist()
 
@@ -146,9 +175,9 @@ def bench_discrete(name: str, spec: dict, run) -> list[dict]:
     decoder = gen_decoder(spec["model"], vocab.size, run)
     model = UnifiedModel(decoder, vocab)
     prompts = gen_prompts(spec, text_size)
-    image = ImageSpec("discrete", shape=spec["grid"], format=EMU3_FORMAT, cfg_scale=spec["cfg_scale"],
-                      temperature=1.0, top_k=spec["top_k"])
-    span = len(emu3_layout(vocab, spec["grid"]))
+    image = ImageSpec("discrete", shape=spec["grid"], format=IMAGE_FORMATS[spec["format"]],
+                      cfg_scale=spec["cfg_scale"], temperature=1.0, top_k=spec["top_k"])
+    span = len(span_layout(vocab, spec))
     segments = [[Text(row.tolist())] for row in prompts]
 
     results, codes = [], {}
@@ -157,7 +186,7 @@ def bench_discrete(name: str, spec: dict, run) -> list[dict]:
         out = call()
         codes[impl] = torch.stack([continuation[0].codes for continuation in out])
         timing = time_generation(run, call, GEN_TIMING)
-        results.append(discrete_result(name, impl, spec, span, timing))
+        results.append(generation_result(name, impl, spec, span, timing))
     results[0]["same_codes_as_eager"] = bool(torch.equal(codes["unimm"], codes["unimm[eager]"]))
     results[0]["codes_shape"] = list(codes["unimm"].shape)
 
@@ -170,7 +199,7 @@ def bench_discrete(name: str, spec: dict, run) -> list[dict]:
             (generated[:, i] == token).all() if token >= 0 else (generated[:, i] >= vocab.image_codes[0]).all()
             for i, token in enumerate(layout))
         timing = time_generation(run, call, GEN_ANCHOR_TIMING)
-        result = discrete_result(name, "transformers", spec, span, timing)
+        result = generation_result(name, "transformers", spec, span, timing)
         result["layout_ok"] = bool(layout_ok)
     except (ImportError, RuntimeError, TypeError, ValueError) as error:  # not importable, out of memory, API drift
         result.update(available=False, reason=f"{type(error).__name__}: {error}".splitlines()[0])
@@ -180,12 +209,14 @@ def bench_discrete(name: str, spec: dict, run) -> list[dict]:
     return results
 
 
-def discrete_result(name: str, impl: str, spec: dict, span: int, timing: dict) -> dict:
+def generation_result(name: str, impl: str, spec: dict, span: int, timing: dict, **extra) -> dict:
+    """One timed generation call: per image and per generated token, and what the caller checked."""
     seconds = timing["median_ms"] / 1e3
     result = dict(shape=name, impl=impl, available=True, **timing, tokens_per_image=span,
-                  images_per_s=spec["images"] / seconds, ms_per_step=timing["median_ms"] / span)
-    print(f"{name:>30} {impl:>14}  {seconds:8.3f} s/call  {result['images_per_s']:8.2f} images/s  "
-          f"{result['ms_per_step']:7.3f} ms/step")
+                  s_per_image=seconds / spec["images"], images_per_s=spec["images"] / seconds,
+                  tokens_per_s=spec["images"] * span / seconds, ms_per_step=timing["median_ms"] / span, **extra)
+    print(f"{name:>30} {impl:>14}  {seconds:8.3f} s/call  {result['s_per_image']:7.3f} s/image  "
+          f"{result['tokens_per_s']:9.1f} tokens/s  {result['ms_per_step']:7.3f} ms/step")
     return result
 
 
@@ -207,9 +238,11 @@ def discrete_table_row(result: dict, spec: dict) -> dict:
     speedup = result.get("speedup", {})
     return {
         "shape": f"{spec['model']} V={spec['vocab']} {spec['images']} x {spec['grid'][0]}x{spec['grid'][1]} codes "
-                 f"CFG {spec['cfg_scale']} top-k {spec['top_k']}",
+                 f"({spec['format']}) CFG {spec['cfg_scale']} top-k {spec['top_k']}",
         "impl": result["impl"],
         "median s/call": show(result, "median_ms", ".3f", 1e-3) if available else "n/a",
+        "s/image": show(result, "s_per_image", ".3f"),
+        "tokens/s": show(result, "tokens_per_s", ".0f"),
         "images/s": show(result, "images_per_s", ".2f"),
         "ms/step": show(result, "ms_per_step", ".3f"),
         "speedup vs transformers": show(speedup, "transformers", ".2f"),
@@ -238,13 +271,8 @@ def bench_continuous(name: str, spec: dict, run) -> list[dict]:
         out = call()
         finite = all(bool(torch.isfinite(c[0].features).all()) for c in out)
         timing = time_generation(run, call, GEN_TIMING)
-        seconds = timing["median_ms"] / 1e3
-        result = dict(shape=name, impl=impl, available=True, **timing, tokens_per_image=span,
-                      s_per_image=seconds / spec["images"], ms_per_step=timing["median_ms"] / span,
-                      features_shape=list(out[0][0].features.shape), finite=finite)
-        print(f"{name:>30} {impl:>14}  {seconds:8.3f} s/call  {result['s_per_image']:7.3f} s/image  "
-              f"{result['ms_per_step']:7.3f} ms/step")
-        results.append(result)
+        results.append(generation_result(name, impl, spec, span, timing,
+                                         features_shape=list(out[0][0].features.shape), finite=finite))
     add_unimm_speedups(results, ("unimm[eager]",))
     print(f"reference: {LLAMAGEN_VLLM} (not run here)")
     return results
@@ -262,6 +290,7 @@ def continuous_table_row(result: dict, spec: dict) -> dict:
         "impl": result["impl"],
         "median s/call": show(result, "median_ms", ".3f", 1e-3),
         "s/image": show(result, "s_per_image", ".3f"),
+        "tokens/s": show(result, "tokens_per_s", ".0f"),
         "ms/step": show(result, "ms_per_step", ".3f"),
         "speedup vs unimm[eager]": show(result.get("speedup"), "unimm[eager]", ".2f"),
     }

@@ -26,36 +26,52 @@ rotated through copies so that every call reads them from HBM, as a decode step 
 
 Target (issue): decode_attention at >= 85% of the measured copy bandwidth for caches of >= 4k rows.
 
-Part ``discrete`` (issue 7, benchmark a): Emu3-style text-to-image on a Llama-3.2-1B-shaped model
+Part ``sampling`` (issue 18): ``sample_tokens`` on ``[cond; uncond]`` bf16 logits (N(0, 3)) with
+LlamaGen's image options (CFG 4, top-k 2000, temperature 1) at 161,280 (Emu3) and 262,144 (Gemma)
+entries, batches 1, 2 and 64: auto dispatch, each backend forced, and replayed from CUDA graphs
+(as the decode engine runs it: few rows spread over several CTAs each is a chain of launches, which
+a graph launches at once). Anchors: LlamaGen's ``sample()`` in torch (guidance, ``torch.topk`` mask,
+softmax, ``torch.multinomial``) and flashinfer's ``top_k_sampling_from_probs`` on the guided softmax
+(n/a when flashinfer is not installed). unimm's tokens are checked against the reference with the
+same uniforms (``tokens off reference``, at most one: exp may round apart at a CDF edge), every
+implementation's against the guided top-k. Inputs are rotated as for decode attention.
+Target (issue): <= 40 us at 161k and batch 2 (the better of eager and graphed unimm).
+
+Part ``discrete`` (issue 7, benchmark a; issue 18): Emu3-style text-to-image on a Llama-3.2-1B-shaped model
 with random weights (``Decoder.from_config``; hidden 2048, 16 layers, 32 / 8 heads of 64, tied
 embeddings) and a 161,280-entry vocabulary whose last 32,768 are image codes: 16 prompts of 32 text
 tokens, one 24 x 24 image each (609 tokens with Emu3's structure tokens), CFG 4.0 against the
-prompt BOS alone, top-k 2000 at temperature 1. One timed call generates all 16 images, prefill
-included:
+prompt BOS alone, top-k 2000 at temperature 1; one Emu3-shaped 32 x 32 image (1,065 tokens) at batch
+1; and LlamaGen-style class-conditional ImageNet generation on GPT-XL (1280 wide, 36 layers): BOS and
+a class token, 256 codes of a 16,384-entry codebook with no structure tokens, CFG 4, top-k 2000, at
+batch 1, 8 and 64. One timed call generates all the images of its batch, prefill included:
   * unimm: ``UnifiedModel.generate`` (static KV cache, decode step in a CUDA graph, codes sampled
     over the code block by ``sample_tokens``, [cond; uncond] rows in one batch);
   * unimm[eager]: the same with ``cuda_graphs=False``; its codes must equal unimm's (same
     generator), recorded as ``same_codes_as_eager``;
   * transformers: ``LlamaForCausalLM.generate`` on the same weights with ``guidance_scale`` and
     ``negative_prompt_ids`` (its UnbatchedClassifierFreeGuidanceLogitsProcessor, one more forward
-    per step over the unconditional prompts) and Emu3's layout as a logits processor (structure
+    per step over the unconditional prompts) and the span's layout as a logits processor (structure
     tokens forced, codes elsewhere, as Emu3's PrefixConstrainedLogitsProcessor), SDPA attention,
     its default dynamic cache; n/a when transformers does not import.
-Reported: seconds per call, images/s, ms per step (call time / 609), speedup of unimm over each.
+Reported: seconds per call, seconds per image, tokens/s (images x span / call time), images/s, ms per
+step (call time / span), speedup of unimm over each.
 
 Part ``continuous`` (issue 7, benchmark b): UniFluid-style text-to-image on the same backbone
 (text vocabulary only) with a MAR-B-sized ``DiffusionHead`` (width 1024, depth 6, 16-channel
 tokens): 16 images of 16 x 16 continuous tokens in a random order with next-position embeddings,
-100 diffusion steps per token, CFG 3.0, with and without CUDA graphs. Reported: seconds per image
-and ms per step beside LlamaGen on vLLM's published 0.6 s/image (GPT-XL, A100; a printed reference,
-not run here). The untrained head's clean-token estimates are clipped (``clip_denoised``) so that
-the tokens fed back stay finite; that costs one clamp per step.
+100 diffusion steps per token, CFG 3.0, with and without CUDA graphs, and the same at batch 1.
+Reported: seconds per image, tokens/s and ms per step beside LlamaGen on vLLM's published 0.6
+s/image (GPT-XL, A100; a printed reference, not run here). The untrained head's clean-token
+estimates are clipped (``clip_denoised``) so that the tokens fed back stay finite; that costs one
+clamp per step. transformers has no diffusion head: no anchor runs.
 
-With ``--quick`` (what ``unimm bench --quick`` runs): decode_attention at llama-3-8b-b16-4k and
-discrete at llama-3.2-1b-v161k-8x16x16 (8 images of 16 x 16 codes), each generation timed twice
-after its first call (transformers' once); continuous is left out (it has no anchor to beat).
+With ``--quick`` (what ``unimm bench --quick`` runs): decode_attention at llama-3-8b-b16-4k,
+sampling at v161k-b2 and discrete at llama-3.2-1b-v161k-8x16x16 (8 images of 16 x 16 codes), each
+generation timed twice after its first call (transformers' once); continuous is left out (it has
+no anchor to beat).
 
-    python -m unimm.bench.generate [--parts decode_attention,discrete,continuous]
+    python -m unimm.bench.generate [--parts decode_attention,sampling,discrete,continuous]
         [--shapes decode_attention/llama-3-8b-b16-4k,discrete/llama-3.2-1b-v161k-16x24x24] [--quick] [--out DIR]
     python -m unimm.bench.generate --smoke --out DIR   # tiny shapes on the CPU: checks the family
 """
@@ -70,7 +86,9 @@ import torch.nn.functional as F
 
 from unimm.bench import _generation as generation
 from unimm.bench._harness import add_unimm_speedups, forced_backend, mark_na, optional_import, parse_run, show, verdict
-from unimm.kernels import BackendUnavailable, decode_attention
+from unimm.kernels import BackendUnavailable, decode_attention, sample_tokens
+from unimm.kernels._common import capture_cuda_graph
+from unimm.kernels.reference import sampling as reference_sampling
 from unimm.kernels.reference.decode import decode_attention as reference_decode_attention
 from unimm.testing import BENCH_DECODE_TOLERANCE, rel_err
 
@@ -242,6 +260,130 @@ def decode_table_row(result: dict, spec: tuple) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Part sampling
+# ---------------------------------------------------------------------------------------------
+
+SAMPLING_TARGET = "sampling: sample_tokens <= 40 us for a 161k vocabulary at batch 2 with CFG (H100/H200)"
+SAMPLING_TARGET_US, SAMPLING_TARGET_SHAPE = 40.0, "v161k-b2"
+# name: (vocab V, output rows B; the logits are [cond; uncond], 2B rows)
+SAMPLING_SHAPES = {f"v{vocab // 1000}k-b{batch}": (vocab, batch)
+                   for vocab in (161_280, 262_144) for batch in (1, 2, 64)}
+SAMPLING_SMOKE_SHAPES = {"v3k-b1": (3001, 1), "v3k-b3": (3001, 3)}
+SAMPLING_OPTIONS = dict(temperature=1.0, top_k=2000, cfg_scale=4.0)  # LlamaGen's defaults for images
+# unimm eagerly (each backend as for decode attention), and replayed from a CUDA graph as a decode step runs it
+SAMPLING_UNIMM = DECODE_UNIMM + (("unimm[graph]", None),)
+SAMPLING_ANCHORS = ("torch", "flashinfer")
+
+
+def torch_sample(logits: torch.Tensor) -> torch.Tensor:
+    """LlamaGen's ``sample()`` in torch: guidance, temperature, a top-k mask from ``torch.topk``, softmax,
+    ``torch.multinomial``."""
+    rows = logits.shape[0] // 2
+    cond, uncond = logits[:rows].float(), logits[rows:].float()
+    guided = (uncond + SAMPLING_OPTIONS["cfg_scale"] * (cond - uncond)) / SAMPLING_OPTIONS["temperature"]
+    kth = torch.topk(guided, SAMPLING_OPTIONS["top_k"], dim=-1).values[:, -1:]
+    probs = torch.softmax(guided.masked_fill(guided < kth, float("-inf")), dim=-1)
+    return torch.multinomial(probs, 1)[:, 0]
+
+
+def flashinfer_sample(device: torch.device):
+    """flashinfer's top-k rejection sampler on the guided probabilities (guidance and softmax in
+    torch: flashinfer has no guidance), as vLLM's sampler calls it."""
+    if flashinfer is None:
+        raise Unavailable(_flashinfer_error)
+    if device.type != "cuda":
+        raise Unavailable("flashinfer's kernels need a CUDA device")
+
+    def call(logits):
+        rows = logits.shape[0] // 2
+        cond, uncond = logits[:rows].float(), logits[rows:].float()
+        guided = uncond + SAMPLING_OPTIONS["cfg_scale"] * (cond - uncond)
+        probs = torch.softmax(guided / SAMPLING_OPTIONS["temperature"], dim=-1)
+        return flashinfer.sampling.top_k_sampling_from_probs(probs, SAMPLING_OPTIONS["top_k"])
+    return call
+
+
+def graphed_sample(rotate: list[tuple], device: torch.device):
+    """``sample_tokens`` replayed from CUDA graphs, one per rotated input (uniforms drawn inside the
+    graph, as the decode engine captures them); returns (call, its rotation)."""
+    if device.type != "cuda":
+        raise Unavailable("CUDA graphs need a CUDA device")
+    graphs = [(capture_cuda_graph(lambda logits=logits: sample_tokens(logits, **SAMPLING_OPTIONS), device)[0],)
+              for logits, in rotate]
+    return (lambda graph: graph.replay()), graphs
+
+
+def sampling_call(impl: str, rotate: list[tuple], device: torch.device):
+    """(the call to time, the argument tuples it cycles through) for one implementation."""
+    if impl == "torch":
+        return torch_sample, rotate
+    if impl == "flashinfer":
+        return flashinfer_sample(device), rotate
+    if impl == "unimm[graph]":
+        return graphed_sample(rotate, device)
+    return (lambda logits: sample_tokens(logits, **SAMPLING_OPTIONS)), rotate
+
+
+def bench_sampling(name: str, spec: tuple, run) -> list[dict]:
+    vocab, batch = spec
+    device = run.device
+    logits = (torch.randn(2 * batch, vocab, device=device) * 3).to(run.dtype)
+    seed = 0
+    uniforms = torch.rand(batch, generator=torch.Generator(device).manual_seed(seed), device=device)
+    expected = reference_sampling.sample_tokens(logits, uniforms, **SAMPLING_OPTIONS)
+    guided = reference_sampling.guided_logits(logits, cfg_scale=SAMPLING_OPTIONS["cfg_scale"])
+    kth = torch.topk(guided, SAMPLING_OPTIONS["top_k"], dim=-1).values[:, -1]
+    rotate = run.rotation((logits,), COUNTS["repeat"])
+    results = []
+    for impl, backend in SAMPLING_UNIMM + tuple((anchor, None) for anchor in SAMPLING_ANCHORS):
+        result = dict(shape=name, impl=impl, rows=batch, vocab=vocab)
+        results.append(result)
+        is_unimm = impl.startswith("unimm")
+        try:
+            with forced_backend(backend):
+                fn, rotation = sampling_call(impl, rotate, device)
+                # unimm with the reference's uniforms (the same generator state); anchors draw their own
+                tokens = (sample_tokens(logits, **SAMPLING_OPTIONS, generator=torch.Generator(device).manual_seed(seed))
+                          if is_unimm else fn(logits))
+                timing = run.time(fn, rotate=rotation)
+        except (BackendUnavailable, Unavailable, torch.OutOfMemoryError) if is_unimm else Exception as error:
+            mark_na(result, f"{type(error).__name__}: {error}".splitlines()[0], tuple(result),
+                    f"{name:>10} {impl:>14}")
+            continue
+        tokens = tokens.long().reshape(-1)
+        in_top_k = bool(((tokens >= 0) & (tokens < vocab)).all()) and bool(
+            (guided.gather(1, tokens.clamp(0, vocab - 1)[:, None])[:, 0] >= kth).all())
+        result.update(available=True, **timing, median_us=timing["median_ms"] * 1e3, in_top_k=in_top_k)
+        if is_unimm:  # the same uniforms as the reference: the same tokens but where exp rounds at a CDF edge
+            mismatches = int((tokens != expected).sum())
+            result.update(mismatches=mismatches, within_tolerance=mismatches <= 1)
+        print(f"{name:>10} {impl:>14}  {result['median_us']:9.1f} us  top-k ok {in_top_k}")
+    add_unimm_speedups(results, SAMPLING_ANCHORS)
+    return results
+
+
+def judge_sampling(results: list[dict], shapes: dict, run) -> bool | None:
+    if run.peaks is None:
+        return None
+    judged = [r for r in results if r["impl"] in ("unimm", "unimm[graph]") and r["shape"] == SAMPLING_TARGET_SHAPE]
+    if not any(r.get("available") for r in judged):
+        return None
+    return min(r["median_us"] for r in judged if r.get("available")) <= SAMPLING_TARGET_US
+
+
+def sampling_table_row(result: dict, spec: tuple) -> dict:
+    vocab, batch = spec
+    return {
+        "shape": f"V={vocab} B={batch} (CFG: {2 * batch} logit rows) top-k {SAMPLING_OPTIONS['top_k']}",
+        "impl": result["impl"],
+        "median us": show(result, "median_us", ".1f") if result["available"] else "n/a",
+        **{f"speedup vs {anchor}": show(result.get("speedup"), anchor, ".2f") for anchor in SAMPLING_ANCHORS},
+        "in top-k": {True: "yes", False: "NO"}.get(result.get("in_top_k"), "-"),
+        "tokens off reference": show(result, "mismatches", ".0f"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # Parts and the run
 # ---------------------------------------------------------------------------------------------
 
@@ -251,6 +393,13 @@ PARTS = {
                              row=decode_table_row,
                              legend="speedup vs X = X's median time / this row's; GB/s = K and V bytes the call "
                                     "must read / median time"),
+    "sampling": Part(shapes=SAMPLING_SHAPES, smoke_shapes=SAMPLING_SMOKE_SHAPES, bench=bench_sampling,
+                     target=SAMPLING_TARGET, judge=judge_sampling, describe=lambda spec: dict(vocab=spec[0],
+                                                                                              rows=spec[1]),
+                     row=sampling_table_row,
+                     legend=f"sample_tokens with {SAMPLING_OPTIONS} on [cond; uncond] logits; speedup vs X = X's "
+                            "median time / this row's; in top-k: every token among the guided top-k; tokens off "
+                            "reference: unimm's tokens that differ from the reference's with the same uniforms"),
     "discrete": Part(shapes=generation.DISCRETE_SHAPES, smoke_shapes=generation.DISCRETE_SMOKE_SHAPES,
                      bench=generation.bench_discrete, target=generation.DISCRETE_TARGET,
                      judge=generation.judge_discrete, describe=generation.describe_generation_shape,
@@ -265,8 +414,9 @@ PARTS = {
                               f"/ tokens per image span; reference: {generation.LLAMAGEN_VLLM}"),
 }
 SHAPES = {f"{part}/{name}": spec for part, entry in PARTS.items() for name, spec in entry.shapes.items()}
-QUICK_SHAPES = ("decode_attention/llama-3-8b-b16-4k", "discrete/llama-3.2-1b-v161k-8x16x16")
-QUICK_PARTS = ("decode_attention", "discrete")  # continuous has no anchor to beat
+QUICK_SHAPES = ("decode_attention/llama-3-8b-b16-4k", f"sampling/{SAMPLING_TARGET_SHAPE}",
+                "discrete/llama-3.2-1b-v161k-8x16x16")
+QUICK_PARTS = ("decode_attention", "sampling", "discrete")  # continuous has no anchor to beat
 SMOKE_SHAPES = {f"{part}/{name}": spec for part, entry in PARTS.items() for name, spec in entry.smoke_shapes.items()}
 
 
