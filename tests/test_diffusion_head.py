@@ -14,6 +14,8 @@ from unimm.models import DiffusionHead
 from unimm.models.heads import training_losses
 from unimm.testing import DEVICE, available_backends, rel_err, seeded
 
+kernels = diffusion.kernels  # the Triton loop's kernels (None without triton)
+
 
 def make_head(token_dim=4, cond_dim=8, width=32, depth=2, seed=0):
     torch.manual_seed(seed)
@@ -233,12 +235,56 @@ def test_fused_linear_epilogues(epilogue, dtype):
         want = F.silu(want)
     if epilogue == "gated":
         want = residual.double() + gate.double() * want
-    got = diffusion.fused_linear(x, weight, bias, silu=epilogue == "silu",
+    got = kernels.fused_linear(x, weight, bias, silu=epilogue == "silu",
                                  residual=residual if epilogue == "gated" else None,
                                  gate=gate if epilogue == "gated" else None)
     assert got.dtype == dtype and got.shape == (rows, n) and torch.isfinite(got).all()
     error = ((got.double() - want).norm() / want.norm()).item()
     assert error < (1e-5 if dtype == torch.float32 else 2e-3), error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows, split", [(37, None), (37, 3), (150, None), (150, 2)],
+                         ids=["folded", "folded-split-k", "layernorm-kernel", "layernorm-kernel-split-k"])
+@pytest.mark.parametrize("affine, silu", [(True, True), (False, False)], ids=["affine-silu", "plain"])
+def test_fused_linear_with_layernorm(monkeypatch, dtype, rows, split, affine, silu):
+    """``norm=``: the adaLN-modulated LayerNorm before the GEMM, folded into it at up to FOLD_ROWS
+    rows (37 here) and by its own kernel above (150), with the K range whole or split (the
+    reduction kernel then runs the epilogue), against LayerNorm, modulation and linear in fp64.
+    The rows have a mean of about 1 std (the folded form subtracts mu times a product)."""
+    if "triton" not in available_backends():
+        pytest.skip("triton backend not live here")
+    monkeypatch.setattr(kernels, "SPLIT_K", split)
+    k, n = 45, 70
+    gen = seeded(24)
+    x = (torch.randn(rows, k, generator=gen) * 2 + 2).to(DEVICE, dtype)
+    weight = (torch.randn(n, k, generator=gen) / k ** 0.5).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=gen).to(DEVICE, dtype)
+    mods = torch.randn(rows, 2 * k, generator=gen).to(DEVICE, dtype)
+    shift, scale = mods[:, :k], mods[:, k:]  # strided column slices, as the step's modulations are
+    ln_weight = (1 + 0.1 * torch.randn(k, generator=gen)).to(DEVICE, dtype) if affine else None
+    ln_bias = (0.1 * torch.randn(k, generator=gen)).to(DEVICE, dtype) if affine else None
+    normed = F.layer_norm(x.double(), (k,), ln_weight.double() if affine else None,
+                          ln_bias.double() if affine else None, eps=1e-6)
+    want = (normed * (1 + scale.double()) + shift.double()) @ weight.double().T + bias.double()
+    want = F.silu(want) if silu else want
+    got = kernels.fused_linear(x, weight, bias, silu=silu, norm=(shift, scale, ln_weight, ln_bias))
+    assert got.dtype == dtype and got.shape == (rows, n) and torch.isfinite(got).all()
+    error = ((got.double() - want).norm() / want.norm()).item()
+    assert error < (1e-5 if dtype == torch.float32 else 2e-3), error
+
+
+def test_split_k_plan(monkeypatch):
+    """Split-K only where the output tiles leave SMs idle and the weights are big enough to pay for
+    the reduction's launch; each split keeps at least 4 K steps."""
+    if kernels is None:
+        pytest.skip("triton is not installed")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(kernels, "multiprocessor_count", lambda device: 132)
+    assert kernels.split_k(32, 1024, 64, 8 << 20, cuda) == 4  # 64 rows x 1024 columns in 32-wide tiles
+    assert kernels.split_k(32, 1024, 64, 2 << 20, cuda) == 1  # a 2 MiB weight: whole
+    assert kernels.split_k(256, 1024, 64, 8 << 20, cuda) == 1  # every SM already busy
+    assert kernels.split_k(8, 1024, 64, 8 << 20, cuda) == 4  # capped by 4 steps per split
 
 
 # ---- GPU ----------------------------------------------------------------------------------------
@@ -248,11 +294,12 @@ def test_fused_linear_epilogues(epilogue, dtype):
 # constexprs and on the int classes (1 / divisible by 16 / other) of rows, widths and strides,
 # and on 16-byte pointer alignment:
 #   * test_gpu_bf16_sampler: a MAR-B head (width 1024, depth 6, 16-dim tokens) at 128 model rows
-#     (64 guided tokens, then 128 unguided ones: the same GEMM and LayerNorm tiles):
-#     `_linear_kernel` plain / SiLU / gated residual = 3, `_modulated_layernorm_kernel` with and
-#     without affine = 2, `_step_kernel` guided and unguided, each twice (the step table's rows of
-#     6 fp32 are 16-byte aligned on every other step) = 4.
-# Total: 9 Triton compiles (~12 s); the sampling itself (fp32 and bf16 eager references, the
+#     (64 guided tokens, then 128 unguided ones: the same GEMM tiles; 128 rows fold the LayerNorms
+#     into the GEMMs, and 2 MiB weights are not split over K): `_linear_kernel` plain / gated
+#     residual / LayerNorm + SiLU / LayerNorm without affine = 4, `_step_kernel` guided and
+#     unguided, each twice (the step table's rows of 6 fp32 are 16-byte aligned on every other
+#     step) = 4.
+# Total: 8 Triton compiles (~11 s); the sampling itself (fp32 and bf16 eager references, the
 # eager fused loop, capture and replays) takes a few seconds.
 # Full tier (`pytest -m gpu_full`): test_gpu_sampler_sweep, dtype x rows (odd ones too) x guidance.
 

@@ -299,7 +299,7 @@ def attention_cases():
 
 
 def diffusion_cases():
-    from unimm.kernels import diffusion
+    from unimm.kernels import _diffusion_triton as diffusion
     from unimm.kernels._common import dot_precision
 
     for dtype, width in ((torch.bfloat16, 1024), (torch.bfloat16, 1536), (torch.float32, 1024)):
@@ -318,24 +318,40 @@ def diffusion_cases():
                dict(GUIDED=True, CLIP=True, BLOCK=16), {"x_ptr", "out_ptr", "noise_ptr", "step_ptr", "new_x_ptr"},
                dict(num_warps=1, num_stages=1), pipelined=False)
 
-    # the head's GEMMs: few rows (weight streaming) to many rows (CFG-doubled 2048 tokens)
-    for dtype, rows, silu, gated in ((torch.bfloat16, 32, True, False), (torch.bfloat16, 128, False, True),
-                                     (torch.bfloat16, 2048, True, False), (torch.bfloat16, 4096, False, True),
-                                     (torch.float16, 32, False, True), (torch.float16, 2048, True, False),
-                                     (torch.float32, 64, False, False)):
+    # the head's GEMMs: few rows (weight streaming; the LayerNorm folded in, split K) to many rows
+    # (CFG-doubled 2048 tokens)
+    for dtype, rows, silu, gated, norm, partial in (
+            (torch.bfloat16, 32, True, False, True, True), (torch.bfloat16, 128, False, True, False, False),
+            (torch.bfloat16, 128, True, False, True, False), (torch.bfloat16, 64, False, False, True, True),
+            (torch.bfloat16, 2048, True, False, False, False), (torch.bfloat16, 4096, False, True, False, False),
+            (torch.float16, 32, False, True, False, True), (torch.float16, 2048, True, False, False, False),
+            (torch.float32, 64, False, False, True, False)):
         t = TRITON_TYPES[dtype]
-        config = diffusion._linear_config(rows, dtype, interpret=False)
+        config = diffusion._linear_config(rows, dtype, interpret=False, norm=norm)
         launch = _launch(config)
         signature = dict(x_ptr=f"*{t}", w_ptr=f"*{t}", b_ptr=f"*{t}", res_ptr=f"*{t}", gate_ptr=f"*{t}",
-                         out_ptr=f"*{t}", rows="i32", n="i32", k="i32", stride_x="i32", stride_w="i32",
-                         stride_res="i32", stride_gate="i32", stride_out="i32")
-        aligned = {name for name in signature if name != "rows"}
+                         shift_ptr=f"*{t}", scale_ptr=f"*{t}", ln_w_ptr=f"*{t}", ln_b_ptr=f"*{t}", out_ptr=f"*{t}",
+                         partial_ptr="*fp32", rows="i32", n="i32", k="i32", k_per_split="i32", stride_x="i32",
+                         stride_w="i32", stride_res="i32", stride_gate="i32", stride_shift="i32",
+                         stride_scale="i32", stride_out="i32", stride_partial="i32", eps="fp32")
+        aligned = {name for name in signature if name not in ("rows", "eps")}
         # tiles of 64+ rows go to wgmma on Hopper; fewer rows to mma.sync
         hopper = True if config["BLOCK_M"] >= 64 else (
             f"{rows} rows: {config['BLOCK_M']}-row tiles (weight streaming), and wgmma needs 64")
-        yield Case("diffusion", f"head linear {t} rows={rows}", diffusion._linear_kernel, signature,
-                   dict(SILU=silu, GATED_RESIDUAL=gated, PRECISION=dot_precision(dtype), **config), aligned, launch,
+        name = f"head linear {t} rows={rows}" + (" layernorm" if norm else "") + (" split-k" if partial else "")
+        yield Case("diffusion", name, diffusion._linear_kernel, signature,
+                   dict(SILU=silu, GATED_RESIDUAL=gated, NORM=norm, AFFINE=norm, PARTIAL=partial,
+                        PRECISION=dot_precision(dtype), **config), aligned, launch,
                    pipelined=True, hopper=hopper)
+        if partial:
+            signature = dict(partial_ptr="*fp32", b_ptr=f"*{t}", res_ptr=f"*{t}", gate_ptr=f"*{t}", out_ptr=f"*{t}",
+                             rows="i32", n="i32", k="i32", splits="i32", stride_partial="i32", stride_res="i32",
+                             stride_gate="i32", stride_out="i32", eps="fp32")
+            aligned = {name for name in signature if name not in ("rows", "splits", "eps")}
+            yield Case("diffusion", f"head linear reduce {t} rows={rows}" + (" layernorm" if norm else ""),
+                       diffusion._linear_reduce_kernel, signature,
+                       dict(SILU=silu, GATED_RESIDUAL=gated, NORM=norm, BLOCK_M=config["BLOCK_M"],
+                            BLOCK_N=config["BLOCK_N"]), aligned, dict(num_warps=4, num_stages=1), pipelined=False)
 
 
 def decode_split_case(dtype: torch.dtype, head_dim: int, group: int, page_size: int = 0) -> Case:

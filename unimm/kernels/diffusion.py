@@ -6,13 +6,17 @@ tensors of ``DenoiserWeights``.
 The sampling loop is the hot path: ~100 denoising steps of a small MLP on every image token.
   * reference: the eager loop over the denoiser callable (the model's ``SimpleMLPAdaLN``; what
     ``UNIMM_BACKEND=reference`` runs);
-  * triton: the same network, from its ``DenoiserWeights``, with the adaLN-modulated LayerNorm
-    (``_modulated_layernorm_kernel``), each residual block's MLP as two fused GEMMs
-    (``_linear_kernel``: bias + SiLU in the first one's epilogue, bias + gate + residual in the
-    second's) and the whole per-step update (guidance, x0, posterior mean, learned variance,
-    noise: ``_step_kernel``) fused; the timestep MLP of every step is computed once per call and
-    every block's adaLN modulation of a step in one GEMM over the concatenated weights; on a GPU
-    the whole loop is captured in a CUDA graph per (rows, steps, guidance) and replayed.
+  * triton (``_diffusion_triton``): the same network, from its ``DenoiserWeights``, each residual
+    block's MLP as two fused GEMMs (``_linear_kernel``: the adaLN-modulated LayerNorm folded into
+    the first one at few rows, or its own kernel before it, and bias + SiLU in its epilogue; bias +
+    gate + residual in the second's), split over K where the output tiles are fewer than the SMs,
+    and the whole per-step update (guidance, x0, posterior mean, learned variance, noise:
+    ``_step_kernel``) fused; the timestep MLP of every step is computed once per call and every
+    block's adaLN modulation of a step in one GEMM over the concatenated weights; on a GPU the
+    whole loop is captured in a CUDA graph per (rows, steps, guidance) and replayed.
+    Kernels per step at few rows: the modulations, the input projection, two GEMMs per block, the
+    final GEMM and the update (2 depth + 4; with the LayerNorms apart, 3 depth + 5), plus one
+    reduction per split GEMM.
 Schedule tables live on the device; the loop makes no host synchronisation and no host-to-device
 copy. Its meaning is the reference loop: both take the same ``noise`` and agree to rounding.
 """
@@ -29,22 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from unimm.kernels import dispatch
-from unimm.kernels._common import (
-    capture_cuda_graph,
-    cdiv,
-    check_finite_real,
-    device_guard,
-    dot_precision,
-    lru_per_owner,
-)
+from unimm.kernels._common import capture_cuda_graph, check_finite_real, lru_per_owner
 
 try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the Triton backend is then not live (dispatch says why)
-    triton = None
-
-_LN_EPS = 1e-6
+    from unimm.kernels import _diffusion_triton as kernels
+except ImportError:  # no triton: the Triton backend is then not live (dispatch says why)
+    kernels = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,19 +282,19 @@ def _fused_steps(weights: DenoiserWeights, cond, noise, timesteps, table, cfg_sc
     mod_bias = torch.cat([bias for _, bias in modulations])
     width = weights.input_proj[0].shape[0]
     x = noise[0].float().clone()
+    linear = kernels.fused_linear
     for i in reversed(range(num_steps)):
         model_in = torch.cat([x, x]) if guided else x
-        mods = fused_linear(F.silu(t_emb[i] + c_emb), mod_weight, mod_bias).split(width, dim=-1)
-        h = fused_linear(model_in.to(dtype), *weights.input_proj)
+        mods = linear(F.silu(t_emb[i] + c_emb), mod_weight, mod_bias).split(width, dim=-1)
+        h = linear(model_in.to(dtype), *weights.input_proj)
         for k, block in enumerate(weights.blocks):
             shift, scale, gate = mods[3 * k:3 * k + 3]
-            normed = modulated_layernorm(h, shift, scale, *block.norm)
-            hidden = fused_linear(normed, *block.mlp_in, silu=True)
-            h = fused_linear(hidden, *block.mlp_out, residual=h, gate=gate)
+            hidden = linear(h, *block.mlp_in, silu=True, norm=(shift, scale, *block.norm))
+            h = linear(hidden, *block.mlp_out, residual=h, gate=gate)
         shift, scale = mods[-2:]
-        out = fused_linear(modulated_layernorm(h, shift, scale, None, None), *weights.final)
-        x = denoise_step(x, out, noise[num_steps - i], table[i], cfg_scale, temperature if i > 0 else 0.0,
-                         clip_denoised)
+        out = linear(h, *weights.final, norm=(shift, scale, None, None))
+        x = kernels.denoise_step(x, out, noise[num_steps - i], table[i], cfg_scale, temperature if i > 0 else 0.0,
+                                 clip_denoised)
     return x
 
 
@@ -327,154 +321,3 @@ def _graphed_loop(denoiser, weights, cond, noise, timesteps, table, cfg_scale, t
     static_noise.copy_(noise)
     graph.replay()
     return static_out.clone()
-
-
-# ---------------------------------------------------------------------------------------------
-# Fused kernels
-# ---------------------------------------------------------------------------------------------
-
-def modulated_layernorm(x, shift, scale, weight, bias):
-    """``LayerNorm(x; weight, bias, eps=1e-6) * (1 + scale) + shift`` in one pass, fp32 statistics,
-    output in x's dtype. ``weight``/``bias`` None: no affine (the final layer)."""
-    rows, width = x.shape
-    out = torch.empty_like(x)
-    block = triton.next_power_of_2(width)
-    with device_guard(x.device):
-        _modulated_layernorm_kernel[(rows,)](
-            x, shift, scale, weight if weight is not None else x, bias if bias is not None else x, out,
-            width, x.stride(0), shift.stride(0), scale.stride(0), out.stride(0), _LN_EPS,
-            AFFINE=weight is not None, BLOCK=block,
-            num_warps=1 if dispatch.TRITON_INTERPRET else min(16, max(1, block // 256)),
-        )
-    return out
-
-
-def _linear_config(rows: int, dtype: torch.dtype, interpret: bool) -> dict:
-    """Tiles for the head's GEMMs: [rows, w] x [w, w'] with w ~ 1k-2k. Few rows (one token batch
-    at small batch size) stream the weights: narrow column tiles put more programs on the SMs;
-    many rows use square tiles for reuse. 32-bit operands halve BLOCK_K to fit shared memory."""
-    if interpret:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=1, num_stages=1)
-    block_m = min(128, max(16, triton.next_power_of_2(rows)))
-    block_n = 32 if rows <= 64 else 64 if rows <= 256 else 128
-    block_k = 64 if dtype != torch.float32 else 32
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3)
-
-
-def fused_linear(x, weight, bias, *, silu=False, residual=None, gate=None):
-    """``x @ weight.T + bias`` ([rows, K] x [N, K] -> [rows, N], fp32 accumulation, x's dtype),
-    then in the epilogue either ``SiLU`` or ``residual + gate * result`` (the residual block's
-    gated skip). ``gate`` may be a strided column slice (the adaLN modulations of a step)."""
-    rows, k = x.shape
-    n = weight.shape[0]
-    out = torch.empty((rows, n), device=x.device, dtype=x.dtype)
-    gated = residual is not None
-    config = _linear_config(rows, x.dtype, dispatch.TRITON_INTERPRET)
-    grid = (cdiv(rows, config["BLOCK_M"]), cdiv(n, config["BLOCK_N"]))
-    with device_guard(x.device):
-        _linear_kernel[grid](
-            x, weight, bias, residual if gated else out, gate if gated else out, out, rows, n, k,
-            x.stride(0), weight.stride(0), (residual if gated else out).stride(0), (gate if gated else out).stride(0),
-            out.stride(0), SILU=silu, GATED_RESIDUAL=gated, PRECISION=dot_precision(x.dtype), **config,
-        )
-    return out
-
-
-def denoise_step(x, out, noise, step, cfg_scale, noise_scale, clip_denoised=None):
-    """One ancestral step, fused: guidance on eps, x0 = a x - b eps (clamped to
-    ``[-clip_denoised, clip_denoised]`` when given), posterior mean, learned log-variance between
-    log beta and the clipped posterior log-variance, plus scaled noise.
-    ``step``: fp32 ``[6]`` row of the step table (on the device); ``noise_scale``: temperature,
-    0 on the last step."""
-    rows, token_dim = x.shape
-    new_x = torch.empty_like(x)
-    block = triton.next_power_of_2(token_dim)
-    with device_guard(x.device):
-        _step_kernel[(rows,)](
-            x, out, noise, step, new_x, token_dim, out.stride(0), rows, cfg_scale, noise_scale,
-            clip_denoised if clip_denoised is not None else 0.0,
-            GUIDED=cfg_scale != 1.0, CLIP=clip_denoised is not None, BLOCK=block, num_warps=1,
-        )
-    return new_x
-
-
-if triton is not None:
-
-    @triton.jit
-    def _modulated_layernorm_kernel(x_ptr, shift_ptr, scale_ptr, weight_ptr, bias_ptr, out_ptr, width,
-                                    stride_x, stride_shift, stride_scale, stride_out, eps,
-                                    AFFINE: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        ok = cols < width
-        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-        mean = tl.sum(x, 0) / width
-        centered = tl.where(ok, x - mean, 0.0)
-        normed = centered * tl.rsqrt(tl.sum(centered * centered, 0) / width + eps)
-        if AFFINE:
-            normed = normed * tl.load(weight_ptr + cols, mask=ok, other=0.0).to(tl.float32) + tl.load(
-                bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + row * stride_shift + cols, mask=ok, other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + row * stride_scale + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_out + cols, (normed * (1.0 + scale) + shift).to(out_ptr.dtype.element_ty),
-                 mask=ok)
-
-    @triton.jit
-    def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, gate_ptr, out_ptr, rows, n, k,
-                       stride_x, stride_w, stride_res, stride_gate, stride_out,
-                       SILU: tl.constexpr, GATED_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        row_ok, col_ok = offs_m < rows, offs_n < n
-        x_tile = x_ptr + offs_m[:, None].to(tl.int64) * stride_x + offs_k[None, :]
-        w_tile = w_ptr + offs_n[None, :].to(tl.int64) * stride_w + offs_k[:, None]  # [K, N] view of W
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, k, BLOCK_K):
-            k_ok = offs_k + k0 < k
-            a = tl.load(x_tile, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            x_tile += BLOCK_K
-            w_tile += BLOCK_K
-        acc += tl.load(b_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if SILU:
-            acc = acc * tl.sigmoid(acc)
-        both = row_ok[:, None] & col_ok[None, :]
-        if GATED_RESIDUAL:
-            rows64 = offs_m[:, None].to(tl.int64)
-            gate = tl.load(gate_ptr + rows64 * stride_gate + offs_n[None, :], mask=both, other=0.0).to(tl.float32)
-            res = tl.load(res_ptr + rows64 * stride_res + offs_n[None, :], mask=both, other=0.0).to(tl.float32)
-            acc = res + gate * acc
-        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_out + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=both)
-
-    @triton.jit
-    def _step_kernel(x_ptr, out_ptr, noise_ptr, step_ptr, new_x_ptr, token_dim, stride_out, rows, cfg_scale,
-                     noise_scale, clip, GUIDED: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        ok = cols < token_dim
-        x = tl.load(x_ptr + row * token_dim + cols, mask=ok, other=0.0)
-        model = out_ptr + row * stride_out
-        eps = tl.load(model + cols, mask=ok, other=0.0).to(tl.float32)
-        var_values = tl.load(model + token_dim + cols, mask=ok, other=0.0).to(tl.float32)
-        if GUIDED:  # the unconditional half sits `rows` rows further down
-            eps_uncond = tl.load(model + rows * stride_out + cols, mask=ok, other=0.0).to(tl.float32)
-            eps = eps_uncond + cfg_scale * (eps - eps_uncond)
-        a = tl.load(step_ptr)
-        b = tl.load(step_ptr + 1)
-        coef1 = tl.load(step_ptr + 2)
-        coef2 = tl.load(step_ptr + 3)
-        min_log = tl.load(step_ptr + 4)
-        max_log = tl.load(step_ptr + 5)
-        x0 = a * x - b * eps
-        if CLIP:
-            x0 = tl.minimum(tl.maximum(x0, -clip), clip)
-        mean = coef1 * x0 + coef2 * x
-        frac = (var_values + 1.0) / 2.0
-        log_var = frac * max_log + (1.0 - frac) * min_log
-        noise = tl.load(noise_ptr + row * token_dim + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(new_x_ptr + row * token_dim + cols, mean + noise_scale * tl.exp(0.5 * log_var) * noise, mask=ok)
