@@ -1,7 +1,7 @@
 """unimm.bench.attention runs end to end on the CPU (in the device check's `unimm bench --smoke`) and
 writes what later runs compare."""
 
-LAYOUTS = ("causal", "prefix-lm", "packed-images", "packed-causal")
+LAYOUTS = ("causal", "prefix-lm", "packed-images", "packed-causal", "sinks-window")
 
 
 def expected_impls(layout):

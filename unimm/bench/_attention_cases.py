@@ -67,6 +67,9 @@ def layout_builder(spec, batch, seq, device):
     if spec["kind"] == "prefix_lm":
         prefix_lens = torch.full((batch,), int(seq * spec["prefix_fraction"]), device=device)
         return lambda: AttentionMask.prefix_lm(prefix_lens, seq)
+    if spec["kind"] == "sinks_window":
+        return lambda: AttentionMask.sinks_and_window(batch, seq, sinks=spec["sinks"], window=spec["window"],
+                                                      device=device)
     doc_ids, span_ids = packed_ids(spec, batch, seq, device)
     return lambda: AttentionMask.from_spans(doc_ids, span_ids)
 
@@ -76,6 +79,9 @@ def describe_layout(spec, seq) -> str:
         return "pure causal"
     if spec["kind"] == "prefix_lm":
         return f"prefix-LM, bidirectional prefix of {int(seq * spec['prefix_fraction'])} tokens"
+    if spec["kind"] == "sinks_window":
+        return (f"attention sinks (the first {spec['sinks']} keys) plus a causal window of {spec['window']}: "
+                "two intervals per row")
     n_docs = -(-seq // spec["doc"])
     text = f"{n_docs} docs of {spec['doc']} (from_spans)"
     n_images = images_per_doc(spec)

@@ -1,8 +1,8 @@
 """Attention with interval masks: unimm.kernels.attention against SDPA and FlexAttention.
 
-Every layout is one ``AttentionMask`` (docs/ARCHITECTURE.md, "Attention masks"): per query row one range
-of visible keys ``[kv_start, kv_end)``. For each layout and head shape, in this process on the
-same bf16 inputs (q, k, v in unimm's layout [B, S, H, D], all requiring grad):
+Every layout is one ``AttentionMask`` (docs/ARCHITECTURE.md, "Attention masks"): per query row one
+range of visible keys ``[kv_start, kv_end)``, or two (``sinks-window``). For each layout and head
+shape, in this process on the same bf16 inputs (q, k, v in unimm's layout [B, S, H, D], all requiring grad):
   * unimm: ``attention(q, k, v, mask)`` with the layout's AttentionMask, automatic dispatch; the
     row's ``served_by`` names the kernel that ran (``attention_backend``: "triton", or the vendor
     kernel "sdpa" / "flash_attn_varlen" for plain causal / packed causal documents).
@@ -14,9 +14,10 @@ same bf16 inputs (q, k, v in unimm's layout [B, S, H, D], all requiring grad):
   * sdpa[dense mask] (every other layout): SDPA's own dispatch with the boolean mask
     ``mask.to_dense(Skv)`` broadcast over heads, [B, 1, S, Skv].
   * flex_attention: ``torch.compile(flex_attention)`` with a block mask from
-    ``create_block_mask`` over a mask_mod that reads the same kv_start / kv_end tensors
-    (``kv_start[b, q] <= kv < kv_end[b, q]``); compiled afresh for every case, its first call
-    (compilation included) reported as ``compile_s``. Not importable, or failing: n/a with the reason.
+    ``create_block_mask`` over the mask's own ``mask_mod()``, which reads the same interval
+    tensors (``kv_start[b, q] <= kv < kv_end[b, q]``, or the second interval); compiled afresh
+    for every case, its first call (compilation included) reported as ``compile_s``. Not
+    importable, or failing: n/a with the reason.
   * flash-attn-4 (FlashAttention-4, CuTe DSL), where its plain interface expresses the layout:
     ``flash_attn_func(causal=True)`` on pure causal, ``flash_attn_varlen_func(causal=True)`` with
     the documents as ``cu_seqlens`` on packed causal documents; n/a elsewhere (bidirectional spans
@@ -32,7 +33,7 @@ derives from a mask lazily and caches on it (the backward's tile bounds) is not 
 time: the first, untimed call pays it, and later calls (layers) reuse it.
 
 TFLOP/s count visible query-key pairs only, the same count for every implementation: pairs =
-sum over rows of (kv_end - kv_start), forward 4*D*Hq*pairs, backward 2.5x that.
+sum over rows of their intervals' lengths, forward 4*D*Hq*pairs, backward 2.5x that.
 
 Correctness, once per layout and shape before any timing: every implementation's output and
 dq / dk / dv against an fp32 reference on the same inputs (explicit softmax attention with the
@@ -98,12 +99,15 @@ LAYOUTS = {
     "prefix-lm": dict(kind="prefix_lm", prefix_fraction=0.5),
     "packed-images": dict(kind="packed", doc=8192, image=1024, lead=512, gap=1536, pad=0),
     "packed-causal": dict(kind="packed", doc=4096, image=0, lead=0, gap=0, pad=0),
+    # two intervals per row: the first ``sinks`` keys plus a causal window of ``window``
+    "sinks-window": dict(kind="sinks_window", sinks=128, window=4096),
 }
 SMOKE_LAYOUTS = {
     "causal": dict(kind="causal"),
     "prefix-lm": dict(kind="prefix_lm", prefix_fraction=0.5),
     "packed-images": dict(kind="packed", doc=48, image=16, lead=4, gap=8, pad=8),
     "packed-causal": dict(kind="packed", doc=24, image=0, lead=0, gap=0, pad=8),
+    "sinks-window": dict(kind="sinks_window", sinks=4, window=24),
 }
 PURE_CAUSAL = "causal"  # every other layout is "mixed" for the target
 # --quick: one head shape; pure causal against SDPA's fused kernels, one mixed layout against FlexAttention
@@ -167,11 +171,8 @@ def make_impl(impl, case, run):
     assert impl == FLEX
     if flex is None:
         raise NotHere(_flex_error)
-    kv_start, kv_end = mask.kv_start, mask.kv_end
     batch, seq, kv_len = case["batch"], case["seq"], case["kv_len"]
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_start[b, q_idx] <= kv_idx) & (kv_idx < kv_end[b, q_idx])
+    mask_mod = mask.mask_mod()  # reads the mask's own interval tensors (one or two per row)
 
     def build():
         return flex.create_block_mask(mask_mod, batch, None, seq, kv_len, device=device)
@@ -303,13 +304,11 @@ def bench_case(layout, layout_spec, shape, shape_spec, run, build_counts):
     builder = layout_builder(layout_spec, batch, seq, device)
     mask = builder()
     unimm_build_ms = run.time(builder, **build_counts)["median_ms"]
-    kv_start = mask.kv_start.long().clamp(min=0)
-    kv_end = mask.kv_end.long().clamp(max=kv_len)
-    pairs = int((kv_end - kv_start).clamp_min(0).sum())
-    empty = kv_end <= kv_start  # rows that see no keys
+    pairs = mask.visible_pairs()  # over every interval of a row (one or two)
     flops = 4 * dim * q_heads * pairs
     dense = mask.to_dense(kv_len)
-    assert int(dense.sum()) == pairs, "to_dense disagrees with kv_start / kv_end"
+    empty = ~dense.any(-1)  # rows that see no keys
+    assert int(dense.sum()) == pairs, "to_dense disagrees with the mask's intervals"
     case_info = dict(layout=layout, shape=shape, visible_pairs=pairs, density=pairs / (batch * seq * kv_len))
     print(f"\n{layout} / {shape}: B={batch} S={seq} Hq={q_heads} Hkv={kv_heads} D={dim}, "
           f"{pairs} visible pairs ({100 * case_info['density']:.1f}% of S x Skv), {int(empty.sum())} rows see no keys, "
