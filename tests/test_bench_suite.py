@@ -48,7 +48,7 @@ def test_bench_smoke_writes_every_family_and_the_summary(device_check_smoke):
         if row["family"] != "generate/continuous":  # the only one with no anchor
             assert row["best_anchor"] and row["speedup"] > 0, row
     assert {row["family"] for row in rows if row["family"].startswith("generate/")} == {
-        "generate/decode_attention", "generate/discrete", "generate/continuous"}
+        "generate/decode_attention", "generate/sampling", "generate/discrete", "generate/continuous"}
     assert any(row["case"].endswith("backward") for row in rows if row["family"] == "attention")
 
     # the summary table is printed last, one line per row
@@ -170,7 +170,7 @@ def test_quick_picks_the_headline_anchors(tmp_path):
     assert attention[(None, "packed-images", "sdpa[dense mask]")]["reason"] == "left out of --quick runs"
     assert attention[(None, "causal", "flex_attention")]["reason"] == "left out of --quick runs"
     assert attention[(None, "causal", "sdpa[flash]")]["available"]
-    assert {part for part, _, _ in rows("generate")} == {"decode_attention", "discrete"}
+    assert {part for part, _, _ in rows("generate")} == {"decode_attention", "sampling", "discrete"}
     assert {r["layout"] for r in payload("train_step")["results"]} == {"bidirectional-images"}
     summary = json.loads(next(out.glob("summary-cpu-*.json")).read_text())
     assert summary["mode"] == "smoke quick" and all(r["status"] == "ok" for r in summary["families"].values())
