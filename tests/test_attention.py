@@ -1,5 +1,7 @@
 """AttentionMask builders and attention(), forward and backward, against dense references."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -155,6 +157,22 @@ def test_packed_spans(backend, dtype, heads):
     out, _ = check(*qkv(2, 45, 45, *heads, 16, seed=1, dtype=dtype), mask)
     padding = (doc < 0)
     assert (out[padding] == 0).all()  # rows that see nothing are 0
+
+
+@pytest.mark.parametrize("dkdv", [(16, 32), (32, 16), (16, 64)], ids=lambda t: f"dkdv{t[0]}x{t[1]}")
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+def test_rectangular_tiles(backend, monkeypatch, dkdv, heads):
+    """The GPU configs' tiles are rectangular (dK/dV: few query rows x many keys, its dots on the
+    keys); the interpreter's are square: the same masks, GQA and soft-cap on non-square tiles of
+    every kernel, a tile's query rows and keys ending at different places in the sequence."""
+    if backend != "triton":
+        pytest.skip("the tiles are the Triton kernels'")
+    attention_module = importlib.import_module("unimm.kernels.attention")  # the name alone is the function
+    tiles = lambda m, n: dict(BLOCK_M=m, BLOCK_N=n, num_warps=1, num_stages=1)
+    monkeypatch.setattr(attention_module, "_config",
+                        lambda *args, **kwargs: dict(fwd=tiles(32, 16), dq=tiles(16, 32), dkdv=tiles(*dkdv)))
+    doc, span = random_layout(2, 45, seed=7)
+    check(*qkv(2, 45, 45, *heads, 16, seed=4), AttentionMask.from_spans(doc, span), softcap=5.0)
 
 
 @pytest.mark.parametrize("layout", ["causal", "prefix", "none", "window"])

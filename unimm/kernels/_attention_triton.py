@@ -85,9 +85,10 @@ def _key_tile(k_base, v_base, flags_ptr, n0, num_keys, stride_ks, stride_vs, dim
 
 
 @triton.jit
-def _scores(q, k, scale, softcap, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
-    """log2-scaled scores of q [M, D] against k [N, D], and the soft-cap's tanh (for backward)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+def _scores(a, b, scale, softcap, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """log2-scaled scores of a [M, D] against b [N, D] (queries against keys; for dK/dV's
+    transposed tiles, keys against queries), and the soft-cap's tanh (for backward)."""
+    s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale
     t = s
     if HAS_SOFTCAP:
         t = tanh(s / softcap)
@@ -330,38 +331,44 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for g in range(0, group):  # every query head that reads this kv head
+    # every query head that reads this kv head (g) x the query tiles whose rows may see this key
+    # tile (m), as one loop: one pipeline across the group's heads, and fewer registers than nested
+    # loops (the safe launch's loop is not pipelined: beside its row flags, pipeline buffers spill
+    # fp32 tiles on sm_80)
+    tiles = last - first
+    for i in tl.range(0, group * tiles, num_stages=1 if SAFE else None):
+        g = i // tiles
+        m = first + i % tiles
         h = kv_h * group + g
         q_base = q_ptr + b * stride_qb + h * stride_qh
         do_base = do_ptr + b * stride_dob + h * stride_doh
         stats = (b * heads + h) * seq_len
-        # query tiles whose rows may see this key tile (the safe launch's loop is not
-        # pipelined: beside its row flags, pipeline buffers spill fp32 tiles on sm_80)
-        for m in tl.range(first, last, num_stages=1 if SAFE else None):
-            rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_ok = rows < seq_len
-            start, end, nonempty, lo, hi, inner_lo, inner_hi = _row_intervals(
-                start_ptr + b * stride_mask, end_ptr + b * stride_mask, rows, row_ok, num_keys)
-            row_load = row_ok
-            if SAFE:  # rows whose q or dO is not finite load as zeros
-                row_load &= (tl.load(row_flags_ptr + stats + rows, mask=row_ok, other=1) & 1) == 0
-            row_off = rows[:, None].to(tl.int64)
-            load = dim_mask(row_load, dims, HEAD_DIM, BLOCK_D)
-            q = tl.load(q_base + row_off * stride_qs + dims[None, :], mask=load, other=0.0)
-            do = tl.load(do_base + row_off * stride_dos + dims[None, :], mask=load, other=0.0)
-            lse2 = tl.load(lse_ptr + stats + rows, mask=row_ok, other=float("inf"))
-            delta = tl.load(delta_ptr + stats + rows, mask=row_ok, other=0.0)
-            s, t = _scores(q, k, scale, softcap, HAS_SOFTCAP, PRECISION)
-            p = tl.exp2(s - lse2[:, None])
-            if (tile_lo < inner_lo) | (tile_lo + BLOCK_N > inner_hi):
-                visible = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
-                p = tl.where(visible, p, 0.0)
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            if HAS_SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+        rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < seq_len
+        start, end, nonempty, lo, hi, inner_lo, inner_hi = _row_intervals(
+            start_ptr + b * stride_mask, end_ptr + b * stride_mask, rows, row_ok, num_keys)
+        row_load = row_ok
+        if SAFE:  # rows whose q or dO is not finite load as zeros
+            row_load &= (tl.load(row_flags_ptr + stats + rows, mask=row_ok, other=1) & 1) == 0
+        row_off = rows[:, None].to(tl.int64)
+        load = dim_mask(row_load, dims, HEAD_DIM, BLOCK_D)
+        q = tl.load(q_base + row_off * stride_qs + dims[None, :], mask=load, other=0.0)
+        do = tl.load(do_base + row_off * stride_dos + dims[None, :], mask=load, other=0.0)
+        lse2 = tl.load(lse_ptr + stats + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + stats + rows, mask=row_ok, other=0.0)
+        # transposed tiles, [keys, rows]: the keys are the M of all four dots, and wgmma
+        # takes M in 64-row warpgroup slices
+        s, t = _scores(k, q, scale, softcap, HAS_SOFTCAP, PRECISION)
+        p = tl.exp2(s - lse2[None, :])
+        if (tile_lo < inner_lo) | (tile_lo + BLOCK_N > inner_hi):
+            visible = (cols[:, None] >= start[None, :]) & (cols[:, None] < end[None, :])
+            p = tl.where(visible, p, 0.0)
+        dv = tl.dot(p.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds = p * (dp - delta[None, :])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=PRECISION)
     # keys a poisoned row sees (running sums of the dQ kernel's interval marks), per level
     seen = seen_ptr + bh.to(tl.int64) * 2 * (num_keys + 1) + cols
     dk_nan = tl.load(seen, mask=col_ok, other=0) > 0

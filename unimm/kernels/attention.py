@@ -14,14 +14,29 @@ Kernels (flash-attention 2 structure, fp32 statistics):
     are visible to every row and skip the mask arithmetic. Saves the log-sum-exp (base 2).
   * ``_attn_bwd_dq_kernel``: the same walk, accumulating dQ.
   * ``_attn_bwd_dkdv_kernel``: one program per (key tile, batch x kv head); it walks the query
-    tiles ``mask.tile_bounds`` says may see it, for every query head of its group (GQA sums
-    land in registers, no atomics), accumulating dK and dV.
+    tiles ``mask.tile_bounds`` says may see it, for every query head of its group, in one
+    pipelined loop (GQA sums land in registers, no atomics), accumulating dK and dV. Its tiles
+    are transposed, keys x query rows (flash-attention 2's order: S^T = K Q^T, dV += P^T dO,
+    dP^T = V dO^T, dK += dS^T Q), so the keys are the M of all four dots.
   * ``_key_flags_kernel`` (before the forward and the backward) flags the keys whose k or v
     row holds a NaN or an infinity, and ``_attn_bwd_prep_kernel`` (before the backward) makes
     delta = dO . O and flags the rows whose results are NaN: see "non-finite inputs" in
     ``unimm.kernels._attention_triton``, which holds the kernels. Each of the three main kernels
     is launched twice, for the programs that meet no flagged row (the unchanged loop) and for the
     others (flagged rows loaded as zeros).
+Tiles (``_config``). Every key tile a query tile sees costs the forward 2 dots (4 M N D FLOPs)
+for 4 N D bytes of K and V (bf16), so M FLOPs per byte; dQ 3 dots, 1.5 M; dK/dV 4 dots for
+4 M D bytes of Q and dO, 2 N. Those bytes come from L2 at best, and the larger the tile side
+the operands are re-read along, the fewer: on sm_90a, whose wgmma takes M in 64-row warpgroup
+slices, the forward and dQ take 128 query rows (128 and 192 FLOPs/byte; dQ was 64 x 32, 96)
+and dK/dV 128 keys (256; was 32 x 64, 128, with two of its dots on mma.sync), at D <= 128 (64
+keys for the padded 72-96, which spill at 128). sm_80 takes what fits its registers. D = 256:
+dQ 128 x 32; dK/dV stays at 32 keys on mma.sync, as 64 keys' two [64, 256] fp32 accumulators
+(128 registers a thread at 8 warps) spill under triton 3.9. The forward's softmax does not
+overlap its MMAs: on sm_90a, neither triton 3.6 nor 3.9 leaves a wgmma in flight across the
+softmax (``wgmma.wait_group 0`` in the loop), whether the loop asks for warp specialisation
+(``tl.range(warp_specialize=True)``: the same code) or issues the next tile's scores first by
+hand (which also spills on sm_80).
 This module checks the arguments, dispatches, and launches the kernels from custom ops with their
 autograd. On CUDA, a call a vendor kernel computes exactly (no mask or plain causal -> SDPA;
 packed causal documents -> FlashAttention varlen, when installed) goes to it first
@@ -174,14 +189,14 @@ def _config(head_dim: int, dtype: torch.dtype, interpret: bool, arch: int | None
     oldest GPU of this process, so that every call agrees, forward and backward alike).
 
     tests/triton_aot.py compiles them for sm_90a and sm_80 under each supported triton (3.6 and
-    3.9): no spills, shared memory within the chip. Backward tiles are small: each holds two fp32
-    accumulators and recomputes the probabilities. dK/dV at D <= 64 is the one config that differs
-    by chip: on Hopper its 32 query rows x 64 keys put the dV and dK dots (64 keys) on wgmma, but
-    on sm_80, where every dot is mma.sync, those tiles need all 255 registers and spill under
-    triton 3.6, so older chips take 32 x 32 (at most about 205 registers); no single tile clean on
-    both chips kept Hopper's wgmma without doubling the dK/dV kernel's reads of Q and dO.
+    3.9): no spills, shared memory within the chip. Hopper's wgmma takes M in 64-row slices (one
+    per warpgroup), so on sm_90a the forward and dQ tiles have 128 query rows and dK/dV's 128 keys
+    (its dots' M), D = 256 excepted (see the docstring of this module); sm_80's mma.sync takes any
+    16 rows, and its tiles are those that fit its registers. BLOCK_M is always query rows and
+    BLOCK_N keys (``AttentionMask.tile_bounds`` plans the dK/dV walk from them).
     A head dim padded to its power of two (``padded_head_dim``) takes that power's tiles, except the
-    forward's pipeline: 2 stages, as its [keys, D] load masks spill the 3-stage one on sm_80.
+    forward's pipeline (2 stages, as its [keys, D] load masks spill the 3-stage one on sm_80) and
+    Hopper's dK/dV (64 keys: 128 spill by 8 bytes under triton 3.9).
     """
     padded = padded_head_dim(head_dim) != head_dim
     head_dim = padded_head_dim(head_dim)
@@ -191,12 +206,20 @@ def _config(head_dim: int, dtype: torch.dtype, interpret: bool, arch: int | None
     tiles = lambda m, n, warps, stages: dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
     if dtype == torch.float32:  # a CPU-test dtype that still has to run on GPUs: small and safe
         return dict(fwd=tiles(32, 32, 4, 2), dq=tiles(32, 32, 4, 2), dkdv=tiles(32, 32, 8, 2))
-    if head_dim <= 128:
-        hopper = head_dim > 64 or (arch if arch is not None else _oldest_arch()) >= 90
-        return dict(fwd=tiles(128, 64, 8 if head_dim == 128 else 4, 2 if padded else 3), dq=tiles(64, 32, 4, 3),
-                    dkdv=tiles(32, 64, 8, 2) if hopper else tiles(32, 32, 8, 2))
-    # D = 256 (Gemma): dK and dV accumulators of 64 keys would spill, so 32 keys (no wgmma there)
-    return dict(fwd=tiles(64, 64, 8, 2), dq=tiles(64, 32, 8, 2), dkdv=tiles(16, 32, 8, 2))
+    hopper = (arch if arch is not None else _oldest_arch()) >= 90
+    if head_dim <= 64:
+        return dict(fwd=tiles(128, 64, 4, 2 if padded else 3),
+                    dq=tiles(128, 64, 8, 3) if hopper else tiles(128, 32, 8, 3),
+                    dkdv=tiles(64, 128, 8, 3) if hopper else tiles(32, 128, 8, 2))
+    if head_dim == 128:  # dK/dV: 64 query rows x 128 keys spill, and so do 32 x 128 with padded loads
+        hopper_dkdv = tiles(32, 64, 8, 3) if padded else tiles(32, 128, 8, 2)
+        return dict(fwd=tiles(128, 64, 8, 2 if padded else 3),
+                    dq=tiles(128, 64, 8, 3) if hopper else tiles(64, 32, 4, 3),
+                    dkdv=hopper_dkdv if hopper else tiles(32, 64, 8, 2))
+    # D = 256 (Gemma): dK/dV's two [keys, 256] fp32 accumulators take 128 registers a thread at 64
+    # keys, and its tiles spill under triton 3.9, so 32 keys (mma.sync); dQ's 128 rows fit
+    return dict(fwd=tiles(64, 64, 8, 2), dq=tiles(128, 32, 8, 2) if hopper else tiles(64, 32, 8, 2),
+                dkdv=tiles(16, 32, 8, 2))
 
 
 @functools.lru_cache(maxsize=None)
