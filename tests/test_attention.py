@@ -159,18 +159,21 @@ def test_packed_spans(backend, dtype, heads):
     assert (out[padding] == 0).all()  # rows that see nothing are 0
 
 
-@pytest.mark.parametrize("dkdv", [(16, 32), (32, 16), (16, 64)], ids=lambda t: f"dkdv{t[0]}x{t[1]}")
+@pytest.mark.parametrize("dkdv", [(16, 32, 16), (32, 16, 16), (16, 64, 16), (16, 32, 8)],
+                         ids=lambda t: f"dkdv{t[0]}x{t[1]}-out{t[2]}")
 @pytest.mark.parametrize("heads", [(2, 2), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 def test_rectangular_tiles(backend, monkeypatch, dkdv, heads):
     """The GPU configs' tiles are rectangular (dK/dV: few query rows x many keys, its dots on the
-    keys); the interpreter's are square: the same masks, GQA and soft-cap on non-square tiles of
-    every kernel, a tile's query rows and keys ending at different places in the sequence."""
+    keys; at D = 256 on Hopper each dK/dV program writes half the head dim); the interpreter's are
+    square and whole: the same masks, GQA and soft-cap on non-square tiles of every kernel, a
+    tile's query rows and keys ending at different places in the sequence, and dK/dV in slices."""
     if backend != "triton":
         pytest.skip("the tiles are the Triton kernels'")
     attention_module = importlib.import_module("unimm.kernels.attention")  # the name alone is the function
     tiles = lambda m, n: dict(BLOCK_M=m, BLOCK_N=n, num_warps=1, num_stages=1)
-    monkeypatch.setattr(attention_module, "_config",
-                        lambda *args, **kwargs: dict(fwd=tiles(32, 16), dq=tiles(16, 32), dkdv=tiles(*dkdv)))
+    rows, keys, out_d = dkdv
+    monkeypatch.setattr(attention_module, "_config", lambda *args, **kwargs: dict(
+        fwd=tiles(32, 16), dq=tiles(16, 32), dkdv=dict(tiles(rows, keys), OUT_D=out_d)))
     doc, span = random_layout(2, 45, seed=7)
     check(*qkv(2, 45, 45, *heads, 16, seed=4), AttentionMask.from_spans(doc, span), softcap=5.0)
 

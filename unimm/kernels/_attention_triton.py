@@ -301,9 +301,12 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_mask, stride_tiles, scale, softcap,
     HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SAFE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SAFE: tl.constexpr, OUT_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    # OUT_D < BLOCK_D: the program writes dims [d0, d0 + OUT_D) of its keys' dK and dV (program
+    # axis 0: key tile x slice). Its scores and dP still take the whole head dim; the slice keeps
+    # its two fp32 accumulators at OUT_D columns (see attention._config).
+    pid_n = tl.program_id(0) // (BLOCK_D // OUT_D)
     bh = tl.program_id(1)
     b = (bh // kv_heads).to(tl.int64)
     kv_h = bh % kv_heads
@@ -328,9 +331,12 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(v_ptr + b * stride_vb + kv_h * stride_vh + col_off * stride_vs + dims[None, :],
                 mask=dim_mask(col_ok & ((bits & 2) == 0), dims, HEAD_DIM, BLOCK_D), other=0.0)
     tile_lo = pid_n * BLOCK_N
+    out_dims = dims
+    if OUT_D != BLOCK_D:
+        out_dims = (tl.program_id(0) % (BLOCK_D // OUT_D)) * OUT_D + tl.arange(0, OUT_D)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk = tl.zeros([BLOCK_N, OUT_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, OUT_D], tl.float32)
     # every query head that reads this kv head (g) x the query tiles whose rows may see this key
     # tile (m), as one loop: one pipeline across the group's heads, and fewer registers than nested
     # loops (the safe launch's loop is not pipelined: beside its row flags, pipeline buffers spill
@@ -354,6 +360,10 @@ def _attn_bwd_dkdv_kernel(
         load = dim_mask(row_load, dims, HEAD_DIM, BLOCK_D)
         q = tl.load(q_base + row_off * stride_qs + dims[None, :], mask=load, other=0.0)
         do = tl.load(do_base + row_off * stride_dos + dims[None, :], mask=load, other=0.0)
+        q_out, do_out = q, do
+        if OUT_D != BLOCK_D:  # the slice's columns, for dK and dV (a power-of-two head dim: no padding)
+            q_out = tl.load(q_base + row_off * stride_qs + out_dims[None, :], mask=row_load[:, None], other=0.0)
+            do_out = tl.load(do_base + row_off * stride_dos + out_dims[None, :], mask=row_load[:, None], other=0.0)
         lse2 = tl.load(lse_ptr + stats + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_ptr + stats + rows, mask=row_ok, other=0.0)
         # transposed tiles, [keys, rows]: the keys are the M of all four dots, and wgmma
@@ -363,19 +373,19 @@ def _attn_bwd_dkdv_kernel(
         if (tile_lo < inner_lo) | (tile_lo + BLOCK_N > inner_hi):
             visible = (cols[:, None] >= start[None, :]) & (cols[:, None] < end[None, :])
             p = tl.where(visible, p, 0.0)
-        dv = tl.dot(p.to(do.dtype), do, dv, input_precision=PRECISION)
+        dv = tl.dot(p.to(do.dtype), do_out, dv, input_precision=PRECISION)
         dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds = p * (dp - delta[None, :])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=PRECISION)
+        dk = tl.dot(ds.to(q.dtype), q_out, dk, input_precision=PRECISION)
     # keys a poisoned row sees (running sums of the dQ kernel's interval marks), per level
     seen = seen_ptr + bh.to(tl.int64) * 2 * (num_keys + 1) + cols
     dk_nan = tl.load(seen, mask=col_ok, other=0) > 0
     dv_nan = tl.load(seen + num_keys + 1, mask=col_ok, other=0) > 0
-    tl.store(dk_ptr + b * stride_dkb + kv_h * stride_dkh + col_off * stride_dks + dims[None, :],
+    tl.store(dk_ptr + b * stride_dkb + kv_h * stride_dkh + col_off * stride_dks + out_dims[None, :],
              tl.where(dk_nan[:, None], float("nan"), dk * scale).to(dk_ptr.dtype.element_ty),
-             mask=dim_mask(col_ok, dims, HEAD_DIM, BLOCK_D))
-    tl.store(dv_ptr + b * stride_dvb + kv_h * stride_dvh + col_off * stride_dvs + dims[None, :],
+             mask=dim_mask(col_ok, out_dims, HEAD_DIM, BLOCK_D))
+    tl.store(dv_ptr + b * stride_dvb + kv_h * stride_dvh + col_off * stride_dvs + out_dims[None, :],
              tl.where(dv_nan[:, None], float("nan"), dv).to(dv_ptr.dtype.element_ty),
-             mask=dim_mask(col_ok, dims, HEAD_DIM, BLOCK_D))
+             mask=dim_mask(col_ok, out_dims, HEAD_DIM, BLOCK_D))

@@ -31,8 +31,10 @@ the operands are re-read along, the fewer: on sm_90a, whose wgmma takes M in 64-
 slices, the forward and dQ take 128 query rows (128 and 192 FLOPs/byte; dQ was 64 x 32, 96)
 and dK/dV 128 keys (256; was 32 x 64, 128, with two of its dots on mma.sync), at D <= 128 (64
 keys for the padded 72-96, which spill at 128). sm_80 takes what fits its registers. D = 256:
-dQ 128 x 32; dK/dV stays at 32 keys on mma.sync, as 64 keys' two [64, 256] fp32 accumulators
-(128 registers a thread at 8 warps) spill under triton 3.9. The forward's softmax does not
+dQ 128 x 32; dK/dV's two [keys, 256] fp32 accumulators would spill, so on sm_90a each program
+writes one half of the head dim (``OUT_D``) of 128 keys, on wgmma: its scores and dP still take
+all 256 dims, computed once per half, so 12 M N D FLOPs per tile pair instead of 8 (mma.sync on
+sm_80's 16 x 32 tiles instead). The forward's softmax does not
 overlap its MMAs: on sm_90a, neither triton 3.6 nor 3.9 leaves a wgmma in flight across the
 softmax (``wgmma.wait_group 0`` in the loop), whether the loop asks for warp specialisation
 (``tl.range(warp_specialize=True)``: the same code) or issues the next tile's scores first by
@@ -190,16 +192,25 @@ def _config(head_dim: int, dtype: torch.dtype, interpret: bool, arch: int | None
 
     tests/triton_aot.py compiles them for sm_90a and sm_80 under each supported triton (3.6 and
     3.9): no spills, shared memory within the chip. Hopper's wgmma takes M in 64-row slices (one
-    per warpgroup), so on sm_90a the forward and dQ tiles have 128 query rows and dK/dV's 128 keys
-    (its dots' M), D = 256 excepted (see the docstring of this module); sm_80's mma.sync takes any
-    16 rows, and its tiles are those that fit its registers. BLOCK_M is always query rows and
-    BLOCK_N keys (``AttentionMask.tile_bounds`` plans the dK/dV walk from them).
+    per warpgroup), so on sm_90a the forward and dQ tiles have 128 query rows (64 at D = 256's
+    forward) and dK/dV's 128 keys (its dots' M; at D = 256, for half the head dim per program: the
+    docstring of this module); sm_80's mma.sync takes any 16 rows, and its tiles are those that fit
+    its registers. BLOCK_M is always query rows and BLOCK_N keys (``AttentionMask.tile_bounds``
+    plans the dK/dV walk from them); dK/dV's ``OUT_D`` is the head-dim columns a program writes.
     A head dim padded to its power of two (``padded_head_dim``) takes that power's tiles, except the
     forward's pipeline (2 stages, as its [keys, D] load masks spill the 3-stage one on sm_80) and
     Hopper's dK/dV (64 keys: 128 spill by 8 bytes under triton 3.9).
     """
     padded = padded_head_dim(head_dim) != head_dim
     head_dim = padded_head_dim(head_dim)
+    config = _tiles(head_dim, padded, dtype, interpret, arch)
+    config["dkdv"] = dict(config["dkdv"])
+    config["dkdv"].setdefault("OUT_D", head_dim)  # dK/dV columns per program: all, but for split heads
+    return config
+
+
+def _tiles(head_dim: int, padded: bool, dtype: torch.dtype, interpret: bool, arch: int | None) -> dict:
+    """``_config``'s tiles for a power-of-two ``head_dim`` (``padded``: the caller's is smaller)."""
     if interpret:
         tiles = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
         return dict(fwd=tiles, dq=tiles, dkdv=tiles)
@@ -216,10 +227,11 @@ def _config(head_dim: int, dtype: torch.dtype, interpret: bool, arch: int | None
         return dict(fwd=tiles(128, 64, 8, 2 if padded else 3),
                     dq=tiles(128, 64, 8, 3) if hopper else tiles(64, 32, 4, 3),
                     dkdv=hopper_dkdv if hopper else tiles(32, 64, 8, 2))
-    # D = 256 (Gemma): dK/dV's two [keys, 256] fp32 accumulators take 128 registers a thread at 64
-    # keys, and its tiles spill under triton 3.9, so 32 keys (mma.sync); dQ's 128 rows fit
+    # D = 256 (Gemma): dK/dV's two [keys, 256] fp32 accumulators would take 128 registers a thread
+    # at 64 keys and spill under triton 3.9. On Hopper each program writes half of the head dim
+    # (OUT_D = 128) for 128 keys, on wgmma; sm_80 keeps 32 keys on mma.sync. dQ's 128 rows fit.
     return dict(fwd=tiles(64, 64, 8, 2), dq=tiles(128, 32, 8, 2) if hopper else tiles(64, 32, 8, 2),
-                dkdv=tiles(16, 32, 8, 2))
+                dkdv=dict(tiles(16, 128, 8, 2), OUT_D=128) if hopper else tiles(16, 32, 8, 2))
 
 
 @functools.lru_cache(maxsize=None)
@@ -318,7 +330,8 @@ def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
         row_counts = (row_flags & 1).cumsum(-1, dtype=torch.int32)  # rows whose q or dO is not finite
         seen = spans.cumsum(-1, dtype=torch.int32)  # > 0: a poisoned row sees the key
         for safe in (False, True):
-            kernels._attn_bwd_dkdv_kernel[(cdiv(num_keys, config["dkdv"]["BLOCK_N"]), batch * kv_heads)](
+            slices = padded_head_dim(head_dim) // config["dkdv"]["OUT_D"]  # programs per key tile
+            kernels._attn_bwd_dkdv_kernel[(cdiv(num_keys, config["dkdv"]["BLOCK_N"]) * slices, batch * kv_heads)](
                 q, k, v, grad_out, dk, dv, lse2, delta, kv_start, kv_end, tile_first, tile_last, flags, row_flags,
                 row_counts, seen, seq_len, num_keys, q_heads, kv_heads, q_heads // kv_heads,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
