@@ -28,6 +28,7 @@ from unimm.kernels._cross_entropy_triton import (
     EPILOGUE_LOGITS,
     _matmul,
     _matmul_config,
+    grouped_tile,
     merge_parts,
 )
 
@@ -194,15 +195,7 @@ def _listed_matmul_kernel(
     ``count[m]`` K tiles (K_TILE wide) ``list[m, :count[m]]``, the dx tiles that are not all zero.
     DROP_K: token rows run along K, a dropped one (column -1) loads b as zeros (its hidden may be
     Inf or NaN); DROP_M: they run along M, a dropped one's output is 0."""
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)

@@ -197,6 +197,18 @@ def _matmul(a, b, out, epilogue, config, *, bias=None, softcap=None, class_weigh
 
 
 @triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row tile, column tile) of an [M, N] output in grouped order: GROUP_M row
+    tiles sweep the columns together, so B tiles are reused from L2 instead of re-read from memory."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@triton.jit
 def _lse_kernel(
     h_ptr, w_ptr, bias_ptr, class_weight_ptr, column_ptr, parts_ptr, n_rows, vocab, dim,
     stride_hn, stride_hd, stride_wv, stride_wd, cols_per_split, softcap,
@@ -269,17 +281,8 @@ def _matmul_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_CLASS_WEIGHTS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row tiles sweep the columns together, so B tiles are reused
-    # from L2 instead of re-read from memory.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
