@@ -160,24 +160,29 @@ def test_plan():
     assert cost.row_chunk(n, d, v, 2, 100, (128, 128), True) == 0
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_filtered_row_path_skips_tiles(triton_only, monkeypatch, chunked):
-    """With gradient filtering the row path's dH and dW GEMMs visit only the dx tiles that are not
-    all zero (here most are filtered away), and the gradients equal the reference's filtered ones."""
+@pytest.mark.parametrize("path_name, chunks", [("rows", 1), ("rows", 3), ("columns", 1), ("columns", 2)])
+def test_filtering_skips_tiles(triton_only, monkeypatch, path_name, chunks):
+    """With gradient filtering the dH and dW GEMMs of both paths visit only the dx tiles that may
+    be non-zero (here most are filtered away), and the gradients equal the reference's filtered
+    ones: the row path in one chunk of rows or three, the column path in one chunk of columns or two."""
     from unimm.kernels import _cross_entropy_rows as rows_backend
+    from unimm.kernels import _cross_entropy_triton as ce_triton
     from unimm.kernels.cross_entropy import _filter_tile
 
-    monkeypatch.setattr(cross_entropy, "GRADIENT_PATH", "rows")
-    if chunked:
+    monkeypatch.setattr(cross_entropy, "GRADIENT_PATH", path_name)
+    if path_name == "rows" and chunks > 1:
         monkeypatch.setattr(cross_entropy, "WORKSPACE_BYTES", 20 * (V * 2 + 16 * 5) + 4 * V * D)
+    if path_name == "columns" and chunks > 1:
+        monkeypatch.setattr(cross_entropy, "WORKSPACE_BYTES", N * 4 * 96)  # 96 of the 150 columns
     fractions = []
-    real = rows_backend._listed_matmul
+    real = ce_triton._listed_matmul
 
     def spy(a, b, out, live, *args, **kwargs):
         fractions.append(live.float().mean().item())
         return real(a, b, out, live, *args, **kwargs)
 
     monkeypatch.setattr(rows_backend, "_listed_matmul", spy)
+    monkeypatch.setattr(ce_triton, "_listed_matmul", spy)
     hidden, weight, targets, _ = _inputs(torch.float32, seed=9, bias=False)
     targets[targets >= 0] = targets[targets >= 0] % 32  # every target in the first column tile
     bias = torch.zeros(V, device=DEVICE)
@@ -187,8 +192,8 @@ def test_filtered_row_path_skips_tiles(triton_only, monkeypatch, chunked):
     h64, w64 = (t.detach().double().requires_grad_(True) for t in (hidden, weight))
     reference.linear_cross_entropy(h64, w64, targets, bias=bias.double(), grad_filter_eps=1e-3,
                                    grad_filter_tile=_filter_tile(torch.float32), compute_dtype=torch.float64).backward()
-    assert fractions and all(0 < f < 0.5 for f in fractions), fractions
-    assert len(fractions) == (6 if chunked else 2)  # dH and dW per chunk
+    assert len(fractions) == 2 * chunks  # dH and dW per chunk
+    assert sum(fractions) / len(fractions) < 0.5 and fractions[0] > 0, fractions
     assert rel_err(h.grad, h64.grad) <= TOLERANCE[torch.float32]
     assert rel_err(w.grad, w64.grad) <= TOLERANCE[torch.float32]
 

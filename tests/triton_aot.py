@@ -151,9 +151,10 @@ def cross_entropy_cases():
             launch = _launch(config)
             signature = dict(a_ptr=f"*{t}", b_ptr=f"*{t}", c_ptr=f"*{c_type}", bias_ptr=f"*{t}",
                              class_weight_ptr="*fp32", stats_ptr="*fp32", column_ptr="*i32", coef_ptr="*fp32",
-                             **{k: v for k, v in matmul_args.items() if k not in unit})
+                             live_ptr="*i8", **{k: v for k, v in matmul_args.items() if k not in unit})
             aligned = {"a_ptr", "b_ptr", "c_ptr", "bias_ptr", "class_weight_ptr", "stats_ptr", "column_ptr", "coef_ptr",
-                       "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm"} - unit
+                       "live_ptr", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+                       "stride_cm"} - unit
             constexprs = dict(**{k: 1 for k in unit}, FILTER=int(epilogue) == int(ce.EPILOGUE_LOSS_GRAD),
                               EPILOGUE=int(epilogue), DROP_K=drop_k, HAS_BIAS=True, HAS_SOFTCAP=True,
                               HAS_CLASS_WEIGHTS=True, PRECISION=precision, **config)
@@ -178,7 +179,7 @@ def cross_entropy_cases():
                 ("dH = dx @ W", t, False, "m", tile, {"stride_ak", "stride_bn", "stride_cn"}),
                 ("dW = dx.T @ h", t, False, "k", tile[::-1], {"stride_am", "stride_bn", "stride_cn"}),
                 ("dW += dx.T @ h", "fp32", True, "k", tile[::-1], {"stride_am", "stride_bn", "stride_cn"})):
-            listed = rows.listed_config(dtype, interpret=False, tile=listed_tile)
+            listed = ce.listed_config(dtype, interpret=False, tile=listed_tile)
             launch = _launch(listed)
             signature = dict(a_ptr=f"*{t}", b_ptr=f"*{t}", c_ptr=f"*{c_type}", list_ptr="*i32", count_ptr="*i32",
                              column_ptr="*i32", M="i32", N="i32", K="i32", stride_list="i32",
@@ -188,7 +189,7 @@ def cross_entropy_cases():
                        "stride_ak", "stride_bk", "stride_bn", "stride_cm"} - unit
             constexprs = dict(**{k: 1 for k in unit}, ACCUMULATE=accumulate, DROP_K=drop == "k", DROP_M=drop == "m",
                               PRECISION=precision, **listed)
-            yield Case("cross_entropy", f"listed {t} {name}", rows._listed_matmul_kernel, signature, constexprs,
+            yield Case("cross_entropy", f"listed {t} {name}", ce._listed_matmul_kernel, signature, constexprs,
                        aligned, launch, pipelined=True, hopper=True)
 
 

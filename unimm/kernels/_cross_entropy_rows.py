@@ -12,7 +12,7 @@ Per chunk of R token rows (``_cross_entropy_cost.row_chunk``: as many as the wor
   4. ``dH[chunk] = dx @ W`` and ``dW = dx.T @ h`` on cuBLAS (plain GEMMs: nothing to fuse), dW
      accumulated over chunks in fp32 by the Triton GEMM (dropped rows' hidden loads as zeros) when
      there are several; ``dbias += colsum(dx)``. With gradient filtering, step 3 flags the dx tiles
-     that are not all zero and both GEMMs run in ``_listed_matmul_kernel`` over those tiles only.
+     that may be non-zero and both GEMMs run in ``_listed_matmul_kernel`` over those tiles only.
 
 Imported only where triton is.
 """
@@ -22,13 +22,13 @@ import triton
 import triton.language as tl
 
 from unimm.kernels import dispatch
-from unimm.kernels._common import cdiv, device_guard, dot_precision
+from unimm.kernels._common import cdiv, device_guard
 from unimm.kernels._cross_entropy_triton import (
     EPILOGUE_ACCUMULATE,
     EPILOGUE_LOGITS,
+    _listed_matmul,
     _matmul,
     _matmul_config,
-    grouped_tile,
     merge_parts,
 )
 
@@ -105,36 +105,6 @@ def gradients_with_statistics(hidden, head, head_bias, column, row_coefs, softca
     return stats, dh, dw, db
 
 
-def listed_config(dtype: torch.dtype, interpret: bool, tile: tuple[int, int]) -> dict:
-    """Tiles for ``_listed_matmul_kernel`` over dx tiles of ``tile`` = (extent along M, along K):
-    BLOCK_M is the tile's M extent (one list per row tile of the output) and BLOCK_K divides its K
-    extent; tests/triton_aot.py checks them against sm_90a and sm_80."""
-    block_m, k_tile = tile
-    if interpret:
-        return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=min(16, k_tile), K_TILE=k_tile, GROUP_M=2, num_warps=1,
-                    num_stages=1)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32, K_TILE=k_tile, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, K_TILE=k_tile, GROUP_M=8, num_warps=8, num_stages=3)
-
-
-def _listed_matmul(a, b, out, live, tile, column, drop, *, accumulate):
-    """``out (+)= a @ b`` over the K tiles each output row tile's ``live`` row (int8 flags
-    ``[M tiles, K tiles]`` of the dx tiles) marks: the live tiles' indices first, in order (a
-    stable sort, no host sync), and their count."""
-    live = live.contiguous()  # the lists are read with unit stride along a row
-    order = torch.sort(live, dim=1, descending=True, stable=True).indices.to(torch.int32)
-    count = live.sum(1, dtype=torch.int32)
-    config = listed_config(a.dtype, dispatch.TRITON_INTERPRET, tile)
-    m, k = a.shape
-    n = b.shape[1]
-    grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]),)
-    _listed_matmul_kernel[grid](
-        a, b, out, order, count, column, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        out.stride(0), out.stride(1), order.stride(0), ACCUMULATE=accumulate, DROP_K=drop == "k", DROP_M=drop == "m",
-        PRECISION=dot_precision(a.dtype), **config)
-
-
 @triton.jit
 def _row_grad_kernel(
     x_ptr, parts_ptr, stats_ptr, column_ptr, coef_ptr, class_weight_ptr, live_ptr, M, N, stride_xm, softcap,
@@ -182,41 +152,3 @@ def _row_grad_kernel(
             live += tl.sum(tl.sum((grad != 0.0).to(tl.int32), 1), 0)
     if FILTER:
         tl.store(live_ptr + tl.program_id(0) * tl.num_programs(1) + pid_n, (live > 0).to(tl.int8))
-
-
-@triton.jit
-def _listed_matmul_kernel(
-    a_ptr, b_ptr, c_ptr, list_ptr, count_ptr, column_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-    stride_cm, stride_cn, stride_list,
-    ACCUMULATE: tl.constexpr, DROP_K: tl.constexpr, DROP_M: tl.constexpr, PRECISION: tl.constexpr,
-    K_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """``c (+)= a @ b`` over listed K tiles only: row tile m of c (BLOCK_M rows) sums over the
-    ``count[m]`` K tiles (K_TILE wide) ``list[m, :count[m]]``, the dx tiles that are not all zero.
-    DROP_K: token rows run along K, a dropped one (column -1) loads b as zeros (its hidden may be
-    Inf or NaN); DROP_M: they run along M, a dropped one's output is 0."""
-    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    listed = list_ptr + pid_m.to(tl.int64) * stride_list
-    subs: tl.constexpr = K_TILE // BLOCK_K
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for step in range(0, tl.load(count_ptr + pid_m) * subs):
-        k = tl.load(listed + step // subs).to(tl.int64) * K_TILE + (step % subs) * BLOCK_K + rk
-        k_ok = k < K
-        a = tl.load(a_ptr + rm[:, None] * stride_am + k[None, :] * stride_ak,
-                    mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
-        if DROP_K:
-            k_ok &= tl.load(column_ptr + k, mask=k_ok, other=-1) != -1
-        b = tl.load(b_ptr + k[:, None] * stride_bk + rn[None, :] * stride_bn, mask=k_ok[:, None] & (rn < N)[None, :],
-                    other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
-    c_mask = (rm < M)[:, None] & (rn < N)[None, :]
-    if DROP_M:
-        acc = tl.where((tl.load(column_ptr + rm, mask=rm < M, other=-1) != -1)[:, None], acc, 0.0)
-    if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)

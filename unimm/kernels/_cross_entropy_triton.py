@@ -101,13 +101,22 @@ def gradients(hidden, head, head_bias, column, stats, coefs, softcap, wants, wor
         for start in range(0, vocab, chunk):
             cols = slice(start, min(vocab, start + chunk))
             dx_chunk = dx[:, :cols.stop - start]
+            live = None
+            if filter_eps is not None:
+                live = torch.empty(cdiv(n, config["BLOCK_M"]), cdiv(cols.stop - start, config["BLOCK_N"]),
+                                   dtype=torch.int8, device=device)
             _matmul(hidden, head[cols].T, dx_chunk, EPILOGUE_LOSS_GRAD, config,
                     bias=head_bias[cols] if head_bias is not None else None, softcap=softcap,
                     class_weights=class_weights[cols] if class_weights is not None else None,
-                    loss_terms=(stats, column, coefs, start), filter_eps=filter_eps)
-            if want_dw:  # dropped rows' hidden loads as zeros
+                    loss_terms=(stats, column, coefs, start), filter_eps=filter_eps, live=live)
+            tile = (config["BLOCK_M"], config["BLOCK_N"])
+            if want_dw and live is not None:  # filtered: the dx tiles that may be non-zero only
+                _listed_matmul(dx_chunk.T, hidden, dw[cols], live.T, tile[::-1], column, "k", accumulate=False)
+            elif want_dw:  # dropped rows' hidden loads as zeros
                 _matmul(dx_chunk.T, hidden, dw[cols], EPILOGUE_STORE, dw_config, rows=column, drop="k")
-            if want_dh:  # dropped rows' dH stays 0
+            if want_dh and live is not None:
+                _listed_matmul(dx_chunk, head[cols], dh32, live, tile, column, "m", accumulate=True)
+            elif want_dh:  # dropped rows' dH stays 0
                 _matmul(dx_chunk, head[cols], dh32, EPILOGUE_ACCUMULATE, config, rows=column, drop="m")
             if want_db:
                 db[cols] = dx_chunk.sum(0, dtype=torch.float32)
@@ -163,7 +172,7 @@ def _matmul_config(dtype: torch.dtype, interpret: bool, drop_k: bool = False) ->
 
 
 def _matmul(a, b, out, epilogue, config, *, bias=None, softcap=None, class_weights=None, loss_terms=None,
-            rows=None, drop=None, filter_eps=None):
+            rows=None, drop=None, filter_eps=None, live=None):
     """The GEMMs of the gradients, fp32 accumulation; strides are honoured, so transposes are
     free. ``rows``: each token row's column (int32), -1 when dropped, any other negative value
     when kept with its target outside this head (another rank's vocabulary shard); ``drop``: which
@@ -171,7 +180,8 @@ def _matmul(a, b, out, epilogue, config, *, bias=None, softcap=None, class_weigh
     Inf or NaN) or "m" (a dropped row's output is left as it is).
       * EPILOGUE_LOSS_GRAD, ``dx = lossgrad(h @ W.T)``: ``loss_terms`` = (stats ``[2, M]``: row max
         and log-sum, column, coefs ``[3, M]``: cp, ct, cu, first column of this chunk) and the
-        chunk's ``class_weights``; a dropped row's dx is 0; ``filter_eps`` as in ``gradients``.
+        chunk's ``class_weights``; a dropped row's dx is 0; ``filter_eps`` as in ``gradients``, and
+        then ``live`` (int8 ``[M tiles, N tiles]``) gets whether each dx tile may be non-zero.
       * EPILOGUE_LOGITS, ``x - tile max = h @ W.T`` (+ bias, soft-cap) for the row path
         (``_cross_entropy_rows``): ``loss_terms`` = (parts ``[4, column tiles, M]``, column, -, 0)
         get each row's tile max, sum of exp, (``class_weights``-weighted) logit sum and target logit.
@@ -186,7 +196,7 @@ def _matmul(a, b, out, epilogue, config, *, bias=None, softcap=None, class_weigh
     grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]),)
     _matmul_kernel[grid](
         a, b, out, bias if bias is not None else out, class_weights if class_weights is not None else out, stats,
-        column, coefs if coefs is not None else stats, m, n, k,
+        column, coefs if coefs is not None else stats, live if live is not None else column, m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         col_offset, float(softcap) if softcap is not None else 1.0,
         float(filter_eps) if filter_eps is not None else 0.0, FILTER=filter_eps is not None, EPILOGUE=int(epilogue),
@@ -194,6 +204,42 @@ def _matmul(a, b, out, epilogue, config, *, bias=None, softcap=None, class_weigh
         HAS_CLASS_WEIGHTS=class_weights is not None,
         PRECISION=dot_precision(a.dtype), **config,
     )
+
+
+def listed_config(dtype: torch.dtype, interpret: bool, tile: tuple[int, int]) -> dict:
+    """Tiles for ``_listed_matmul_kernel`` over dx tiles of ``tile`` = (extent along M, along K):
+    BLOCK_M is the tile's M extent (one list per row tile of the output) and BLOCK_K divides its K
+    extent; tests/triton_aot.py checks them against sm_90a and sm_80."""
+    block_m, k_tile = tile
+    if interpret:
+        return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=min(16, k_tile), K_TILE=k_tile, GROUP_M=2, num_warps=1,
+                    num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32, K_TILE=k_tile, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, K_TILE=k_tile, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _listed_matmul(a, b, out, live, tile, column, drop, *, accumulate):
+    """``out (+)= a @ b`` over the K tiles each output row tile's ``live`` row (int8 flags
+    ``[M tiles, K tiles]`` of the dx tiles) marks: the live tiles' indices first, in order (a
+    stable sort, no host sync), and their count."""
+    live = live.contiguous()  # the lists are read with unit stride along a row
+    order = torch.sort(live, dim=1, descending=True, stable=True).indices.to(torch.int32)
+    count = live.sum(1, dtype=torch.int32)
+    config = listed_config(a.dtype, dispatch.TRITON_INTERPRET, tile)
+    m, k = a.shape
+    n = b.shape[1]
+    grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]),)
+    _listed_matmul_kernel[grid](
+        a, b, out, order, count, column, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        out.stride(0), out.stride(1), order.stride(0), ACCUMULATE=accumulate, DROP_K=drop == "k", DROP_M=drop == "m",
+        PRECISION=dot_precision(a.dtype), **config)
+
+
+@triton.jit
+def not_below(x, eps):
+    """``not (x < eps)``: True for NaN, so that a NaN tile stays live."""
+    return (x < eps) == 0
 
 
 @triton.jit
@@ -274,7 +320,7 @@ def _lse_kernel(
 
 @triton.jit
 def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, class_weight_ptr, stats_ptr, column_ptr, coef_ptr, M, N, K,
+    a_ptr, b_ptr, c_ptr, bias_ptr, class_weight_ptr, stats_ptr, column_ptr, coef_ptr, live_ptr, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     col_offset, softcap, filter_eps,
     FILTER: tl.constexpr, EPILOGUE: tl.constexpr, DROP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -322,9 +368,18 @@ def _matmul_kernel(
             # (a few registers, where a masked [BLOCK_M, BLOCK_N] p would spill on sm_80).
             x_max = tl.max(tl.where((rn < N)[None, :], acc, float("-inf")), 1)
             p_max = tl.where(target != -1, tl.exp((x_max - row_max) - log_sum), 0.0)
-            cp = tl.where(tl.max(p_max, 0) < filter_eps, 0.0, cp)
+            p_live = not_below(tl.max(p_max, 0), filter_eps)  # NaN stays live
+            cp = tl.where(p_live, cp, 0.0)
         ct = tl.load(coef_ptr + M + rm, mask=row_ok, other=0.0)
-        uniform = tl.load(coef_ptr + 2 * M + rm, mask=row_ok, other=0.0)[:, None]
+        cu = tl.load(coef_ptr + 2 * M + rm, mask=row_ok, other=0.0)
+        if FILTER:
+            # the tile's dx is all zero unless its p term stays, a kept row's target is in it or
+            # label smoothing spreads over it: the dW and dH GEMMs skip it (_listed_matmul)
+            local = target - col_offset - pid_n * BLOCK_N
+            has_target = tl.max(((target != -1) & (local >= 0) & (local < BLOCK_N)).to(tl.int32), 0) > 0
+            spread = tl.max(((target != -1) & (cu != 0.0)).to(tl.int32), 0) > 0
+            tl.store(live_ptr + pid_m * tiles_n + pid_n, (p_live | has_target | spread).to(tl.int8))
+        uniform = cu[:, None]
         if HAS_CLASS_WEIGHTS:
             uniform = uniform * tl.load(class_weight_ptr + rn, mask=rn < N, other=0.0)[None, :]
         grad = tl.exp((acc - row_max[:, None]) - log_sum[:, None]) * cp[:, None] - uniform
@@ -367,5 +422,43 @@ def _matmul_kernel(
         if not DROP_K:
             kept = tl.load(column_ptr + rm, mask=rm < M, other=-1) != -1
             acc = tl.where(kept[:, None], acc, 0.0)
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _listed_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, list_ptr, count_ptr, column_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+    stride_cm, stride_cn, stride_list,
+    ACCUMULATE: tl.constexpr, DROP_K: tl.constexpr, DROP_M: tl.constexpr, PRECISION: tl.constexpr,
+    K_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``c (+)= a @ b`` over listed K tiles only: row tile m of c (BLOCK_M rows) sums over the
+    ``count[m]`` K tiles (K_TILE wide) ``list[m, :count[m]]``, the dx tiles that are not all zero.
+    DROP_K: token rows run along K, a dropped one (column -1) loads b as zeros (its hidden may be
+    Inf or NaN); DROP_M: they run along M, a dropped one's output is 0."""
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    listed = list_ptr + pid_m.to(tl.int64) * stride_list
+    subs: tl.constexpr = K_TILE // BLOCK_K
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for step in range(0, tl.load(count_ptr + pid_m) * subs):
+        k = tl.load(listed + step // subs).to(tl.int64) * K_TILE + (step % subs) * BLOCK_K + rk
+        k_ok = k < K
+        a = tl.load(a_ptr + rm[:, None] * stride_am + k[None, :] * stride_ak,
+                    mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
+        if DROP_K:
+            k_ok &= tl.load(column_ptr + k, mask=k_ok, other=-1) != -1
+        b = tl.load(b_ptr + k[:, None] * stride_bk + rn[None, :] * stride_bn, mask=k_ok[:, None] & (rn < N)[None, :],
+                    other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    c_mask = (rm < M)[:, None] & (rn < N)[None, :]
+    if DROP_M:
+        acc = tl.where((tl.load(column_ptr + rm, mask=rm < M, other=-1) != -1)[:, None], acc, 0.0)
+    if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)

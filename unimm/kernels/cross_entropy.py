@@ -55,11 +55,12 @@ Cost model (FLOPs; HBM bytes, e per element, fp32 terms 4 bytes), per call:
     accumulated over several chunks, the 4 V D bytes of fp32 dW: 1 GiB at N = 16k, V = 161k, D = 4096
     falls short, 8 GiB holds 2.6k-row chunks; N <= 3k rows fit 1 GiB whole).
   * gradient filtering (``grad_filter_eps``): the dx epilogue drops a tile's p term from its
-    logits' row maxima (BLOCK_M exps per tile, no extra bytes). On the row path the dx pass also
-    flags the tiles whose dx is all zero (filtered, no target in them, no label smoothing), and the
-    dH and dW GEMMs (Triton, over per-tile lists built by a sort, no host sync) skip them: with a
-    fraction f of tiles live, 2 N D V + 4 f N D V FLOPs and 2 f N V e of dx reads (CCE's default
-    filter leaves f ~ 0.1 on random logits). On the column path the GEMMs still run every tile.
+    logits' row maxima (BLOCK_M exps per tile, no extra bytes) and flags the tiles whose dx is
+    then all zero (filtered, no kept row's target in them, no label smoothing); the dH and dW GEMMs
+    (Triton's ``_listed_matmul_kernel``, over per-tile lists built by a sort, no host sync) skip
+    them. With a fraction f of tiles live: the row path 2 N D V + 4 f N D V FLOPs, the column path
+    4 N D V + 4 f N D V, and 2 f N V e of dx reads (CCE's default filter leaves f ~ 0.1 on random
+    logits).
   * vocabulary-parallel (``process_group``, P ranks): each rank the above on its V / P columns,
     plus all-reduces of 4 N fp32 (forward) and N D fp32 (dH, backward).
 
