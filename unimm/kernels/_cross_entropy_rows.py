@@ -29,7 +29,10 @@ from unimm.kernels._cross_entropy_triton import (
     _listed_matmul,
     _matmul,
     _matmul_config,
+    filter_p_term,
+    logit_grad,
     merge_parts,
+    tile_live,
 )
 
 
@@ -80,8 +83,7 @@ def gradients_with_statistics(hidden, head, head_bias, column, row_coefs, softca
                 BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], SUB_N=min(32, config["BLOCK_N"]),
                 num_warps=config["num_warps"],
             )
-            kept = (col != -1)[:, None]
-            if live is not None:  # filtered: the GEMMs visit the dx tiles that are not all zero
+            if live is not None:  # filtered: the GEMMs visit the dx tiles that may be non-zero
                 if want_dh:
                     _listed_matmul(dx, head, dh[rows], live, (config["BLOCK_M"], config["BLOCK_N"]), col, "m",
                                    accumulate=False)
@@ -91,6 +93,7 @@ def gradients_with_statistics(hidden, head, head_bias, column, row_coefs, softca
                     _listed_matmul(dx.T, h, dw, live.T, (config["BLOCK_N"], config["BLOCK_M"]), col, "k",
                                    accumulate=chunks > 1)
             else:
+                kept = (col != -1)[:, None]
                 if want_dh:  # selected: a dropped row's dH is 0 whatever W holds
                     dh[rows] = torch.where(kept, torch.mm(dx, head), 0.0)
                 if want_dw and chunks == 1:  # a dropped row's hidden may be Inf or NaN: zeros in its place
@@ -113,8 +116,8 @@ def _row_grad_kernel(
 ):
     """dx = (p cp - ct [v = t] - cu w_v) (1 - (x / softcap)^2) in place of the stored x - tile max,
     on the logits GEMM's tiles (BLOCK_N equal to its, so the tile's max is its parts entry). With
-    FILTER, live_ptr ``[row tiles, column tiles]`` int8 gets whether the tile's dx has a non-zero
-    (or NaN) entry."""
+    FILTER, live_ptr ``[row tiles, column tiles]`` int8 gets whether the tile's dx may be non-zero
+    (``tile_live``)."""
     pid_n = tl.program_id(1)
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rm < M
@@ -127,11 +130,12 @@ def _row_grad_kernel(
     cu = tl.load(coef_ptr + 2 * M + rm, mask=row_ok, other=0.0)
     # log p at the tile's max: p = exp(x + shift) with x the stored (small where p matters) offset
     shift = (tile_max - row_max) - log_sum
-    if FILTER:  # the column path's rule: no p term where the tile's kept p are all below eps
-        cp = tl.where(tl.max(tl.where(target != -1, tl.exp(shift), 0.0), 0) < filter_eps, 0.0, cp)
+    if FILTER:  # the column path's rule and flags, from the same per-row values
+        cp, p_live = filter_p_term(tl.exp(shift), target, cp, filter_eps)
+        tl.store(live_ptr + tl.program_id(0) * tl.num_programs(1) + pid_n,
+                 tile_live(p_live, target, cu, pid_n * BLOCK_N, BLOCK_N).to(tl.int8))
     # the tile in column slices of SUB_N: a whole BLOCK_M x BLOCK_N tile of fp32 temporaries per
     # program would take every register of 8 warps (one CTA per SM for a memory-bound pass)
-    live = 0
     for c0 in tl.static_range(0, BLOCK_N, SUB_N):
         rn = pid_n * BLOCK_N + c0 + tl.arange(0, SUB_N)
         col_ok = rn < N
@@ -140,15 +144,6 @@ def _row_grad_kernel(
         uniform = cu[:, None]
         if HAS_CLASS_WEIGHTS:
             uniform = uniform * tl.load(class_weight_ptr + rn, mask=col_ok, other=0.0)[None, :]
-        grad = tl.exp(x + shift[:, None]) * cp[:, None] - uniform
-        grad -= tl.where(rn[None, :] == target[:, None], ct[:, None], 0.0)
-        if HAS_SOFTCAP:
-            capped = (x + tile_max[:, None]) / softcap
-            grad = grad * (1.0 - capped * capped)
-        # selected, not multiplied: a dropped row may have Inf or NaN logits, statistics or coefficients
-        grad = tl.where(target[:, None] != -1, grad, 0.0)
+        grad = logit_grad(x + shift[:, None], rn, target, target, x + tile_max[:, None], cp, ct, uniform, softcap,
+                          HAS_SOFTCAP)
         tl.store(ptrs, grad.to(x_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-        if FILTER:  # != 0 holds for NaN: a NaN tile stays live
-            live += tl.sum(tl.sum((grad != 0.0).to(tl.int32), 1), 0)
-    if FILTER:
-        tl.store(live_ptr + tl.program_id(0) * tl.num_programs(1) + pid_n, (live > 0).to(tl.int8))

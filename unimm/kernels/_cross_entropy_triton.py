@@ -243,6 +243,39 @@ def not_below(x, eps):
 
 
 @triton.jit
+def filter_p_term(p_row_max, target, cp, filter_eps):
+    """CCE-style gradient filtering of one dx tile from each row's largest p in it (``p_row_max``):
+    (cp, 0 where the tile's kept rows' p are all below eps; whether the p term stays). The target's
+    and label smoothing's terms are not touched."""
+    p_live = not_below(tl.max(tl.where(target != -1, p_row_max, 0.0), 0), filter_eps)
+    return tl.where(p_live, cp, 0.0), p_live
+
+
+@triton.jit
+def tile_live(p_live, target, cu, first_col, BLOCK_N: tl.constexpr):
+    """Whether a filtered dx tile (columns from ``first_col``, numbered as ``target``) may be non-zero:
+    its p term stays, a kept row's target is in it, or label smoothing spreads over it. The dW and
+    dH GEMMs skip the others (``_listed_matmul``)."""
+    local = target - first_col
+    has_target = tl.max(((target != -1) & (local >= 0) & (local < BLOCK_N)).to(tl.int32), 0) > 0
+    spread = tl.max(((target != -1) & (cu != 0.0)).to(tl.int32), 0) > 0
+    return p_live | has_target | spread
+
+
+@triton.jit
+def logit_grad(log_p, cols, col_target, target, x, cp, ct, uniform, softcap, HAS_SOFTCAP: tl.constexpr):
+    """d loss / d logit of a dx tile, ``(p cp - uniform - ct [col = target]) (1 - (x / softcap)^2)``
+    with p = exp(``log_p``) and x the soft-capped logit; ``cols`` and ``col_target`` number the
+    columns alike; a dropped row (``target`` -1) is selected to 0, not multiplied: it may have Inf
+    or NaN logits, statistics or coefficients."""
+    grad = tl.exp(log_p) * cp[:, None] - uniform
+    grad -= tl.where(cols[None, :] == col_target[:, None], ct[:, None], 0.0)
+    if HAS_SOFTCAP:
+        grad = grad * (1.0 - (x / softcap) * (x / softcap))
+    return tl.where(target[:, None] != -1, grad, 0.0)
+
+
+@triton.jit
 def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """This program's (row tile, column tile) of an [M, N] output in grouped order: GROUP_M row
     tiles sweep the columns together, so B tiles are reused from L2 instead of re-read from memory."""
@@ -363,34 +396,21 @@ def _matmul_kernel(
             acc = softcap * tanh(acc / softcap)
         cp = tl.load(coef_ptr + rm, mask=row_ok, other=0.0)
         if FILTER:
-            # CCE-style: no p term in a tile whose kept p are all below eps (the target term stays).
             # exp and - are monotone, so the tile's largest p comes from each row's largest logit
-            # (a few registers, where a masked [BLOCK_M, BLOCK_N] p would spill on sm_80).
+            # (a few registers, where a masked [BLOCK_M, BLOCK_N] p would spill on sm_80)
             x_max = tl.max(tl.where((rn < N)[None, :], acc, float("-inf")), 1)
-            p_max = tl.where(target != -1, tl.exp((x_max - row_max) - log_sum), 0.0)
-            p_live = not_below(tl.max(p_max, 0), filter_eps)  # NaN stays live
-            cp = tl.where(p_live, cp, 0.0)
+            cp, p_live = filter_p_term(tl.exp((x_max - row_max) - log_sum), target, cp, filter_eps)
         ct = tl.load(coef_ptr + M + rm, mask=row_ok, other=0.0)
         cu = tl.load(coef_ptr + 2 * M + rm, mask=row_ok, other=0.0)
         if FILTER:
-            # the tile's dx is all zero unless its p term stays, a kept row's target is in it or
-            # label smoothing spreads over it: the dW and dH GEMMs skip it (_listed_matmul)
-            local = target - col_offset - pid_n * BLOCK_N
-            has_target = tl.max(((target != -1) & (local >= 0) & (local < BLOCK_N)).to(tl.int32), 0) > 0
-            spread = tl.max(((target != -1) & (cu != 0.0)).to(tl.int32), 0) > 0
-            tl.store(live_ptr + pid_m * tiles_n + pid_n, (p_live | has_target | spread).to(tl.int8))
+            tl.store(live_ptr + pid_m * tiles_n + pid_n,
+                     tile_live(p_live, target, cu, col_offset + pid_n * BLOCK_N, BLOCK_N).to(tl.int8))
         uniform = cu[:, None]
         if HAS_CLASS_WEIGHTS:
             uniform = uniform * tl.load(class_weight_ptr + rn, mask=rn < N, other=0.0)[None, :]
-        grad = tl.exp((acc - row_max[:, None]) - log_sum[:, None]) * cp[:, None] - uniform
         # the target's column within this chunk, compared in 32 bits (a chunk is < 2^31 columns)
-        local_target = target - col_offset
-        grad -= tl.where((pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :] == local_target[:, None], ct[:, None],
-                         0.0)
-        if HAS_SOFTCAP:
-            grad = grad * (1.0 - (acc / softcap) * (acc / softcap))
-        # selected, not multiplied: a dropped row may have Inf or NaN logits, statistics or coefficients
-        acc = tl.where(target[:, None] != -1, grad, 0.0)
+        acc = logit_grad((acc - row_max[:, None]) - log_sum[:, None], pid_n * BLOCK_N + tl.arange(0, BLOCK_N),
+                         target - col_offset, target, acc, cp, ct, uniform, softcap, HAS_SOFTCAP)
     if EPILOGUE == EPILOGUE_LOGITS:
         # The row path's logits, stored as x - (the row's max over this tile) in c's dtype: where
         # p = exp(x - m - log-sum) matters, x is near that max, so 16 bits keep it to ~|x - max| 2^-9
